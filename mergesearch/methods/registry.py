@@ -1,0 +1,135 @@
+"""One registry: mergekit method name → the function and its parameter contract."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import MergeSearchError
+from . import interpolation
+from .task_arithmetic import generalized_task_arithmetic
+
+REQUIRED = object()  # marks a parameter without a default
+
+
+@dataclass(frozen=True)
+class Method:
+    """How the engine calls a method.
+
+    `merge(base, models, **params)`: `models` are the non-base inputs in recipe order
+    (for base="input", every input, base included); per-model parameters arrive as
+    lists aligned with `models`; `generator` is passed to randomized methods.
+    """
+
+    name: str
+    merge: Callable[..., torch.Tensor]
+    base: str  # "required" | "optional" | "input" (the base is an ordinary input) | "none"
+    model_params: dict[str, Any] = field(default_factory=dict)
+    shared_params: dict[str, Any] = field(default_factory=dict)
+    min_models: int = 1
+    max_models: int | None = None
+    randomized: bool = False
+    fp32_compute: bool = False  # computes in fp32 internally whatever the input dtype
+
+    @property
+    def params(self) -> set[str]:
+        return set(self.model_params) | set(self.shared_params)
+
+
+def _gta(sparsification: str | None, consensus: bool):
+    def merge(base, models, *, weight, density, normalize, rescale, generator=None, **kw):
+        return generalized_task_arithmetic(
+            base,
+            models,
+            weight=weight,
+            density=density,
+            sparsification=sparsification,
+            consensus=consensus,
+            normalize=normalize,
+            rescale=rescale,
+            lambda_=kw.get("lambda", 1.0),
+            gamma=kw.get("gamma"),
+            epsilon=kw.get("epsilon"),
+            generator=generator,
+        )
+
+    return merge
+
+
+def _gta_method(name, sparsification, consensus, normalize, rescale, extra=None) -> Method:
+    model_params = {"weight": REQUIRED, "density": 1.0, **(extra or {})}
+    shared = {"normalize": normalize, "rescale": rescale, "lambda": 1.0, "int8_mask": False}
+    return Method(
+        name,
+        _gta(sparsification, consensus),
+        base="required",
+        model_params=model_params,
+        shared_params=shared,
+        min_models=0,
+        randomized=sparsification in ("random", "della"),
+    )
+
+
+def _linear(base, models, *, weight, normalize):
+    return interpolation.linear(models, weight, normalize)
+
+
+def _slerp(base, models, *, t):
+    return interpolation.slerp(t, base, models[0])
+
+
+def _nuslerp(base, models, *, weight, nuslerp_flatten, nuslerp_row_wise):
+    return interpolation.nuslerp(base, models, weight, nuslerp_flatten, nuslerp_row_wise)
+
+
+def _model_stock(base, models, *, filter_wise):
+    return interpolation.model_stock(base, models, filter_wise)
+
+
+def _passthrough(base, models, *, scale):
+    return interpolation.passthrough(models[0], scale[0])
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("linear", _linear, "input", {"weight": REQUIRED}, {"normalize": True}, fp32_compute=True),
+        Method("slerp", _slerp, "required", {}, {"t": REQUIRED}, 1, 1, fp32_compute=True),
+        Method(
+            "nuslerp",
+            _nuslerp,
+            "optional",
+            {"weight": REQUIRED},
+            {"nuslerp_flatten": True, "nuslerp_row_wise": False},
+            2,
+            2,
+        ),
+        Method("model_stock", _model_stock, "required", {}, {"filter_wise": False}, 2),
+        Method("passthrough", _passthrough, "input", {"scale": None}, {}, 1, 1),
+        _gta_method("task_arithmetic", None, False, False, False),
+        _gta_method("ties", "magnitude", True, True, False),
+        _gta_method("dare_ties", "random", True, False, True),
+        _gta_method("dare_linear", "random", False, False, True),
+        _gta_method("breadcrumbs", "magnitude_outliers", False, False, False, {"gamma": 0.01}),
+        _gta_method("breadcrumbs_ties", "magnitude_outliers", True, False, False, {"gamma": 0.01}),
+        _gta_method("della", "della", True, True, True, {"epsilon": 0.15}),
+        _gta_method("della_linear", "della", False, False, True, {"epsilon": 0.15}),
+    )
+}
+
+# Parameters whose value must lie in [0, 1] wherever it is given.
+UNIT_INTERVAL = ("density",)
+
+
+def get_method(name: str, key: str = "merge_method") -> Method:
+    if name not in METHODS:
+        raise MergeSearchError(
+            f"{key}: unknown merge method {name!r}; supported: {', '.join(sorted(METHODS))}"
+        )
+    return METHODS[name]
+
+
+__all__ = ["METHODS", "Method", "REQUIRED", "get_method"]

@@ -1,0 +1,98 @@
+"""Sparsifiers for task vectors, exactly as mergekit 0.1.5 (`mergekit/sparsify.py`) defines them."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    # torch.bernoulli has no fp16 kernel on CPU; mergekit upcasts to fp32 there.
+    return t.dtype if t.device.type != "cpu" or t.dtype == torch.bfloat16 else torch.float32
+
+
+def rescale_l1(tau: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7) -> torch.Tensor:
+    """τ̃ = (τ⊙m)·‖τ‖₁/‖τ⊙m‖₁ when rescaling (skipped when either norm < eps), else τ⊙m."""
+    masked = tau * mask
+    if not rescale:
+        return masked
+    before, after = tau.abs().sum(), masked.abs().sum()
+    if before < eps or after < eps:
+        return masked
+    return masked * (before / after)
+
+
+def magnitude(tau: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
+    """Keep the k = max(1, ⌊d·N⌋) largest |τ| (TIES)."""
+    if density >= 1:
+        return tau
+    if density <= 0 or tau.numel() == 0:
+        return torch.zeros_like(tau)
+    k = max(1, int(density * tau.numel()))
+    w = tau.abs().reshape(-1)
+    if w.device.type == "cpu":
+        w = w.float()
+    mask = torch.zeros(tau.numel(), dtype=tau.dtype, device=tau.device)
+    mask[torch.argsort(w, descending=True)[:k]] = 1
+    return rescale_l1(tau, mask.reshape_as(tau), rescale)
+
+
+def magnitude_outliers(
+    tau: torch.Tensor, density: float, gamma: float = 0.01, rescale: bool = False
+) -> torch.Tensor:
+    """Drop the top ⌊γ·N⌋ and the smallest magnitudes, keeping ⌊d·N⌋ (breadcrumbs)."""
+    if density >= 1:
+        return tau
+    n = tau.numel()
+    target, n_top = int(density * n), int(gamma * n)
+    n_bot = max(0, n - target - n_top)
+    w = tau.abs().reshape(-1)
+    if w.device.type == "cpu":
+        w = w.float()
+    order = torch.sort(w, descending=False).indices
+    mask = torch.zeros(n, dtype=tau.dtype, device=tau.device)
+    mask[order[n_bot : n_bot + target]] = 1
+    return rescale_l1(tau, mask.reshape_as(tau), rescale)
+
+
+def bernoulli(
+    tau: torch.Tensor, density: float, rescale: bool = True, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """τ⊙m with m ~ Bernoulli(d) elementwise (DARE); one draw per element from the RNG."""
+    if density >= 1:
+        return tau
+    work = _work_dtype(tau)
+    mask = torch.bernoulli(torch.full_like(tau, density, dtype=work), generator=generator)
+    return rescale_l1(tau.to(work), mask, rescale).to(tau.dtype)
+
+
+def della_ranks(tau: torch.Tensor) -> torch.Tensor:
+    """Per-row normalized magnitude rank in [0, 1] (rows along dim 1; 1-D is one row)."""
+    work = _work_dtype(tau)
+    t = tau.unsqueeze(0) if tau.dim() < 2 else tau
+    ranks = torch.argsort(torch.argsort(t.abs(), dim=1, descending=False), dim=1).to(work) + 1
+    lo = ranks.min(dim=1, keepdim=True).values
+    hi = ranks.max(dim=1, keepdim=True).values
+    return ((ranks - lo) / (hi - lo)).clamp(0, 1)
+
+
+def della(
+    tau: torch.Tensor,
+    density: float,
+    epsilon: float = 0.15,
+    rescale: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """τ⊙m with m ~ Bernoulli(d − ε + 2ε·rank) per element, ranks per row (DELLA)."""
+    if density >= 1:
+        return tau
+    if density <= 0:
+        return torch.zeros_like(tau)
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ValueError(
+            f"della: density ± epsilon must lie in (0, 1); got density={density}, epsilon={epsilon}"
+        )
+    work = _work_dtype(tau)
+    t = tau.unsqueeze(0) if tau.dim() < 2 else tau
+    probs = (density - epsilon) + della_ranks(tau) * 2 * epsilon
+    mask = torch.bernoulli(probs, generator=generator).to(work)
+    return rescale_l1(t.to(work), mask, rescale).to(tau.dtype).reshape(tau.shape)

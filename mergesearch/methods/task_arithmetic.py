@@ -1,0 +1,86 @@
+"""The task-vector family: sparsify → weight → elect sign → combine → normalize → λ.
+
+task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della and
+della_linear are this one skeleton with different sparsifiers and consensus (mergekit
+0.1.5 `generalized_task_arithmetic.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import sparsify
+
+
+def sign_consensus(deltas: torch.Tensor) -> torch.Tensor:
+    """m_i = [sign(δ_i) == sign(Σ_j δ_j)], with a zero sum counting as positive."""
+    majority = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
+    return deltas.sign() == majority
+
+
+def combine(
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    consensus: bool,
+    normalize: bool,
+    lambda_: float,
+) -> torch.Tensor:
+    """b + λ · Σ_i m_i w_i τ̃_i / Σ_i m_i w_i (the division only when normalizing).
+
+    `deltas` are the sparsified task vectors stacked on dim 0; `weights` is shaped to
+    broadcast against them. Modifies `deltas` in place.
+    """
+    deltas.mul_(weights)
+    if consensus:
+        mask = sign_consensus(deltas)
+        mixed = (deltas * mask).sum(dim=0)
+        divisor = (weights * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(dim=0)
+        divisor = weights.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed /= divisor
+    if lambda_ != 1:
+        mixed *= lambda_
+    return (base + mixed).to(base.dtype)
+
+
+def generalized_task_arithmetic(
+    base: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    *,
+    weight: Sequence[float],
+    density: Sequence[float],
+    sparsification: str | None,
+    consensus: bool,
+    normalize: bool,
+    rescale: bool,
+    lambda_: float = 1.0,
+    gamma: Sequence[float] | None = None,
+    epsilon: Sequence[float] | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """b + λ·combine(sparsify(x_i − b, d_i) · w_i): the skeleton shared by the family."""
+    if not models:
+        return base
+    deltas = base.new_empty((len(models), *base.shape))
+    for i, x in enumerate(models):
+        tau = x - base
+        if sparsification == "magnitude":
+            tau = sparsify.magnitude(tau, density[i], rescale)
+        elif sparsification == "random":
+            tau = sparsify.bernoulli(tau, density[i], rescale, generator)
+        elif sparsification == "magnitude_outliers":
+            tau = sparsify.magnitude_outliers(tau, density[i], gamma[i], rescale)
+        elif sparsification == "della":
+            tau = sparsify.della(tau, density[i], epsilon[i], rescale, generator)
+        deltas[i] = tau
+    w = torch.tensor(list(weight), dtype=deltas.dtype, device=deltas.device)
+    w = w.reshape(-1, *([1] * base.dim()))
+    return combine(base, deltas, w, consensus=consensus, normalize=normalize, lambda_=lambda_)
