@@ -314,10 +314,11 @@ def parse_recipes(text: str, where: str = "recipe") -> list[Recipe]:
     recipes = [Recipe.from_dict(d, where if len(docs) == 1 else f"{where} (document {i + 1})") for i, d in enumerate(docs)]
     if len(recipes) > 1:
         names = set()
-        for i, r in enumerate(recipes):
+        for i, r in enumerate(recipes[:-1]):
             if not r.name:
                 raise MergeSearchError(
-                    f"{where} (document {i + 1}): a multi-stage recipe needs a 'name:' in every document"
+                    f"{where} (document {i + 1}): in a multi-stage recipe every stage but the "
+                    "last needs a 'name:' that later stages use as a model"
                 )
             if r.name in names:
                 raise MergeSearchError(f"{where}: stage name {r.name!r} used twice")

@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.tiny_models import make_base, make_finetune
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """Llama (base sharded into several files) and GPT-2 bases, each with three fine-tunes."""
+    root = tmp_path_factory.mktemp("tiny")
+    paths: dict[str, Path] = {}
+    for arch in ("llama", "gpt2"):
+        base = make_base(root / arch / "base", arch, shard="100KB" if arch == "llama" else None)
+        paths[f"{arch}/base"] = base
+        for i in range(3):
+            paths[f"{arch}/ft{i}"] = make_finetune(base, root / arch / f"ft{i}", 100 + i)
+    return paths
