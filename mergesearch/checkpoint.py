@@ -9,9 +9,9 @@ import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from .architecture import Architecture, architecture_for, num_layers
 from .errors import MergeSearchError
@@ -64,6 +64,8 @@ class TensorMeta:
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: Path
+    offset: int = 0  # byte offset of the data in a safetensors file
+    nbytes: int = 0
 
 
 class Checkpoint:
@@ -84,7 +86,7 @@ class Checkpoint:
         self.num_layers = num_layers(self.config, self.arch)
         self.meta: dict[str, TensorMeta] = {}
         self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
-        self._open: dict[Path, object] = {}
+        self._open: dict[Path, Any] = {}
         self._allow_pickle = allow_pickle
         self._index()
 
@@ -106,9 +108,7 @@ class Checkpoint:
                 )
             files = self._files_from_index(bin_index) if bin_index.is_file() else [bin_single]
         else:
-            raise MergeSearchError(
-                f"{p}: no model.safetensors or model.safetensors.index.json found"
-            )
+            raise MergeSearchError(f"{p}: no model.safetensors or model.safetensors.index.json found")
         for f in files:
             for name, meta in self._read_header(f).items():
                 self.meta[name] = meta
@@ -148,12 +148,12 @@ class Checkpoint:
         for name, h in header.items():
             if h.get("dtype") not in _ST_DTYPES:
                 raise MergeSearchError(f"{f}: tensor {name} has unsupported dtype {h.get('dtype')}")
-            end = max(end, h["data_offsets"][1])
-            out[name] = TensorMeta(tuple(h["shape"]), _ST_DTYPES[h["dtype"]], f)
+            begin, stop = h["data_offsets"]
+            end = max(end, stop)
+            out[name] = TensorMeta(tuple(h["shape"]), _ST_DTYPES[h["dtype"]], f, 8 + n + begin, stop - begin)
         if 8 + n + end > size:
             raise MergeSearchError(
-                f"{f}: truncated ({size} bytes, header promises {8 + n + end}); "
-                "re-download or re-save it"
+                f"{f}: truncated ({size} bytes, header promises {8 + n + end}); re-download or re-save it"
             )
         return out
 
@@ -180,20 +180,22 @@ class Checkpoint:
         if meta.file in self._pickled:
             t = self._pickled[meta.file][stored]
         else:
-            handle = self._open.get(meta.file)
-            if handle is None:
-                try:
-                    handle = safe_open(str(meta.file), framework="pt", device="cpu")
-                except Exception as e:  # safetensors raises its own error types
-                    raise MergeSearchError(f"{meta.file}: cannot be opened ({e})") from e
-                self._open[meta.file] = handle
-            try:
-                t = handle.get_tensor(stored)
-            except Exception as e:
-                raise MergeSearchError(f"{meta.file}: tensor {stored} is unreadable ({e})") from e
+            # Plain reads, not mmap: touched mmap pages count as resident memory until the
+            # file is closed, and we promise memory bounded by tensors, not by models.
+            fh = self._open.get(meta.file)
+            if fh is None:
+                fh = self._open[meta.file] = open(meta.file, "rb")
+            buf = bytearray(meta.nbytes)
+            fh.seek(meta.offset)
+            if fh.readinto(buf) != meta.nbytes:
+                raise MergeSearchError(f"{meta.file}: tensor {stored} is cut short; re-download the file")
+            t = torch.frombuffer(buf, dtype=meta.dtype) if meta.nbytes else torch.empty(0, dtype=meta.dtype)
+            t = t.reshape(meta.shape)
         return t.to(device)
 
     def close(self) -> None:
+        for fh in self._open.values():
+            fh.close()
         self._open.clear()
         self._pickled.clear()
 
@@ -244,9 +246,7 @@ class StreamingWriter:
     ) -> None:
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not overwrite:
-            raise MergeSearchError(
-                f"{self.out_dir}: output folder exists; pass --overwrite to replace it"
-            )
+            raise MergeSearchError(f"{self.out_dir}: output folder exists; pass --overwrite to replace it")
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
         self.layout = layout
@@ -266,9 +266,7 @@ class StreamingWriter:
             if n == 1
             else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         )
-        self._where = {
-            name: i for i, shard in enumerate(self.shards) for name in shard.names
-        }
+        self._where = {name: i for i, shard in enumerate(self.shards) for name in shard.names}
         self._handles: dict[int, object] = {}
         self._pending: dict[int, list[str]] = {i: list(s.names) for i, s in enumerate(self.shards)}
 

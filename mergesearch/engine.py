@@ -88,7 +88,9 @@ def resolve_device(device: str) -> torch.device:
 def _open_models(
     recipe: Recipe, resolve_path: Callable[[str], Path], allow_pickle: bool
 ) -> dict[str, Checkpoint]:
-    return {ref: Checkpoint(resolve_path(ref), allow_pickle=allow_pickle) for ref in recipe.referenced_models()}
+    return {
+        ref: Checkpoint(resolve_path(ref), allow_pickle=allow_pickle) for ref in recipe.referenced_models()
+    }
 
 
 def _normalized_slices(recipe: Recipe, models: dict[str, Checkpoint]) -> list[Slice]:
@@ -273,18 +275,12 @@ def plan_merge(
         for idx in range(n):
             t = idx / (n - 1) if n > 1 else 1.0
             first = models[sl.sources[0].model]
-            names = [
-                nm
-                for nm in first.meta
-                if first.arch.layer_of(nm) == start + idx
-            ]
+            names = [nm for nm in first.meta if first.arch.layer_of(nm) == start + idx]
             if not names:
                 raise MergeSearchError(f"{first.path}: has no layer {start + idx}; check layer_range")
             for nm in names:
                 out_name = arch.with_layer(nm, total_layers)
-                in_names = [
-                    models[s.model].arch.with_layer(nm, s.layer_range[0] + idx) for s in sl.sources
-                ]
+                in_names = [models[s.model].arch.with_layer(nm, s.layer_range[0] + idx) for s in sl.sources]
                 add(out_name, sl, in_names, t)
             total_layers += 1
 
@@ -325,7 +321,9 @@ def merge_tensor(plan: MergePlan, task: TensorTask, tensors: list[torch.Tensor])
     return out.to(task.out_dtype)
 
 
-def iter_merged(plan: MergePlan, device: torch.device, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_merged(
+    plan: MergePlan, device: torch.device, progress: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
     for task in tqdm(plan.tasks, desc="merging", unit="tensor", disable=not progress, leave=False):
         tensors = []
         for ref, name in task.inputs:
@@ -376,7 +374,9 @@ def merge(
         if not p.exists() and recipe_dir is not None and (recipe_dir / ref).exists():
             p = recipe_dir / ref
         if not p.exists():
-            raise MergeSearchError(f"model {ref}: folder does not exist (paths are relative to the current directory)")
+            raise MergeSearchError(
+                f"model {ref}: folder does not exist (paths are relative to the current directory)"
+            )
         return p
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -385,7 +385,16 @@ def merge(
             last = i == len(recipes) - 1
             target = out_dir if last else tmp / f"stage-{i}-{r.name}"
             plan = plan_merge(r, resolve_path, allow_pickle=allow_pickle)
-            _write(plan, target, seed, dev, overwrite if last else False, parse_size(shard_size), progress, recipes if last else [r])
+            _write(
+                plan,
+                target,
+                seed,
+                dev,
+                overwrite if last else False,
+                parse_size(shard_size),
+                progress,
+                recipes if last else [r],
+            )
             if r.name:
                 stages[r.name] = target
     return out_dir

@@ -64,9 +64,7 @@ def _check_setting(value: Any, where: str) -> None:
             return
         for i, cond in enumerate(value):
             if not isinstance(cond, dict) or "value" not in cond:
-                raise MergeSearchError(
-                    f"{where}[{i}]: expected {{filter: ..., value: ...}}, got {cond!r}"
-                )
+                raise MergeSearchError(f"{where}[{i}]: expected {{filter: ..., value: ...}}, got {cond!r}")
             extra = set(cond) - {"filter", "value"}
             if extra:
                 raise MergeSearchError(f"{where}[{i}]: unknown key {sorted(extra)[0]!r}")
@@ -162,7 +160,9 @@ class Recipe:
             name=d.get("name"),
         )
         if "models" in d:
-            r.models = [cls._source(m, f"{where}: models[{i}]", False) for i, m in enumerate(d["models"] or [])]
+            r.models = [
+                cls._source(m, f"{where}: models[{i}]", False) for i, m in enumerate(d["models"] or [])
+            ]
             if not r.models:
                 raise MergeSearchError(f"{where}: models is empty")
         else:
@@ -207,7 +207,12 @@ class Recipe:
         lr = None
         if sliced:
             lr = m.get("layer_range")
-            if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) for x in lr) and lr[0] < lr[1]):
+            if not (
+                isinstance(lr, list)
+                and len(lr) == 2
+                and all(isinstance(x, int) for x in lr)
+                and lr[0] < lr[1]
+            ):
                 raise MergeSearchError(f"{where}.layer_range: expected [start, end) with start < end")
             lr = (lr[0], lr[1])
         return Source(_model_ref(m["model"], f"{where}.model"), dict(m.get("parameters") or {}), lr)
@@ -311,7 +316,10 @@ def parse_recipes(text: str, where: str = "recipe") -> list[Recipe]:
         raise MergeSearchError(f"{where}: not valid YAML ({e})") from e
     if not docs:
         raise MergeSearchError(f"{where}: empty recipe")
-    recipes = [Recipe.from_dict(d, where if len(docs) == 1 else f"{where} (document {i + 1})") for i, d in enumerate(docs)]
+    recipes = [
+        Recipe.from_dict(d, where if len(docs) == 1 else f"{where} (document {i + 1})")
+        for i, d in enumerate(docs)
+    ]
     if len(recipes) > 1:
         names = set()
         for i, r in enumerate(recipes[:-1]):

@@ -50,7 +50,10 @@ def cases(tiny, arch):
             "merge_method": "linear",
             "models": [
                 {"model": ft[0], "parameters": {"weight": [0.2, 1.0]}},
-                {"model": ft[1], "parameters": {"weight": [{"filter": "attn", "value": 0.9}, {"value": 0.4}]}},
+                {
+                    "model": ft[1],
+                    "parameters": {"weight": [{"filter": "attn", "value": 0.9}, {"value": 0.4}]},
+                },
             ],
             "dtype": "float32",
         },
@@ -63,7 +66,14 @@ def cases(tiny, arch):
         "slerp_slices": {
             "merge_method": "slerp",
             "base_model": base,
-            "slices": [{"sources": [{"model": base, "layer_range": [0, n_layers]}, {"model": ft[0], "layer_range": [0, n_layers]}]}],
+            "slices": [
+                {
+                    "sources": [
+                        {"model": base, "layer_range": [0, n_layers]},
+                        {"model": ft[0], "layer_range": [0, n_layers]},
+                    ]
+                }
+            ],
             "parameters": {
                 "t": [
                     {"filter": "attn", "value": [0, 0.5, 1]},
@@ -95,8 +105,15 @@ def cases(tiny, arch):
             "merge_method": "passthrough",
             "slices": [
                 {"sources": [{"model": ft[0], "layer_range": [0, 2]}]},
-                {"sources": [{"model": ft[1], "layer_range": [1, 3]}],
-                 "parameters": {"scale": [{"filter": "o_proj" if arch == "llama" else "c_proj", "value": 0.5}, {"value": 1.0}]}},
+                {
+                    "sources": [{"model": ft[1], "layer_range": [1, 3]}],
+                    "parameters": {
+                        "scale": [
+                            {"filter": "o_proj" if arch == "llama" else "c_proj", "value": 0.5},
+                            {"value": 1.0},
+                        ]
+                    },
+                },
             ],
             "dtype": "float32",
         },
@@ -119,8 +136,18 @@ def run_mergekit(config: dict | str, out: Path, multi: bool = False) -> None:
         cfg = out.parent / f"{out.name}.mk.yml"
         cfg.write_text(config)
         mk_multi.main(
-            [str(cfg), "--out-path", str(out), "-I", str(out.parent / f"{out.name}-inter"),
-             "--random-seed", str(SEED), "--no-copy-tokenizer", "--no-write-model-card", "--quiet"],
+            [
+                str(cfg),
+                "--out-path",
+                str(out),
+                "-I",
+                str(out.parent / f"{out.name}-inter"),
+                "--random-seed",
+                str(SEED),
+                "--no-copy-tokenizer",
+                "--no-write-model-card",
+                "--quiet",
+            ],
             standalone_mode=False,
         )
         return
@@ -160,9 +187,24 @@ RANDOMIZED = {"dare_ties", "dare_linear", "della", "della_linear"}
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize(
     "case",
-    ["linear", "linear_unnormalized", "slerp_slices", "nuslerp", "nuslerp_rowwise_nobase", "model_stock",
-     "passthrough_frankenmerge", "task_arithmetic", "ties", "ties_unnormalized", "dare_ties", "dare_linear",
-     "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"],
+    [
+        "linear",
+        "linear_unnormalized",
+        "slerp_slices",
+        "nuslerp",
+        "nuslerp_rowwise_nobase",
+        "model_stock",
+        "passthrough_frankenmerge",
+        "task_arithmetic",
+        "ties",
+        "ties_unnormalized",
+        "dare_ties",
+        "dare_linear",
+        "breadcrumbs",
+        "breadcrumbs_ties",
+        "della",
+        "della_linear",
+    ],
 )
 def test_matches_mergekit(tiny, tmp_path, arch, case):
     config = cases(tiny, arch)[case]

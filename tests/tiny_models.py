@@ -28,22 +28,45 @@ def write_tokenizer(path: Path) -> None:
     fast.save_pretrained(str(path))
 
 
-def make_base(path: Path, arch: str = "llama", *, hidden: int = 64, layers: int = 3, vocab: int = 259,
-              intermediate: int = 128, seed: int = 0, shard: str | None = None, tokenizer: bool = True) -> Path:
+def make_base(
+    path: Path,
+    arch: str = "llama",
+    *,
+    hidden: int = 64,
+    layers: int = 3,
+    vocab: int = 259,
+    intermediate: int = 128,
+    seed: int = 0,
+    shard: str | None = None,
+    tokenizer: bool = True,
+) -> Path:
     import transformers
 
     torch.manual_seed(seed)
     if arch == "llama":
         cfg = transformers.LlamaConfig(
-            vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-            bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False,
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=128,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=2,
+            tie_word_embeddings=False,
         )
         model = transformers.LlamaForCausalLM(cfg)
     elif arch == "gpt2":
         cfg = transformers.GPT2Config(
-            vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=128,
-            bos_token_id=1, eos_token_id=2,
+            vocab_size=vocab,
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=4,
+            n_positions=128,
+            bos_token_id=1,
+            eos_token_id=2,
         )
         model = transformers.GPT2LMHeadModel(cfg)
     else:
@@ -66,7 +89,9 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def make_finetune(base: Path, path: Path, seed: int, scale: float = 0.02, dtype: torch.dtype | None = None) -> Path:
+def make_finetune(
+    base: Path, path: Path, seed: int, scale: float = 0.02, dtype: torch.dtype | None = None
+) -> Path:
     """base + scale·randn on every float tensor, written as one safetensors file."""
     g = torch.Generator().manual_seed(seed)
     sd = _weights(base)

@@ -24,7 +24,9 @@ def linear(models: Sequence[torch.Tensor], weight: Sequence[float], normalize: b
     return out.to(first.dtype)
 
 
-def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
+def slerp(
+    t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8
+) -> torch.Tensor:
     """sin((1−t)θ)/sinθ · v0 + sin(tθ)/sinθ · v1 over the flattened tensors; lerp when |cosθ| > 0.9995."""
     dt = _compute_dtype(v0)
     a, b = v0.reshape(-1).to(dt), v1.reshape(-1).to(dt)
@@ -42,7 +44,9 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0
     return (ca * a + cb * b).reshape(v0.shape).to(v0.dtype)
 
 
-def nuslerp_pair(t: float, v0: torch.Tensor, v1: torch.Tensor, *, flatten: bool = True, row_wise: bool = False) -> torch.Tensor:
+def nuslerp_pair(
+    t: float, v0: torch.Tensor, v1: torch.Tensor, *, flatten: bool = True, row_wise: bool = False
+) -> torch.Tensor:
     """Slerp of v0 toward v1 by t along rows (or the whole tensor); lerp only when colinear."""
     shape = v0.shape
     if flatten:
@@ -77,7 +81,9 @@ def nuslerp(
     return base + nuslerp_pair(t, x1 - base, x2 - base, flatten=flatten, row_wise=row_wise)
 
 
-def model_stock(base: torch.Tensor, models: Sequence[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:
+def model_stock(
+    base: torch.Tensor, models: Sequence[torch.Tensor], filter_wise: bool = False
+) -> torch.Tensor:
     """t·mean(x_i) + (1−t)·b with t = N·cosθ̄ / (1 + (N−1)·cosθ̄) over pairwise task-vector angles."""
     shape = base.shape
     if filter_wise:
@@ -95,7 +101,9 @@ def model_stock(base: torch.Tensor, models: Sequence[torch.Tensor], filter_wise:
     n = len(ws)
     denom = 1 + (n - 1) * cos
     singular = denom.abs() < 1e-6  # no finite estimate: keep the base
-    t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, torch.ones_like(denom), denom))
+    t = torch.where(
+        singular, torch.zeros_like(cos), n * cos / torch.where(singular, torch.ones_like(denom), denom)
+    )
     return (t * (sum(ws) / n) + (1 - t) * w0).reshape(shape)
 
 
