@@ -426,3 +426,55 @@ def _write(
     finally:
         for ck in plan.models.values():
             ck.close()
+
+
+# -- in memory, for the search ---------------------------------------------------------------
+
+
+class ResidentEngine:
+    """Input tensors loaded once and kept resident; each candidate recipe is written in place
+    into one live model's parameters (no files, no per-candidate model allocation).
+
+    Randomized methods draw from the global RNG reseeded per candidate, in the same order as a
+    disk merge, so a candidate equals `merge(recipe, seed=...)` bit for bit.
+    """
+
+    def __init__(self, recipe_models: list[str], *, resolve_path: Callable[[str], Path] = Path,
+                 device: str | torch.device = "cpu", allow_pickle: bool = False) -> None:
+        self.device = torch.device(device)
+        self.models = {ref: Checkpoint(resolve_path(ref), allow_pickle=allow_pickle) for ref in recipe_models}
+        self.tensors: dict[tuple[str, str], torch.Tensor] = {}
+        for ref, ck in self.models.items():
+            for name in ck.meta:
+                x = ck.get(name, self.device)
+                check_finite(x, name, ck.path)
+                self.tensors[(ref, name)] = x
+            ck.close()
+
+    def plan(self, recipe: Recipe) -> MergePlan:
+        return plan_merge(recipe, models=self.models)
+
+    def iter_candidate(self, recipe: Recipe, seed: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        plan = self.plan(recipe)
+        if seed is not None:
+            seed_everything(seed)
+        for task in plan.tasks:
+            xs = [self.tensors[(ref, self.models[ref].resolve(name))] for ref, name in task.inputs]
+            yield task.name, merge_tensor(plan, task, xs)
+
+    def state_dict(self, recipe: Recipe, seed: int | None = None) -> dict[str, torch.Tensor]:
+        return dict(self.iter_candidate(recipe, seed))
+
+    @torch.no_grad()
+    def write_into(self, model: torch.nn.Module, recipe: Recipe, seed: int | None = None) -> None:
+        """Materialize the candidate into `model`'s parameters in place."""
+        params = dict(model.named_parameters())
+        params.update(dict(model.named_buffers()))
+        tied = getattr(model.config, "tie_word_embeddings", False)
+        for name, value in self.iter_candidate(recipe, seed):
+            target = params.get(name)
+            if target is None:
+                if tied and name == "lm_head.weight":
+                    continue
+                raise MergeSearchError(f"tensor {name}: the live model has no such parameter")
+            target.copy_(value)

@@ -23,3 +23,11 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
         for i in range(3):
             paths[f"{arch}/ft{i}"] = make_finetune(base, root / arch / f"ft{i}", 100 + i)
     return paths
+
+
+@pytest.fixture(scope="session")
+def zoo():
+    """The demo zoo, built once and cached under $MERGESEARCH_HOME (about 1.5 minutes cold)."""
+    from mergesearch.zoo import build_zoo
+
+    return build_zoo(progress=False, log=lambda s: None)

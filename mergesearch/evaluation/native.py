@@ -1,0 +1,169 @@
+"""The native harness: batched scoring of an in-memory causal LM, one forward pass per batch.
+
+Exact match is teacher-forced: greedy decoding yields the target followed by the stop
+token exactly when every target token (and the stop token) is the argmax given the gold
+prefix, so one forward pass over prompt+target decides it — no generation loop.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .tasks import Example, Task
+
+
+def configure_threads() -> int:
+    """Torch CPU threads: MERGESEARCH_THREADS, else 1.
+
+    On 2-core machines shared with other processes, 2 OpenMP threads ran several times slower
+    than 1 for these small models (spin-waiting on a busy core), so 1 is the default.
+    """
+    n = int(os.environ.get("MERGESEARCH_THREADS", "1"))
+    torch.set_num_threads(n)
+    return n
+
+
+@dataclass
+class TaskResult:
+    task: str
+    metric: str
+    split: str
+    scores: np.ndarray  # per example: 1/0 verdicts, or per-example NLL sums for perplexity
+    weights: np.ndarray | None = None  # token counts, for perplexity
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.scores)
+
+    @property
+    def value(self) -> float:
+        if self.metric == "perplexity":
+            return float(np.exp(self.scores.sum() / self.weights.sum()))
+        return float(self.scores.mean()) if len(self.scores) else float("nan")
+
+
+class NativeEvaluator:
+    def __init__(self, model, tokenizer, *, batch_size: int = 128, device: str | torch.device | None = None):
+        self.model = model
+        self.tok = tokenizer
+        self.batch_size = batch_size
+        self.device = torch.device(device) if device else next(model.parameters()).device
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+        self._enc: dict[str, list[int]] = {}
+
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        key = f"{int(special)}{text}"
+        if key not in self._enc:
+            self._enc[key] = self.tok(text, add_special_tokens=special)["input_ids"]
+        return self._enc[key]
+
+    @torch.inference_mode()
+    def _logprobs(self, seqs: list[list[int]]) -> list[torch.Tensor]:
+        """Per sequence, log-softmax over the vocabulary at every position (right padded)."""
+        n = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), n), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), n), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+        return logits.float().log_softmax(-1).cpu()
+
+    def _batches(self, items):
+        for i in range(0, len(items), self.batch_size):
+            yield items[i : i + self.batch_size]
+
+    def exact_match(self, examples: list[Example]) -> np.ndarray:
+        out = []
+        for batch in self._batches(examples):
+            seqs, spans = [], []
+            for ex in batch:
+                p = self.encode(ex.prompt)
+                t = self.encode(ex.target, special=False) + [self.eos]
+                seqs.append(p + t)
+                spans.append((len(p), len(t)))
+            lp = self._logprobs(seqs)
+            for i, (start, k) in enumerate(spans):
+                pred = lp[i, start - 1 : start - 1 + k].argmax(-1)
+                gold = torch.tensor(seqs[i][start : start + k])
+                out.append(float(torch.equal(pred, gold)))
+        return np.array(out)
+
+    def multiple_choice(self, examples: list[Example], task: Task) -> tuple[np.ndarray, np.ndarray]:
+        flat = []
+        for e, ex in enumerate(examples):
+            for c in ex.choices:
+                flat.append((e, ex.prompt, task.choice_prefix + c))
+        ll = []
+        for batch in self._batches(flat):
+            seqs, spans = [], []
+            for _, prompt, cont in batch:
+                p = self.encode(prompt)
+                c = self.encode(cont, special=False)
+                seqs.append(p + c)
+                spans.append((len(p), len(c)))
+            lp = self._logprobs(seqs)
+            for i, (start, k) in enumerate(spans):
+                gold = torch.tensor(seqs[i][start : start + k])
+                ll.append(float(lp[i, start - 1 : start - 1 + k].gather(-1, gold[:, None]).sum()))
+        acc, acc_norm, j = [], [], 0
+        for ex in examples:
+            scores = np.array(ll[j : j + len(ex.choices)])
+            lengths = np.array([len((task.choice_prefix + c).encode()) for c in ex.choices])
+            j += len(ex.choices)
+            acc.append(float(scores.argmax() == ex.label))
+            acc_norm.append(float((scores / lengths).argmax() == ex.label))
+        return np.array(acc), np.array(acc_norm)
+
+    def perplexity(self, examples: list[Example]) -> tuple[np.ndarray, np.ndarray]:
+        nll, counts = [], []
+        for batch in self._batches(examples):
+            seqs = [self.encode(ex.prompt) + [self.eos] for ex in batch]
+            lp = self._logprobs(seqs)
+            for i, s in enumerate(seqs):
+                gold = torch.tensor(s[1:])
+                nll.append(-float(lp[i, : len(s) - 1].gather(-1, gold[:, None]).sum()))
+                counts.append(len(s) - 1)
+        return np.array(nll), np.array(counts, dtype=float)
+
+    def evaluate(self, task: Task, split: str = "search", limit: int | None = None) -> TaskResult:
+        examples = task.examples(split, limit)
+        t0 = time.perf_counter()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            if task.metric == "exact_match":
+                res = TaskResult(task.name, "exact_match", split, self.exact_match(examples))
+            elif task.metric == "multiple_choice":
+                acc, acc_norm = self.multiple_choice(examples, task)
+                res = TaskResult(task.name, "acc", split, acc, extra={"acc_norm": acc_norm})
+            else:
+                nll, counts = self.perplexity(examples)
+                res = TaskResult(task.name, "perplexity", split, nll, weights=counts)
+        finally:
+            self.model.train(was_training)
+        res.seconds = time.perf_counter() - t0
+        return res
+
+
+def bootstrap_ci(result: TaskResult, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the task's metric over examples."""
+    rng = np.random.default_rng(seed)
+    n = result.n
+    if n == 0:
+        return float("nan"), float("nan")
+    idx = rng.integers(0, n, size=(n_boot, n))
+    if result.metric == "perplexity":
+        stats = np.exp(result.scores[idx].sum(1) / result.weights[idx].sum(1))
+    else:
+        stats = result.scores[idx].mean(1)
+    lo, hi = np.quantile(stats, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)

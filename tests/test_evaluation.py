@@ -1,0 +1,134 @@
+"""The native harness: teacher-forced verdicts equal real greedy generation; tasks as data; errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mergesearch.errors import MergeSearchError
+from mergesearch.evaluation.native import NativeEvaluator, bootstrap_ci
+from mergesearch.evaluation.tasks import find_task, load_task
+from mergesearch.modeling import load_model
+
+
+def test_teacher_forced_equals_greedy_generation(zoo):
+    """Same examples, right and wrong answers among them: the same verdict on every one."""
+    model, tok = load_model(zoo.models["add"])
+    task = find_task("add")
+    # The add specialist is right on most add items and wrong on most reverse items.
+    examples = task.examples("test", 60) + find_task("reverse").examples("test", 40)
+    ev = NativeEvaluator(model, tok, batch_size=16)
+    forced = ev.exact_match(examples)
+    greedy = []
+    for ex in examples:
+        ids = torch.tensor([tok(ex.prompt)["input_ids"]])
+        target = tok(ex.target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(target) + 2,
+                             do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        greedy.append(float(out[0, ids.shape[1]:].tolist()[: len(target)] == target))
+    assert 0 < sum(greedy) < len(greedy)  # both verdicts occur
+    assert forced.tolist() == greedy
+
+
+def test_subsets_are_prefixes_of_one_shuffle(zoo):
+    model, tok = load_model(zoo.models["reverse"])
+    ev = NativeEvaluator(model, tok)
+    task = find_task("reverse")
+    full = ev.evaluate(task, "search")
+    small = ev.evaluate(task, "search", limit=50)
+    assert small.n == 50 and full.n == 200
+    assert small.scores.tolist() == full.scores[:50].tolist()
+    assert [e.prompt for e in task.examples("search", 50)] == [e.prompt for e in task.examples("search")[:50]]
+    lo, hi = bootstrap_ci(full)
+    assert lo <= full.value <= hi
+
+
+def _task(tmp_path: Path, body: str, rows: list[str] | None = None, name="t") -> Path:
+    (tmp_path / "d").mkdir(exist_ok=True)
+    if rows is not None:
+        (tmp_path / "d" / "s.jsonl").write_text("".join(r + "\n" for r in rows))
+        (tmp_path / "d" / "t.jsonl").write_text('{"q": "zz", "a": "1"}\n')
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(body)
+    return p
+
+
+BASIC = "name: t\nmetric: exact_match\ndata_files: {search: d/s.jsonl, test: d/t.jsonl}\nprompt: '{q}'\ntarget: '{a}'\n"
+
+
+def test_bad_tasks_name_file_line_or_key(tmp_path):
+    with pytest.raises(MergeSearchError, match="unknown task 'nope'"):
+        find_task("nope")
+    p = _task(tmp_path, BASIC.replace("d/s.jsonl", "d/missing.jsonl"), ['{"q": "x", "a": "1"}'])
+    with pytest.raises(MergeSearchError, match="missing.jsonl.*does not exist"):
+        load_task(p).check()
+    p = _task(tmp_path, BASIC, [])
+    with pytest.raises(MergeSearchError, match="empty"):
+        load_task(p).check()
+    p = _task(tmp_path, BASIC, ['{"q": "x", "a": "1"}', '{"q": "y", "a": 2', '{"q": "z", "a": "3"}'])
+    with pytest.raises(MergeSearchError, match=r"s\.jsonl:2: malformed JSON"):
+        load_task(p).check()
+    p = _task(tmp_path, BASIC.replace("'{q}'", "'{question}'"), ['{"q": "x", "a": "1"}'])
+    with pytest.raises(MergeSearchError, match="field 'question'"):
+        load_task(p).check()
+    p = _task(tmp_path, BASIC, ['{"q": "x", "a": "1"}'])
+    with pytest.raises(MergeSearchError, match="no split 'dev'"):
+        load_task(p).examples("dev")
+    p = _task(tmp_path, BASIC, ['{"q": "zz", "a": "1"}'])
+    with pytest.raises(MergeSearchError, match="both the search and test splits"):
+        load_task(p).check()
+    p = _task(tmp_path, BASIC + "bogus: 1\n", ['{"q": "x", "a": "1"}'])
+    with pytest.raises(MergeSearchError, match="unknown key 'bogus'"):
+        load_task(p)
+
+
+def test_model_folder_without_tokenizer(tmp_path, zoo):
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(zoo.models["base"], d)
+    for f in d.glob("tokenizer*"):
+        f.unlink()
+    with pytest.raises(MergeSearchError, match="no tokenizer files"):
+        load_model(d)
+
+
+def test_multiple_choice_and_perplexity_tasks(zoo):
+    model, tok = load_model(zoo.models["add"])
+    ev = NativeEvaluator(model, tok)
+    mc = ev.evaluate(find_task("add_choice"), "test")
+    assert mc.metric == "acc" and mc.n > 0 and 0 <= mc.value <= 1
+    assert mc.value > 0.5  # the add specialist prefers the right sum among distractors
+    ppl = ev.evaluate(find_task("add_ppl"), "test")
+    assert ppl.metric == "perplexity" and 1 <= ppl.value < 50
+    base_model, _ = load_model(zoo.models["base"])
+    assert NativeEvaluator(base_model, tok).evaluate(find_task("add_ppl"), "test").value > ppl.value
+    assert np.isfinite(ppl.scores).all()
+
+
+def test_committed_task_data_is_disjoint():
+    for name in ("add", "reverse", "count", "add_choice", "add_ppl"):
+        find_task(name).check()
+    rows = [json.loads(line) for line in open(Path(__file__).parents[1] / "evals/data/add.test.jsonl")]
+    assert len(rows) == 300
+
+
+def test_native_matches_lm_eval_example_by_example(zoo):
+    """Native teacher-forced exact match == lm-eval generate_until exact_match, per example."""
+    from mergesearch.evaluation.lmeval import LMEvalBackend
+
+    model, tok = load_model(zoo.models["add"])
+    for name in ("add", "reverse"):
+        task = find_task(name)
+        native = NativeEvaluator(model, tok).evaluate(task, "search", limit=40)
+        lm = LMEvalBackend(model, tok, batch_size=40).evaluate(task, "search", limit=40)
+        assert lm.n == native.n == 40
+        assert lm.scores.tolist() == native.scores.tolist(), (name, lm.extra["responses"])
+    mc_native = NativeEvaluator(model, tok).evaluate(find_task("add_choice"), "test", limit=40)
+    mc_lm = LMEvalBackend(model, tok).evaluate(find_task("add_choice"), "test", limit=40)
+    assert mc_lm.scores.tolist() == mc_native.scores.tolist()
+    assert mc_lm.extra["acc_norm"].tolist() == mc_native.extra["acc_norm"].tolist()
