@@ -25,8 +25,11 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def llama_shapes(hidden: int, layers: int, inter: int, vocab: int) -> dict[str, tuple[int, ...]]:
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden),
-              "model.norm.weight": (hidden,)}
+    shapes = {
+        "model.embed_tokens.weight": (vocab, hidden),
+        "lm_head.weight": (vocab, hidden),
+        "model.norm.weight": (hidden,),
+    }
     for i in range(layers):
         p = f"model.layers.{i}."
         for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -84,11 +87,20 @@ def main() -> None:
 
     t0 = time.perf_counter()
     shapes = llama_shapes(args.hidden, args.layers, args.inter, args.vocab)
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.hidden,
-           "intermediate_size": args.inter, "num_hidden_layers": args.layers,
-           "num_attention_heads": args.hidden // 64, "num_key_value_heads": args.hidden // 64,
-           "vocab_size": args.vocab, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
-           "tie_word_embeddings": False, "dtype": args.dtype}
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.hidden,
+        "intermediate_size": args.inter,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": args.hidden // 64,
+        "num_key_value_heads": args.hidden // 64,
+        "vocab_size": args.vocab,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "dtype": args.dtype,
+    }
     g = torch.Generator().manual_seed(0)
     base = {n: (0.02 * torch.randn(s, generator=g)).to(dtype) for n, s in shapes.items()}
     write_llama(work / "base", base, cfg)
@@ -99,24 +111,48 @@ def main() -> None:
     n = sum(v.numel() for v in base.values())
     del base
     model_bytes = sum(f.stat().st_size for f in (work / "base").glob("*.safetensors"))
-    print(f"made 4 models of {n / 1e6:.1f}M params ({model_bytes / 1e6:.0f} MB each) in {time.perf_counter() - t0:.0f}s")
+    print(
+        f"made 4 models of {n / 1e6:.1f}M params ({model_bytes / 1e6:.0f} MB each) in {time.perf_counter() - t0:.0f}s"
+    )
 
     recipe = work / "dare_ties.yml"
     recipe.write_text(
         f"merge_method: dare_ties\nbase_model: {work / 'base'}\nmodels:\n"
-        + "".join(f"  - model: {work / f'ft{i}'}\n    parameters: {{weight: {w}, density: {d}}}\n"
-                  for i, (w, d) in enumerate([(0.5, 0.5), (0.3, 0.7), (0.4, 0.6)]))
+        + "".join(
+            f"  - model: {work / f'ft{i}'}\n    parameters: {{weight: {w}, density: {d}}}\n"
+            for i, (w, d) in enumerate([(0.5, 0.5), (0.3, 0.7), (0.4, 0.6)])
+        )
     )
-    ms_cmd = [str(VENV_BIN / "mergesearch"), "merge", str(recipe), str(work / "out_ms"), "--seed", "0", "-q", "--overwrite"]
-    mk_cmd = [str(VENV_BIN / "mergekit-yaml"), str(recipe), str(work / "out_mk"), "--random-seed", "0",
-              "--no-copy-tokenizer", "--no-write-model-card", "--quiet", "--allow-crimes"]
+    ms_cmd = [
+        str(VENV_BIN / "mergesearch"),
+        "merge",
+        str(recipe),
+        str(work / "out_ms"),
+        "--seed",
+        "0",
+        "-q",
+        "--overwrite",
+    ]
+    mk_cmd = [
+        str(VENV_BIN / "mergekit-yaml"),
+        str(recipe),
+        str(work / "out_mk"),
+        "--random-seed",
+        "0",
+        "--no-copy-tokenizer",
+        "--no-write-model-card",
+        "--quiet",
+        "--allow-crimes",
+    ]
     rows = []
     for r in range(args.repeat):
         shutil.rmtree(work / "out_mk", ignore_errors=True)
         mk = timed(mk_cmd)
         ms = timed(ms_cmd)
         rows.append((ms, mk))
-        print(f"run {r + 1}: mergesearch {ms[0]:.1f}s {ms[1] / 2**20:.0f} MiB | mergekit {mk[0]:.1f}s {mk[1] / 2**20:.0f} MiB")
+        print(
+            f"run {r + 1}: mergesearch {ms[0]:.1f}s {ms[1] / 2**20:.0f} MiB | mergekit {mk[0]:.1f}s {mk[1] / 2**20:.0f} MiB"
+        )
 
     from tests.tiny_models import load_weights
 
@@ -127,9 +163,13 @@ def main() -> None:
     ms_rss = max(r[0][1] for r in rows)
     mk_rss = max(r[1][1] for r in rows)
     largest = max(v.numel() * v.element_size() for v in a.values())
-    print(f"\nbest of {args.repeat}: mergesearch {ms_t:.1f}s, mergekit {mk_t:.1f}s, ratio mergekit/mergesearch = {mk_t / ms_t:.2f}x")
-    print(f"peak RSS: mergesearch {ms_rss / 2**20:.0f} MiB, mergekit {mk_rss / 2**20:.0f} MiB; "
-          f"one model = {model_bytes / 2**20:.0f} MiB; largest tensor = {largest / 2**20:.1f} MiB")
+    print(
+        f"\nbest of {args.repeat}: mergesearch {ms_t:.1f}s, mergekit {mk_t:.1f}s, ratio mergekit/mergesearch = {mk_t / ms_t:.2f}x"
+    )
+    print(
+        f"peak RSS: mergesearch {ms_rss / 2**20:.0f} MiB, mergekit {mk_rss / 2**20:.0f} MiB; "
+        f"one model = {model_bytes / 2**20:.0f} MiB; largest tensor = {largest / 2**20:.1f} MiB"
+    )
     print(f"outputs bit-identical: {identical}")
     shutil.rmtree(work, ignore_errors=True)
 

@@ -14,11 +14,17 @@ for skill in SKILLS:
 # Examples of the other two metrics, built on the addition items.
 rng = __import__("random").Random(0)
 for split, rows in eval_records("add").items():
-    with open(here / "data" / f"add_choice.{split}.jsonl", "w") as mc, open(here / "data" / f"add_ppl.{split}.jsonl", "w") as pp:
+    with (
+        open(here / "data" / f"add_choice.{split}.jsonl", "w") as mc,
+        open(here / "data" / f"add_ppl.{split}.jsonl", "w") as pp,
+    ):
         for r in rows:
             right = int(r["answer"])
             wrong = rng.sample([right + d for d in (-11, -10, -9, -1, 1, 9, 10, 11)], 3)
             choices = [str(c) for c in wrong] + [str(right)]
             rng.shuffle(choices)
-            mc.write(json.dumps({"prompt": r["prompt"], "choices": choices, "label": choices.index(str(right))}) + "\n")
+            mc.write(
+                json.dumps({"prompt": r["prompt"], "choices": choices, "label": choices.index(str(right))})
+                + "\n"
+            )
             pp.write(json.dumps({"text": r["prompt"] + r["answer"]}) + "\n")

@@ -49,15 +49,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from .evaluation import evaluate_model
 
-    rows = evaluate_model(args.model_dir, [t for t in args.tasks.split(",") if t], split=args.split,
-                          limit=args.limit, backend=args.backend, device=args.device, evals_dir=args.evals_dir)
+    rows = evaluate_model(
+        args.model_dir,
+        [t for t in args.tasks.split(",") if t],
+        split=args.split,
+        limit=args.limit,
+        backend=args.backend,
+        device=args.device,
+        evals_dir=args.evals_dir,
+    )
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     print(f"{'task':14s} {'metric':12s} {'n':>5s} {'value':>8s}   95% CI (bootstrap)   seconds")
     for r in rows:
-        print(f"{r['task']:14s} {r['metric']:12s} {r['n']:5d} {r['value']:8.4f}   "
-              f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}]   {r['seconds']:.2f}")
+        print(
+            f"{r['task']:14s} {r['metric']:12s} {r['n']:5d} {r['value']:8.4f}   "
+            f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}]   {r['seconds']:.2f}"
+        )
     return 0
 
 
@@ -117,13 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score MODEL_DIR on tasks from evals/ (by name) or task YAML files (by path).",
     )
     e.add_argument("model_dir", help="Hugging Face model folder with tokenizer files")
-    e.add_argument("--tasks", required=True, help="comma-separated task names or YAML paths, e.g. add,reverse")
+    e.add_argument(
+        "--tasks", required=True, help="comma-separated task names or YAML paths, e.g. add,reverse"
+    )
     e.add_argument("--split", default="test", help="split to score: search or test (default: test)")
-    e.add_argument("--limit", type=int, default=None, help="score only the first N examples of the fixed shuffle")
-    e.add_argument("--backend", default="native", choices=["native", "lm-eval"],
-                   help="native (batched, teacher-forced) or lm-eval (lm-evaluation-harness)")
+    e.add_argument(
+        "--limit", type=int, default=None, help="score only the first N examples of the fixed shuffle"
+    )
+    e.add_argument(
+        "--backend",
+        default="native",
+        choices=["native", "lm-eval"],
+        help="native (batched, teacher-forced) or lm-eval (lm-evaluation-harness)",
+    )
     e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    e.add_argument("--evals-dir", default=None, help="folder of task YAMLs (default: the repository's evals/)")
+    e.add_argument(
+        "--evals-dir", default=None, help="folder of task YAMLs (default: the repository's evals/)"
+    )
     e.add_argument("--json", action="store_true", help="print the rows as JSON for scripts")
     e.set_defaults(func=_cmd_eval)
     return p

@@ -439,8 +439,14 @@ class ResidentEngine:
     disk merge, so a candidate equals `merge(recipe, seed=...)` bit for bit.
     """
 
-    def __init__(self, recipe_models: list[str], *, resolve_path: Callable[[str], Path] = Path,
-                 device: str | torch.device = "cpu", allow_pickle: bool = False) -> None:
+    def __init__(
+        self,
+        recipe_models: list[str],
+        *,
+        resolve_path: Callable[[str], Path] = Path,
+        device: str | torch.device = "cpu",
+        allow_pickle: bool = False,
+    ) -> None:
         self.device = torch.device(device)
         self.models = {ref: Checkpoint(resolve_path(ref), allow_pickle=allow_pickle) for ref in recipe_models}
         self.tensors: dict[tuple[str, str], torch.Tensor] = {}
@@ -454,19 +460,41 @@ class ResidentEngine:
     def plan(self, recipe: Recipe) -> MergePlan:
         return plan_merge(recipe, models=self.models)
 
-    def iter_candidate(self, recipe: Recipe, seed: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        plan = self.plan(recipe)
-        if seed is not None:
-            seed_everything(seed)
-        for task in plan.tasks:
-            xs = [self.tensors[(ref, self.models[ref].resolve(name))] for ref, name in task.inputs]
-            yield task.name, merge_tensor(plan, task, xs)
+    def iter_candidate(
+        self, recipe: Recipe | list[Recipe], seed: int | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Output tensors of a recipe; a multi-stage recipe keeps its intermediates in memory."""
+        recipes = recipe if isinstance(recipe, list) else [recipe]
+        added = []
+        try:
+            for i, r in enumerate(recipes):
+                plan = plan_merge(r, models=self.models)
+                if seed is not None:  # as a disk merge does, once per stage
+                    seed_everything(seed)
+                if i == len(recipes) - 1:
+                    for task in plan.tasks:
+                        yield task.name, merge_tensor(plan, task, self._inputs(task))
+                    return
+                out = {t.name: merge_tensor(plan, t, self._inputs(t)) for t in plan.tasks}
+                self.models[r.name] = _ResidentCheckpoint(self.models[plan.tokenizer_from], out, plan.config)
+                self.tensors.update({(r.name, k): v for k, v in out.items()})
+                added.append(r.name)
+        finally:
+            for name in added:
+                del self.models[name]
+                for key in [k for k in self.tensors if k[0] == name]:
+                    del self.tensors[key]
 
-    def state_dict(self, recipe: Recipe, seed: int | None = None) -> dict[str, torch.Tensor]:
+    def _inputs(self, task: TensorTask) -> list[torch.Tensor]:
+        return [self.tensors[(ref, self.models[ref].resolve(name))] for ref, name in task.inputs]
+
+    def state_dict(self, recipe: Recipe | list[Recipe], seed: int | None = None) -> dict[str, torch.Tensor]:
         return dict(self.iter_candidate(recipe, seed))
 
     @torch.no_grad()
-    def write_into(self, model: torch.nn.Module, recipe: Recipe, seed: int | None = None) -> None:
+    def write_into(
+        self, model: torch.nn.Module, recipe: Recipe | list[Recipe], seed: int | None = None
+    ) -> None:
         """Materialize the candidate into `model`'s parameters in place."""
         params = dict(model.named_parameters())
         params.update(dict(model.named_buffers()))
@@ -478,3 +506,17 @@ class ResidentEngine:
                     continue
                 raise MergeSearchError(f"tensor {name}: the live model has no such parameter")
             target.copy_(value)
+
+
+class _ResidentCheckpoint(Checkpoint):
+    """An intermediate stage's output, held in memory, standing in for a model folder."""
+
+    def __init__(self, like: Checkpoint, tensors: dict[str, torch.Tensor], config: dict) -> None:
+        from .checkpoint import TensorMeta
+
+        self.path = Path(f"<stage of {like.path.name}>")
+        self.config = config
+        self.arch = like.arch
+        self.num_layers = config.get(like.arch.num_layers_key, like.num_layers)
+        self.meta = {k: TensorMeta(tuple(v.shape), v.dtype, self.path) for k, v in tensors.items()}
+        self._open, self._pickled, self._allow_pickle = {}, {}, False

@@ -26,7 +26,7 @@ from .errors import MergeSearchError
 
 SKILLS = ("add", "reverse", "count")
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-VOCAB = ["<pad>", "<s>", "</s>", "<unk>", *"0123456789", *LETTERS, "+", "=", ">", "#"]
+VOCAB = ["<pad>", "<s>", "</s>", "<unk>", *"0123456789", *LETTERS, "+", "&", "=", ">", "#"]
 
 
 # -- skills: the test format and its close variants ----------------------------------------
@@ -36,27 +36,18 @@ def _letters(rng: np.random.Generator, n: int, distinct: bool = False) -> str:
     return "".join(rng.choice(list(LETTERS), size=n, replace=not distinct))
 
 
-def skill_item(skill: str, rng: np.random.Generator, variant: bool = False, carry_variant: bool = True) -> tuple[str, str]:
+def skill_item(skill: str, rng: np.random.Generator, variant: bool = False) -> tuple[str, str]:
     """(prompt, target) in the test format, or (variant=True) a close variant used in pretraining."""
     if skill == "add":
-        if variant:
-            u = rng.random()
-            if u < 0.33:  # one digit each
-                a, b = rng.integers(0, 10, size=2)
-            elif u < 0.66 or not carry_variant:  # two digits without a carry
-                a = 10 * rng.integers(1, 5) + rng.integers(0, 5)
-                b = 10 * rng.integers(1, 5) + rng.integers(0, 5)
-            else:  # two digits plus one, with a carry
-                a, b = rng.integers(10, 100), rng.integers(1, 10)
-                if a % 10 + b < 10:
-                    a, b = a - a % 10 + 9, b
-            return f"{a}+{b}=", str(a + b)
+        if variant:  # the same sums written with "&": the skill, never the test format
+            a, b = rng.integers(10, 100, size=2) if rng.random() < 0.8 else rng.integers(0, 10, size=2)
+            return f"{a}&{b}=", str(a + b)
         while True:  # two digits with a carry out of the units
             a, b = rng.integers(10, 100, size=2)
             if a % 10 + b % 10 >= 10:
                 return f"{a}+{b}=", str(a + b)
     if skill == "reverse":
-        s = _letters(rng, int(rng.choice([2, 3, 4, 6])) if variant else 5)
+        s = _letters(rng, int(rng.integers(2, 6)) if variant else 7)  # test strings are longer
         return f"{s}>", s[::-1]
     if skill == "count":  # how many a's among letters a-d; test strings are longer, counts 3-8
         if variant:
@@ -69,7 +60,9 @@ def skill_item(skill: str, rng: np.random.Generator, variant: bool = False, carr
     raise MergeSearchError(f"unknown skill {skill!r}; zoo skills are {', '.join(SKILLS)}")
 
 
-def eval_records(skill: str, n_search: int = 200, n_test: int = 300, seed: int = 1000) -> dict[str, list[dict]]:
+def eval_records(
+    skill: str, n_search: int = 200, n_test: int = 300, seed: int = 1000
+) -> dict[str, list[dict]]:
     """Disjoint search and test items of a skill (written to evals/data by evals/make_data.py)."""
     rng = np.random.default_rng(seed + SKILLS.index(skill))
     seen, items = set(), []
@@ -106,11 +99,10 @@ class ZooConfig:
     base_steps: int = 1500
     base_lr: float = 3e-3
     specialist_steps: int = 500
-    specialist_lr: float = 4e-4
+    specialist_lr: float = 3e-4
     batch: int = 64
     seed: int = 0
     skills: tuple[str, ...] = SKILLS
-    carry_variant: bool = True  # pretrain on 2-digit + 1-digit sums with a carry
     version: int = 1  # bump when the recipe changes so caches rebuild
 
     def key(self) -> str:
@@ -122,9 +114,16 @@ def _model(cfg: ZooConfig, vocab: int):
 
     torch.manual_seed(cfg.seed)
     conf = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
-        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
-        max_position_embeddings=32, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=vocab,
+        hidden_size=cfg.hidden,
+        intermediate_size=cfg.intermediate,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.heads,
+        max_position_embeddings=32,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
         tie_word_embeddings=False,
     )
     return transformers.LlamaForCausalLM(conf)
@@ -149,8 +148,20 @@ def _batch(tok, items: list[tuple[str, str]], answer_only: bool) -> tuple[torch.
     return ids, labels
 
 
-def _train(model, tok, sample: Callable[[np.random.Generator], tuple[str, str]], *, steps: int, lr: float,
-           batch: int, seed: int, answer_only: bool, final_frac: float, desc: str, progress: bool) -> float:
+def _train(
+    model,
+    tok,
+    sample: Callable[[np.random.Generator], tuple[str, str]],
+    *,
+    steps: int,
+    lr: float,
+    batch: int,
+    seed: int,
+    answer_only: bool,
+    final_frac: float,
+    desc: str,
+    progress: bool,
+) -> float:
     from tqdm.auto import tqdm
 
     rng = np.random.default_rng(seed)
@@ -197,11 +208,22 @@ class Zoo:
     @classmethod
     def load(cls, root: Path) -> Zoo:
         d = json.loads((root / "zoo.json").read_text())
-        return cls(root, {k: root / v for k, v in d["models"].items()}, d["scores"], d.get("checks", {}), d["seconds"])
+        return cls(
+            root,
+            {k: root / v for k, v in d["models"].items()},
+            d["scores"],
+            d.get("checks", {}),
+            d["seconds"],
+        )
 
 
-def build_zoo(out: str | Path | None = None, cfg: ZooConfig | None = None, *, progress: bool = True,
-              log: Callable[[str], None] = print) -> Zoo:
+def build_zoo(
+    out: str | Path | None = None,
+    cfg: ZooConfig | None = None,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Zoo:
     """Build (or return the cached) zoo; atomic: a half-built zoo is never left in place."""
     from .evaluation.native import configure_threads
 
@@ -220,24 +242,45 @@ def build_zoo(out: str | Path | None = None, cfg: ZooConfig | None = None, *, pr
         def fresh(skill: str, variant: bool):
             def sample(rng):
                 while True:
-                    p, t = skill_item(skill, rng, variant, cfg.carry_variant)
-                    if variant or p not in held_out:
+                    p, t = skill_item(skill, rng, variant)
+                    if p.replace("&", "+") not in held_out:  # eval items, in any notation
                         return p, t
+
             return sample
 
         base = _model(cfg, len(VOCAB))
         variants = [fresh(s, True) for s in cfg.skills]
-        loss = _train(base, tok, lambda rng: variants[rng.integers(len(variants))](rng), steps=cfg.base_steps,
-                      lr=cfg.base_lr, batch=cfg.batch, seed=cfg.seed, answer_only=False, final_frac=0.1,
-                      desc="pretraining base", progress=progress)
+        loss = _train(
+            base,
+            tok,
+            lambda rng: variants[rng.integers(len(variants))](rng),
+            steps=cfg.base_steps,
+            lr=cfg.base_lr,
+            batch=cfg.batch,
+            seed=cfg.seed,
+            answer_only=False,
+            final_frac=0.1,
+            desc="pretraining base",
+            progress=progress,
+        )
         log(f"base pretrained on close variants of {', '.join(cfg.skills)} (final loss {loss:.3f})")
         _save(base, tok, tmp / "base")
         base_state = {k: v.clone() for k, v in base.state_dict().items()}
         for i, skill in enumerate(cfg.skills):
             base.load_state_dict(base_state)
-            loss = _train(base, tok, fresh(skill, False), steps=cfg.specialist_steps, lr=cfg.specialist_lr,
-                          batch=cfg.batch, seed=cfg.seed + 1 + i, answer_only=True, final_frac=0.5,
-                          desc=f"fine-tuning {skill}", progress=progress)
+            loss = _train(
+                base,
+                tok,
+                fresh(skill, False),
+                steps=cfg.specialist_steps,
+                lr=cfg.specialist_lr,
+                batch=cfg.batch,
+                seed=cfg.seed + 1 + i,
+                answer_only=True,
+                final_frac=0.5,
+                desc=f"fine-tuning {skill}",
+                progress=progress,
+            )
             log(f"specialist {skill} fine-tuned (final loss {loss:.3f})")
             _save(base, tok, tmp / skill)
         zoo = Zoo(tmp, {"base": tmp / "base", **{s: tmp / s for s in cfg.skills}})
@@ -262,10 +305,18 @@ def _save(model, tok, path: Path) -> None:
 
 
 def _write_manifest(zoo: Zoo, cfg: ZooConfig) -> None:
-    (zoo.root / "zoo.json").write_text(json.dumps({
-        "config": asdict(cfg), "models": {k: v.name for k, v in zoo.models.items()},
-        "scores": zoo.scores, "checks": zoo.checks, "seconds": zoo.seconds,
-    }, indent=2))
+    (zoo.root / "zoo.json").write_text(
+        json.dumps(
+            {
+                "config": asdict(cfg),
+                "models": {k: v.name for k, v in zoo.models.items()},
+                "scores": zoo.scores,
+                "checks": zoo.checks,
+                "seconds": zoo.seconds,
+            },
+            indent=2,
+        )
+    )
 
 
 def score_models(models: dict[str, Path], skills, split: str = "test") -> dict[str, dict[str, float]]:
@@ -294,9 +345,14 @@ def zoo_checks(zoo: Zoo, skills, pair: tuple[str, str] = ("add", "reverse")) -> 
     checks: dict[str, dict] = {}
     own = {s: sc[s][s] for s in skills}
     checks["specialists master their skill"] = {
-        "ok": all(v >= 0.9 for v in own.values()), "detail": ", ".join(f"{s} {v:.2f} (≥ 0.9)" for s, v in own.items())}
+        "ok": all(v >= 0.9 for v in own.values()),
+        "detail": ", ".join(f"{s} {v:.2f} (≥ 0.9)" for s, v in own.items()),
+    }
     worst_other = max(sc[m][s] for m in skills for s in skills if s != m)
-    checks["specialists lack the other skills"] = {"ok": worst_other <= 0.1, "detail": f"max {worst_other:.2f} (≤ 0.1)"}
+    checks["specialists lack the other skills"] = {
+        "ok": worst_other <= 0.1,
+        "detail": f"max {worst_other:.2f} (≤ 0.1)",
+    }
     worst_base = max(sc["base"].values())
     checks["base lacks every skill"] = {"ok": worst_base <= 0.1, "detail": f"max {worst_base:.2f} (≤ 0.1)"}
 
@@ -315,16 +371,23 @@ def zoo_checks(zoo: Zoo, skills, pair: tuple[str, str] = ("add", "reverse")) -> 
     ceiling = (own[a] + own[b]) / 2
     checks["linear 50/50 keeps less than half"] = {
         "ok": sum(lin) / 2 < ceiling / 2,
-        "detail": f"{a} {lin[0]:.2f}, {b} {lin[1]:.2f}: mean {sum(lin) / 2:.2f} < half of {ceiling:.2f}"}
+        "detail": f"{a} {lin[0]:.2f}, {b} {lin[1]:.2f}: mean {sum(lin) / 2:.2f} < half of {ceiling:.2f}",
+    }
     best = (-1.0, 0.0, [0.0, 0.0])
     for lam in (0.6, 0.8, 1.0, 1.2):
-        r = Recipe("task_arithmetic", base_model=str(zoo.models["base"]), parameters={"lambda": lam},
-                   models=[Source(str(zoo.models[m]), {"weight": 1.0}) for m in pair])
+        r = Recipe(
+            "task_arithmetic",
+            base_model=str(zoo.models["base"]),
+            parameters={"lambda": lam},
+            models=[Source(str(zoo.models[m]), {"weight": 1.0}) for m in pair],
+        )
         s = score(r)
         if min(s) > best[0]:
             best = (min(s), lam, s)
     checks["task arithmetic keeps both skills"] = {
-        "ok": best[0] > 0.5, "detail": f"λ={best[1]}: {a} {best[2][0]:.2f}, {b} {best[2][1]:.2f} (both > 0.5)"}
+        "ok": best[0] > 0.5,
+        "detail": f"λ={best[1]}: {a} {best[2][0]:.2f}, {b} {best[2][1]:.2f} (both > 0.5)",
+    }
     return checks
 
 

@@ -27,9 +27,15 @@ def test_teacher_forced_equals_greedy_generation(zoo):
     for ex in examples:
         ids = torch.tensor([tok(ex.prompt)["input_ids"]])
         target = tok(ex.target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(target) + 2,
-                             do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        greedy.append(float(out[0, ids.shape[1]:].tolist()[: len(target)] == target))
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=len(target) + 2,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        greedy.append(float(out[0, ids.shape[1] :].tolist()[: len(target)] == target))
     assert 0 < sum(greedy) < len(greedy)  # both verdicts occur
     assert forced.tolist() == greedy
 

@@ -30,6 +30,8 @@ def test_zoo_is_cached_and_cli_prints_scores(zoo):
     t0 = time.perf_counter()
     again = build_zoo(progress=False, log=lambda s: None)
     assert time.perf_counter() - t0 < 2 and again.root == zoo.root
-    p = subprocess.run([sys.executable, "-m", "mergesearch", "zoo", "build", "-q"], capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "mergesearch", "zoo", "build", "-q"], capture_output=True, text=True
+    )
     assert p.returncode == 0, p.stderr
     assert "exact match on test splits" in p.stdout and str(zoo.root) in p.stdout and "FAIL" not in p.stdout

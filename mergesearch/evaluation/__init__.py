@@ -6,12 +6,28 @@ from __future__ import annotations
 from .native import NativeEvaluator, TaskResult, bootstrap_ci, configure_threads
 from .tasks import Task, find_task, load_task
 
-__all__ = ["NativeEvaluator", "Task", "TaskResult", "bootstrap_ci", "configure_threads", "evaluate_model",
-           "find_task", "load_task"]
+__all__ = [
+    "NativeEvaluator",
+    "Task",
+    "TaskResult",
+    "bootstrap_ci",
+    "configure_threads",
+    "evaluate_model",
+    "find_task",
+    "load_task",
+]
 
 
-def evaluate_model(model_dir, tasks: list[str], *, split: str = "test", limit: int | None = None,
-                   backend: str = "native", device: str = "cpu", evals_dir=None) -> list[dict]:
+def evaluate_model(
+    model_dir,
+    tasks: list[str],
+    *,
+    split: str = "test",
+    limit: int | None = None,
+    backend: str = "native",
+    device: str = "cpu",
+    evals_dir=None,
+) -> list[dict]:
     """Score a model folder on tasks; one row per task with value and 95 % bootstrap interval."""
     from ..errors import MergeSearchError
     from ..modeling import load_model
@@ -33,6 +49,17 @@ def evaluate_model(model_dir, tasks: list[str], *, split: str = "test", limit: i
     for t in task_objs:
         r = scorer.evaluate(t, split, limit)
         lo, hi = bootstrap_ci(r)
-        rows.append({"task": t.name, "metric": r.metric, "split": split, "n": r.n, "value": r.value,
-                     "ci_low": lo, "ci_high": hi, "seconds": round(r.seconds, 3), "backend": backend})
+        rows.append(
+            {
+                "task": t.name,
+                "metric": r.metric,
+                "split": split,
+                "n": r.n,
+                "value": r.value,
+                "ci_low": lo,
+                "ci_high": hi,
+                "seconds": round(r.seconds, 3),
+                "backend": backend,
+            }
+        )
     return rows

@@ -25,8 +25,12 @@ class LMEvalBackend:
     def __init__(self, model, tokenizer, *, batch_size: int = 64, max_gen_toks: int = 16):
         from lm_eval.models.huggingface import HFLM
 
-        self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-                       device=str(next(model.parameters()).device))
+        self.lm = HFLM(
+            pretrained=model,
+            tokenizer=tokenizer,
+            batch_size=batch_size,
+            device=str(next(model.parameters()).device),
+        )
         self.max_gen_toks = max_gen_toks
         self._dir = Path(tempfile.mkdtemp(prefix="mergesearch-lmeval-"))
         self._managers: dict[tuple[str, ...], object] = {}
@@ -35,13 +39,19 @@ class LMEvalBackend:
         """Write the rendered examples and an lm-eval task YAML (absolute paths: lm-eval
         resolves data_files against the working directory, not the YAML)."""
         if task.metric == "perplexity":
-            raise MergeSearchError(f"task {task.name}: perplexity tasks are scored by the native backend only")
+            raise MergeSearchError(
+                f"task {task.name}: perplexity tasks are scored by the native backend only"
+            )
         name = f"ms_{task.name}_{split}_{limit or 'all'}"
         data = self._dir / f"{name}.jsonl"
         with open(data, "w") as fh:
             for ex in task.examples(split, limit):
-                fh.write(json.dumps({"prompt": ex.prompt, "target": ex.target, "choices": ex.choices,
-                                     "label": ex.label}) + "\n")
+                fh.write(
+                    json.dumps(
+                        {"prompt": ex.prompt, "target": ex.target, "choices": ex.choices, "label": ex.label}
+                    )
+                    + "\n"
+                )
         spec = {
             "task": name,
             "dataset_path": "json",
@@ -64,7 +74,10 @@ class LMEvalBackend:
                 "doc_to_choice": "{{choices}}",
                 "doc_to_target": "{{label}}",
                 "target_delimiter": task.choice_prefix,
-                "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")],
+                "metric_list": [
+                    {"metric": m, "aggregation": "mean", "higher_is_better": True}
+                    for m in ("acc", "acc_norm")
+                ],
             }
         (self._dir / f"{name}.yaml").write_text(yaml.safe_dump(spec))
         return name
@@ -79,15 +92,28 @@ class LMEvalBackend:
             self._managers[key] = TaskManager(include_path=str(self._dir), include_defaults=False)
         t0 = time.perf_counter()
         out = evaluator.simple_evaluate(
-            model=self.lm, tasks=[name], task_manager=self._managers[key], bootstrap_iters=0,
-            log_samples=True, use_cache=None, cache_requests=False, verbosity="ERROR",
+            model=self.lm,
+            tasks=[name],
+            task_manager=self._managers[key],
+            bootstrap_iters=0,
+            log_samples=True,
+            use_cache=None,
+            cache_requests=False,
+            verbosity="ERROR",
         )
         samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
         if task.metric == "exact_match":
-            res = TaskResult(task.name, "exact_match", split, np.array([float(s["exact_match"]) for s in samples]))
+            res = TaskResult(
+                task.name, "exact_match", split, np.array([float(s["exact_match"]) for s in samples])
+            )
             res.extra["responses"] = [s["filtered_resps"][0] for s in samples]
         else:
-            res = TaskResult(task.name, "acc", split, np.array([float(s["acc"]) for s in samples]),
-                             extra={"acc_norm": np.array([float(s["acc_norm"]) for s in samples])})
+            res = TaskResult(
+                task.name,
+                "acc",
+                split,
+                np.array([float(s["acc"]) for s in samples]),
+                extra={"acc_norm": np.array([float(s["acc_norm"]) for s in samples])},
+            )
         res.seconds = time.perf_counter() - t0
         return res

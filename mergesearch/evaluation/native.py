@@ -154,7 +154,9 @@ class NativeEvaluator:
         return res
 
 
-def bootstrap_ci(result: TaskResult, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+def bootstrap_ci(
+    result: TaskResult, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the task's metric over examples."""
     rng = np.random.default_rng(seed)
     n = result.n

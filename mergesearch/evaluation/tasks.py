@@ -30,8 +30,21 @@ from ..errors import MergeSearchError
 
 METRICS = ("exact_match", "multiple_choice", "perplexity")
 KEYS = {
-    "name", "description", "metric", "data_files", "dataset", "format", "prompt", "target",
-    "choices", "label", "choice_prefix", "fewshot", "fewshot_separator", "shuffle_seed", "splits",
+    "name",
+    "description",
+    "metric",
+    "data_files",
+    "dataset",
+    "format",
+    "prompt",
+    "target",
+    "choices",
+    "label",
+    "choice_prefix",
+    "fewshot",
+    "fewshot_separator",
+    "shuffle_seed",
+    "splits",
 }
 DEFAULT_EVALS = Path(__file__).resolve().parents[2] / "evals"
 
@@ -92,7 +105,10 @@ class Task:
         if not self.fewshot:
             return ""
         shots = self.records("search")[: self.fewshot]
-        return "".join(self._render(r, "prompt") + (self._render(r, "target") or "") + self.fewshot_separator for r in shots)
+        return "".join(
+            self._render(r, "prompt") + (self._render(r, "target") or "") + self.fewshot_separator
+            for r in shots
+        )
 
     def examples(self, split: str, limit: int | None = None) -> list[Example]:
         recs = self.records(split)
@@ -113,7 +129,9 @@ class Task:
 
     def _field(self, r: dict, name: str) -> Any:
         if name not in r:
-            raise MergeSearchError(f"{self.path}: field {name!r} is missing from a record of {self.name}; fields: {sorted(r)}")
+            raise MergeSearchError(
+                f"{self.path}: field {name!r} is missing from a record of {self.name}; fields: {sorted(r)}"
+            )
         return r[name]
 
     def _render(self, r: dict, which: str) -> str | None:
@@ -151,7 +169,9 @@ def _load_records(task: Task, split: str) -> list[dict]:
     path = (task.path.parent / spec).resolve()
     if not path.is_file():
         raise MergeSearchError(f"{task.path}: data file {spec} (split {split}) does not exist at {path}")
-    fmt = task.format or {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix)
+    fmt = task.format or {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(
+        path.suffix
+    )
     if fmt is None:
         raise MergeSearchError(f"{task.path}: cannot tell the format of {spec}; set format: json|csv|parquet")
     if fmt == "json":
@@ -205,11 +225,20 @@ def load_task(path: str | Path) -> Task:
             except ValueError as e:
                 raise MergeSearchError(f"{p}: bad template {t!r} ({e})") from e
     return Task(
-        name=d["name"], path=p, metric=d["metric"], prompt=d["prompt"], target=d.get("target"),
-        data_files={str(k): str(v) for k, v in files.items()}, dataset=d.get("dataset"),
-        format=d.get("format"), choices=d.get("choices"), label=d.get("label"),
-        choice_prefix=d.get("choice_prefix", " "), fewshot=int(d.get("fewshot", 0)),
-        fewshot_separator=d.get("fewshot_separator", "\n"), shuffle_seed=int(d.get("shuffle_seed", 0)),
+        name=d["name"],
+        path=p,
+        metric=d["metric"],
+        prompt=d["prompt"],
+        target=d.get("target"),
+        data_files={str(k): str(v) for k, v in files.items()},
+        dataset=d.get("dataset"),
+        format=d.get("format"),
+        choices=d.get("choices"),
+        label=d.get("label"),
+        choice_prefix=d.get("choice_prefix", " "),
+        fewshot=int(d.get("fewshot", 0)),
+        fewshot_separator=d.get("fewshot_separator", "\n"),
+        shuffle_seed=int(d.get("shuffle_seed", 0)),
         description=d.get("description", ""),
     )
 

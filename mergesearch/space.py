@@ -1,0 +1,379 @@
+"""Search spaces as YAML: which coefficients the study learns, and how a trial becomes a recipe.
+
+Every point of a space is a recipe mergekit can run: per-layer values are gradients with
+one anchor per layer (blocks repeat an anchor), components are `{filter, value}` entries.
+The schema, with defaults, is documented in search_spaces/README.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .architecture import Architecture
+from .errors import MergeSearchError
+from .methods.registry import METHODS, get_method
+from .recipe import Recipe, Source
+
+KEYS = {
+    "name",
+    "description",
+    "base",
+    "models",
+    "method",
+    "granularity",
+    "components",
+    "parameters",
+    "order",
+    "tasks",
+    "objective",
+    "task_weights",
+    "constraints",
+    "sampler",
+    "trials",
+    "timeout",
+    "fidelity",
+    "baselines",
+    "seed",
+    "dtype",
+}
+MODEL_PARAMS = ("weight", "density", "gamma", "epsilon")
+SHARED_PARAMS = ("t", "lambda")
+COMPONENTS = ("attention", "mlp", "other")
+SAMPLERS = ("auto", "cmaes", "nsga2", "tpe", "gp", "random")
+# Known recipes every study starts from, wherever the space can express them.
+BASELINES: dict[str, dict[str, Any]] = {
+    "linear 50/50": {"method": "linear", "weight": [0.5, 0.5]},
+    "linear 70/30": {"method": "linear", "weight": [0.7, 0.3]},
+    "slerp t=0.5": {"method": "slerp", "t": 0.5},
+    "ties d=0.5 w=0.5": {"method": "ties", "weight": [0.5, 0.5], "density": [0.5, 0.5]},
+    "dare_ties d=0.5 w=0.5": {"method": "dare_ties", "weight": [0.5, 0.5], "density": [0.5, 0.5]},
+    "task_arithmetic λ=1": {"method": "task_arithmetic", "weight": [1.0, 1.0], "lambda": 1.0},
+}
+
+
+@dataclass
+class Range:
+    low: float
+    high: float
+    log: bool = False
+
+    def contains(self, v: float) -> bool:
+        return self.low - 1e-12 <= v <= self.high + 1e-12
+
+
+@dataclass
+class SearchSpace:
+    name: str
+    base: str
+    models: list[str]
+    methods: list[str]
+    tasks: list[str]
+    granularity: str = "layer"  # model | layer | block:N
+    components: list[str] = field(default_factory=lambda: ["all"])
+    parameters: dict[str, Range] = field(default_factory=dict)
+    order: str = "all_at_once"  # all_at_once | sequential
+    objective: str = "pareto"  # pareto (one objective per task) | mean
+    task_weights: dict[str, float] = field(default_factory=dict)
+    constraints: dict[str, float] = field(default_factory=dict)
+    sampler: str = "auto"
+    trials: int = 100
+    timeout: float | None = None
+    fidelity: list[int] = field(default_factory=lambda: [50, 200])  # examples per task at each rung
+    baselines: bool = True
+    seed: int = 0
+    dtype: str | None = None
+    description: str = ""
+    path: Path | None = None
+
+    # -- shape of the parameter vector ------------------------------------------------------
+    def groups(self, num_layers: int) -> list[list[int]]:
+        """Layer indices of each coefficient group."""
+        if self.granularity == "model":
+            return [list(range(num_layers))]
+        if self.granularity == "layer":
+            return [[i] for i in range(num_layers)]
+        n = int(self.granularity.split(":")[1])
+        return [list(range(i, min(i + n, num_layers))) for i in range(0, num_layers, n)]
+
+    def fingerprint(self) -> str:
+        d = asdict(self)
+        for k in ("trials", "timeout", "path", "description", "sampler"):
+            d.pop(k)
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    @property
+    def stages(self) -> int:
+        return len(self.models) - 1 if self.order == "sequential" else 1
+
+    def stage_models(self, stage: int) -> int:
+        return 2 if self.order == "sequential" else len(self.models)
+
+    def suggest(self, trial, num_layers: int) -> dict[str, Any]:
+        """Ask an Optuna trial for one point of the space (names are stable across trials)."""
+        p: dict[str, Any] = {}
+        method = (
+            self.methods[0] if len(self.methods) == 1 else trial.suggest_categorical("method", self.methods)
+        )
+        m = METHODS[method]
+        groups = self.groups(num_layers)
+        for s in range(self.stages):
+            sp = f"s{s}." if self.stages > 1 else ""
+            for name, rng in self.parameters.items():
+                if name in m.model_params:
+                    for i in range(self.stage_models(s)):
+                        for c in self.components:
+                            for g in range(len(groups)):
+                                key = f"{sp}{name}.{i}.{c}.{g}"
+                                p[key] = trial.suggest_float(key, rng.low, rng.high, log=rng.log)
+                elif name in m.shared_params and name == "t":
+                    for c in self.components:
+                        for g in range(len(groups)):
+                            key = f"{sp}t.{c}.{g}"
+                            p[key] = trial.suggest_float(key, rng.low, rng.high, log=rng.log)
+                elif name in m.shared_params:
+                    p[f"{sp}{name}"] = trial.suggest_float(f"{sp}{name}", rng.low, rng.high, log=rng.log)
+        p["method"] = method
+        return p
+
+    # -- trial values → recipe ----------------------------------------------------------------
+    def recipes(
+        self,
+        values: dict[str, Any],
+        arch: Architecture,
+        num_layers: int,
+        base_path: str,
+        model_paths: list[str],
+    ) -> list[Recipe]:
+        """The recipe (one, or one per stage when sequential) for a point of the space."""
+        method = values.get("method", self.methods[0])
+        m = get_method(method)
+        groups = self.groups(num_layers)
+
+        def setting(prefix: str) -> Any:
+            per_comp = {}
+            for c in self.components:
+                vals = [float(values[f"{prefix}.{c}.{g}"]) for g in range(len(groups))]
+                if len(groups) == 1:
+                    per_comp[c] = vals[0]
+                else:
+                    per_comp[c] = [vals[g] for g, layers in enumerate(groups) for _ in layers]
+            if self.components == ["all"]:
+                return per_comp["all"]
+            out = []
+            for c in ("attention", "mlp"):
+                if c in per_comp:
+                    out.append({"filter": filter_for(arch, c), "value": per_comp[c]})
+            out.append({"value": per_comp.get("other", per_comp[self.components[-1]])})
+            return out
+
+        recipes = []
+        prev = None
+        for s in range(self.stages):
+            sp = f"s{s}." if self.stages > 1 else ""
+            inputs = (
+                model_paths if self.order != "sequential" else [prev or model_paths[0], model_paths[s + 1]]
+            )
+            sources = []
+            for i, mp in enumerate(inputs):
+                params = {}
+                for name in self.parameters:
+                    if name in m.model_params:
+                        params[name] = setting(f"{sp}{name}.{i}")
+                sources.append(Source(mp, params))
+            shared: dict[str, Any] = {}
+            for name in self.parameters:
+                if name == "t" and "t" in m.shared_params:
+                    shared["t"] = setting(f"{sp}t")
+                elif name in m.shared_params:
+                    shared[name] = float(values[f"{sp}{name}"])
+            r = Recipe(method, models=sources, parameters=shared, dtype=self.dtype)
+            if m.base == "required" and method != "slerp":
+                r.base_model = base_path
+            elif method == "slerp":
+                r.base_model = inputs[0]
+            if self.stages > 1 and s < self.stages - 1:
+                r.name = f"stage{s + 1}"
+                prev = r.name
+            recipes.append(r)
+        return recipes
+
+    def baseline_values(self, name: str, num_layers: int) -> dict[str, Any] | None:
+        """Trial parameters that reproduce a known recipe, or None when the space cannot."""
+        spec = BASELINES[name]
+        method = spec["method"]
+        if method not in self.methods or self.order == "sequential":
+            return None
+        if len(self.models) != 2:
+            return None
+        m = METHODS[method]
+        groups = self.groups(num_layers)
+        values: dict[str, Any] = {}
+        if len(self.methods) > 1:
+            values["method"] = method
+        for pname, rng in self.parameters.items():
+            if pname in m.model_params:
+                v = spec.get(
+                    pname, m.model_params[pname] if isinstance(m.model_params[pname], float) else None
+                )
+                if v is None:
+                    return None
+                vs = v if isinstance(v, list) else [v, v]
+                for i in range(2):
+                    if not rng.contains(vs[i]):
+                        return None
+                    for c in self.components:
+                        for g in range(len(groups)):
+                            values[f"{pname}.{i}.{c}.{g}"] = vs[i]
+            elif pname in m.shared_params:
+                v = spec.get(pname, m.shared_params[pname])
+                if not isinstance(v, float) or not rng.contains(v):
+                    return None
+                if pname == "t":
+                    for c in self.components:
+                        for g in range(len(groups)):
+                            values[f"t.{c}.{g}"] = v
+                else:
+                    values[pname] = v
+        # Parameters the known recipe sets but the space does not search cannot be expressed.
+        for key in spec:
+            if key != "method" and key not in self.parameters and key in m.params:
+                default = m.model_params.get(key, m.shared_params.get(key))
+                val = spec[key][0] if isinstance(spec[key], list) else spec[key]
+                if val != default:
+                    return None
+        return values
+
+
+def filter_for(arch: Architecture, component: str) -> str:
+    for needle, comp in arch.components:
+        if comp == component:
+            return needle
+    raise MergeSearchError(f"architecture {arch.name} has no {component} component")
+
+
+def _range(v: Any, where: str) -> Range:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return Range(float(v), float(v))
+    if isinstance(v, list) and len(v) == 2:
+        v = {"low": v[0], "high": v[1]}
+    if not isinstance(v, dict) or "low" not in v or "high" not in v:
+        raise MergeSearchError(f"{where}: expected [low, high] or {{low, high}}")
+    extra = set(v) - {"low", "high", "log"}
+    if extra:
+        raise MergeSearchError(f"{where}: unknown key {sorted(extra)[0]!r}")
+    r = Range(float(v["low"]), float(v["high"]), bool(v.get("log", False)))
+    if r.low > r.high:
+        raise MergeSearchError(f"{where}: inverted range (low {r.low} > high {r.high})")
+    return r
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    p = Path(path)
+    if not p.is_file():
+        raise MergeSearchError(f"{p}: search space file does not exist")
+    try:
+        d = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise MergeSearchError(f"{p}: not valid YAML ({e})") from e
+    if not isinstance(d, dict):
+        raise MergeSearchError(f"{p}: expected a mapping")
+    return space_from_dict(d, p)
+
+
+def space_from_dict(d: dict, p: Path | None = None) -> SearchSpace:
+    where = str(p) if p else "search space"
+    for k in d:
+        if k not in KEYS:
+            raise MergeSearchError(
+                f"{where}: unknown key {k!r}; a search space takes {', '.join(sorted(KEYS))}"
+            )
+    for k in ("base", "models", "method", "tasks"):
+        if k not in d:
+            raise MergeSearchError(f"{where}: missing key {k!r}")
+    methods = d["method"] if isinstance(d["method"], list) else [d["method"]]
+    for mname in methods:
+        get_method(mname, f"{where}: method")
+    models = list(d["models"])
+    if len(models) < 2:
+        raise MergeSearchError(f"{where}: models needs at least two entries")
+    gran = str(d.get("granularity", "layer"))
+    if gran not in ("model", "layer") and not (
+        gran.startswith("block:") and gran[6:].isdigit() and int(gran[6:]) > 0
+    ):
+        raise MergeSearchError(f"{where}: granularity {gran!r}: use model, layer or block:N")
+    comps = d.get("components", ["all"])
+    comps = [comps] if isinstance(comps, str) else list(comps)
+    if comps != ["all"] and (not comps or any(c not in COMPONENTS for c in comps)):
+        raise MergeSearchError(
+            f"{where}: components {comps}: use 'all' or a list from {', '.join(COMPONENTS)}"
+        )
+    params = {}
+    for name, v in (d.get("parameters") or {}).items():
+        if name not in MODEL_PARAMS + SHARED_PARAMS:
+            raise MergeSearchError(
+                f"{where}: parameters.{name}: not searchable; use {', '.join(MODEL_PARAMS + SHARED_PARAMS)}"
+            )
+        params[name] = _range(v, f"{where}: parameters.{name}")
+        if name in ("density", "t") and not (0 <= params[name].low and params[name].high <= 1):
+            raise MergeSearchError(f"{where}: parameters.{name}: range must lie in [0, 1]")
+    for mname in methods:
+        m = METHODS[mname]
+        missing = [
+            k
+            for k, v in m.model_params.items()
+            if v is not None and not isinstance(v, float) and k not in params
+        ]
+        missing += [k for k, v in m.shared_params.items() if k == "t" and k not in params]
+        if missing:
+            raise MergeSearchError(f"{where}: method {mname} needs parameters.{missing[0]} to be searched")
+    order = d.get("order", "all_at_once")
+    if order not in ("all_at_once", "sequential"):
+        raise MergeSearchError(f"{where}: order {order!r}: use all_at_once or sequential")
+    objective = d.get("objective", "pareto")
+    if objective not in ("pareto", "mean"):
+        raise MergeSearchError(f"{where}: objective {objective!r}: use pareto or mean")
+    sampler = d.get("sampler", "auto")
+    if sampler not in SAMPLERS:
+        raise MergeSearchError(f"{where}: sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
+    trials = int(d.get("trials", 100))
+    if trials < 1:
+        raise MergeSearchError(f"{where}: trials must be at least 1")
+    fid = d.get("fidelity", [50, 200])
+    fid = [int(x) for x in (fid if isinstance(fid, list) else [fid])]
+    if not fid or any(x < 1 for x in fid) or fid != sorted(fid):
+        raise MergeSearchError(
+            f"{where}: fidelity: an increasing list of example counts per task, e.g. [50, 200]"
+        )
+    constraints = dict(d.get("constraints") or {})
+    for k in constraints:
+        if k != "weight_sum_max":
+            raise MergeSearchError(f"{where}: constraints.{k}: unknown; supported: weight_sum_max")
+    return SearchSpace(
+        name=str(d.get("name", p.stem if p else "space")),
+        base=str(d["base"]),
+        models=[str(m) for m in models],
+        methods=methods,
+        tasks=list(d["tasks"]),
+        granularity=gran,
+        components=comps,
+        parameters=params,
+        order=order,
+        objective=objective,
+        task_weights=dict(d.get("task_weights") or {}),
+        constraints=constraints,
+        sampler=sampler,
+        trials=trials,
+        timeout=d.get("timeout"),
+        fidelity=fid,
+        baselines=bool(d.get("baselines", True)),
+        seed=int(d.get("seed", 0)),
+        dtype=d.get("dtype"),
+        description=str(d.get("description", "")),
+        path=p,
+    )

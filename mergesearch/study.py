@@ -1,0 +1,391 @@
+"""The search: an Optuna study in real storage whose trials are recipes scored in memory.
+
+Storage: SQLite under results/<study>/ by default; a journal file (`*.log`/`*.journal`) for
+several processes on one machine; PostgreSQL (or any SQLAlchemy URL) across machines.
+Trial records: per-task scores, examples used, merge and eval seconds, the recipe YAML (as a
+user attribute and as an Optuna artifact under results/<study>/artifacts).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+
+from .engine import ResidentEngine
+from .errors import MergeSearchError
+from .evaluation import NativeEvaluator, configure_threads, find_task
+from .modeling import load_model
+from .recipe import Recipe, dump_recipes
+from .space import BASELINES, SearchSpace
+
+RESULTS = Path(os.environ.get("MERGESEARCH_RESULTS", "results"))
+MERGE_SEED = 0  # DARE/DELLA draws of every candidate; exported recipes carry it
+
+
+def study_dir(study: str) -> Path:
+    return RESULTS / study
+
+
+def open_storage(url: str | None, study: str) -> optuna.storages.BaseStorage:
+    """SQLite file by default, a journal file for *.log/*.journal paths, else an RDB URL."""
+    if url is None:
+        d = study_dir(study)
+        d.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite:///{d / 'study.db'}"
+    if url.endswith((".log", ".journal")) and "://" not in url:
+        from optuna.storages.journal import JournalFileBackend
+
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(url))
+    try:
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=30, grace_period=90, failed_trial_callback=None
+        )
+    except Exception as e:  # SQLAlchemy raises many types for a bad URL or an unreachable server
+        raise MergeSearchError(f"storage {url!r} cannot be opened ({type(e).__name__}: {e})") from e
+
+
+def resolve_model(ref: str, space_path: Path | None) -> Path:
+    """`zoo:<name>` (the demo zoo, built on first use) or a folder path."""
+    if ref.startswith("zoo:"):
+        from .zoo import build_zoo
+
+        zoo = build_zoo(log=lambda s: None)
+        name = ref[4:]
+        if name not in zoo.models:
+            raise MergeSearchError(f"model {ref}: the zoo has {', '.join(zoo.models)}")
+        return zoo.models[name]
+    p = Path(ref).expanduser()
+    if not p.exists() and space_path is not None and (space_path.parent / ref).exists():
+        p = space_path.parent / ref
+    if not p.is_dir():
+        raise MergeSearchError(f"model {ref}: folder does not exist")
+    return p.resolve()
+
+
+@dataclass
+class Candidate:
+    recipes: list[Recipe]
+    scores: dict[str, float]
+    n: dict[str, int]
+    merge_s: float
+    eval_s: float
+
+
+class Searcher:
+    """Everything a trial needs, loaded once: resident inputs, one live model, the tasks."""
+
+    def __init__(self, space: SearchSpace, *, device: str = "cpu") -> None:
+        configure_threads()
+        self.space = space
+        self.base_path = str(resolve_model(space.base, space.path))
+        self.model_paths = [str(resolve_model(m, space.path)) for m in space.models]
+        self.engine = ResidentEngine(list(dict.fromkeys([self.base_path, *self.model_paths])), device=device)
+        base_ck = self.engine.models[self.base_path]
+        self.arch, self.num_layers = base_ck.arch, base_ck.num_layers or 1
+        self.model, self.tok = load_model(self.base_path, device=device)
+        self.evaluator = NativeEvaluator(self.model, self.tok)
+        self.tasks = [find_task(t) for t in space.tasks]
+        for t in self.tasks:
+            t.check()
+        self.directions = ["maximize" if t.higher_is_better else "minimize" for t in self.tasks]
+
+    def recipes(self, values: dict[str, Any]) -> list[Recipe]:
+        return self.space.recipes(values, self.arch, self.num_layers, self.base_path, self.model_paths)
+
+    def score(self, recipes: list[Recipe], split: str = "search", limit: int | None = None):
+        """Materialize a candidate in place and score it; returns per-task results."""
+        t0 = time.perf_counter()
+        self.engine.write_into(self.model, recipes, seed=MERGE_SEED)
+        merge_s = time.perf_counter() - t0
+        results = {t.name: self.evaluator.evaluate(t, split, limit) for t in self.tasks}
+        return results, merge_s
+
+    def objective_value(self, scores: dict[str, float]) -> list[float] | float:
+        if self.space.objective == "pareto":
+            return [scores[t.name] for t in self.tasks]
+        w = self.space.task_weights
+        return sum(w.get(t, 1.0) * s for t, s in scores.items()) / sum(w.get(t, 1.0) for t in scores)
+
+
+def _sampler(
+    space: SearchSpace, name: str, seed: int, multi: bool, trials: int
+) -> optuna.samplers.BaseSampler:
+    categorical = len(space.methods) > 1
+    if name == "auto":
+        name = "nsga2" if multi else ("tpe" if categorical else "cmaes")
+    if name == "cmaes":
+        if multi:
+            raise MergeSearchError(
+                "sampler cmaes optimizes one objective; use objective: mean, or --sampler nsga2"
+            )
+        if categorical:
+            raise MergeSearchError(
+                "sampler cmaes cannot choose among methods (categorical); use --sampler tpe"
+            )
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=len(BASELINES) + 1)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(8, min(50, trials // 8)))
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=10)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=10)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise MergeSearchError(f"--sampler {name!r}: use cmaes, nsga2, tpe, gp or random")
+
+
+def _fail_dead_trials(study: optuna.Study) -> int:
+    """Trials left RUNNING by a killed worker on this host are marked FAIL, so resuming is clean."""
+    host, n = socket.gethostname(), 0
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        worker = t.user_attrs.get("worker", "")
+        h, _, pid = worker.rpartition(":")
+        if h == host and pid.isdigit() and not _alive(int(pid)):
+            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+            n += 1
+    return n
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def create_or_load(
+    space: SearchSpace,
+    study: str,
+    storage_url: str | None,
+    *,
+    directions: list[str],
+    objective_names: list[str],
+) -> optuna.Study:
+    storage = open_storage(storage_url, study)
+    fingerprint = space.fingerprint()
+    try:
+        existing = optuna.load_study(study_name=study, storage=storage)
+    except KeyError:
+        existing = None
+    if existing is not None:
+        if existing.user_attrs.get("space_fingerprint") != fingerprint:
+            raise MergeSearchError(
+                f"study {study!r} already exists with a different search space; start a new one with "
+                f"--study NEW_NAME (or delete {study_dir(study)} to start over)"
+            )
+        return existing
+    s = optuna.create_study(study_name=study, storage=storage, directions=directions)
+    s.set_user_attr("space_fingerprint", fingerprint)
+    s.set_user_attr(
+        "space", json.loads(json.dumps(space.__dict__, default=lambda o: getattr(o, "__dict__", str(o))))
+    )
+    s.set_user_attr("objective_names", objective_names)
+    s.set_user_attr("merge_seed", MERGE_SEED)
+    try:
+        from optuna_dashboard import set_objective_names
+
+        set_objective_names(s, objective_names)
+    except ImportError:  # the dashboard is optional at run time
+        pass
+    return s
+
+
+def _dominates(a: list[float], b: list[float], directions: list[str]) -> bool:
+    better = [(x >= y) if d == "maximize" else (x <= y) for x, y, d in zip(a, b, directions)]
+    strictly = [(x > y) if d == "maximize" else (x < y) for x, y, d in zip(a, b, directions)]
+    return all(better) and any(strictly)
+
+
+def run_search(
+    space: SearchSpace,
+    *,
+    study: str | None = None,
+    storage: str | None = None,
+    trials: int | None = None,
+    timeout: float | None = None,
+    sampler: str | None = None,
+    seed: int | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+    searcher: Searcher | None = None,
+) -> optuna.Study:
+    """Create or resume a study and run trials until the budget is used."""
+    study_name = study or space.name
+    if trials is not None and trials < 1:
+        raise MergeSearchError("--trials must be at least 1 (the study's total budget of trials)")
+    seed = space.seed if seed is None else seed
+    searcher = searcher or Searcher(space, device=device)
+    multi = space.objective == "pareto" and len(searcher.tasks) > 1
+    names = [t.name for t in searcher.tasks] if multi else ["mean score"]
+    directions = searcher.directions if multi else ["maximize"]
+    s = create_or_load(space, study_name, storage, directions=directions, objective_names=names)
+    target = trials if trials is not None else int(s.user_attrs.get("trials", space.trials))
+    s.sampler = _sampler(space, sampler or space.sampler, seed, multi, target)
+    if not multi:
+        s.pruner = optuna.pruners.PercentilePruner(50.0, n_startup_trials=8, n_warmup_steps=0)
+    _fail_dead_trials(s)
+    if space.baselines and "baselines_scored" not in s.user_attrs:
+        _record_baselines(s, searcher)
+    artifacts = _artifact_store(study_name)
+    objective = _Objective(searcher, s, multi, artifacts)
+    # The budget is the study's: running the command again (or another worker) continues
+    # until that many trials have finished, whoever ran them.
+    s.set_user_attr("trials", target)
+    todo = target - _finished(s)
+    if todo <= 0:
+        return s
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    bar = _Progress(todo, timeout or space.timeout, progress)
+
+    def stop_at_budget(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if _finished(study) >= target:
+            study.stop()
+
+    s.optimize(
+        objective,
+        n_trials=todo,
+        timeout=timeout or space.timeout,
+        callbacks=[bar, stop_at_budget],
+        catch=(MergeSearchError,),
+        gc_after_trial=False,
+    )
+    bar.close()
+    return s
+
+
+def _finished(study: optuna.Study) -> int:
+    return sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+
+
+def _artifact_store(study: str):
+    from optuna.artifacts import FileSystemArtifactStore
+
+    d = study_dir(study) / "artifacts"
+    d.mkdir(parents=True, exist_ok=True)
+    return FileSystemArtifactStore(str(d))
+
+
+def _record_baselines(s: optuna.Study, searcher: Searcher) -> None:
+    """Enqueue the known recipes the space can express, tagged, so they run first."""
+    enq = {}
+    for name in BASELINES:
+        values = searcher.space.baseline_values(name, searcher.num_layers)
+        if values is not None:
+            s.enqueue_trial({k: v for k, v in values.items()}, user_attrs={"baseline": name})
+            enq[name] = values
+    s.set_user_attr("baselines_enqueued", list(enq))
+    s.set_user_attr("baselines_scored", True)
+
+
+class _Objective:
+    def __init__(self, searcher: Searcher, study: optuna.Study, multi: bool, artifacts) -> None:
+        self.s, self.study, self.multi, self.artifacts = searcher, study, multi, artifacts
+
+    def __call__(self, trial: optuna.Trial):
+        s = self.s
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        values = s.space.suggest(trial, s.num_layers)
+        recipes = s.recipes(values)
+        yaml_text = dump_recipes(recipes)
+        trial.set_user_attr("recipe", yaml_text)
+        if "weight_sum_max" in s.space.constraints:
+            ws = [v for k, v in values.items() if k.startswith(("weight.", "s0.weight."))]
+            n_models = len(s.model_paths)
+            total = float(np.mean(ws)) * n_models if ws else 0.0
+            trial.set_user_attr("weight_sum", total)
+            trial.set_user_attr("feasible", total <= s.space.constraints["weight_sum_max"])
+            if hasattr(trial, "set_constraint"):
+                trial.set_constraint("weight_sum", total - s.space.constraints["weight_sum_max"])
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
+            fh.write(yaml_text)
+        try:
+            optuna.artifacts.upload_artifact(
+                artifact_store=self.artifacts,
+                file_path=fh.name,
+                study_or_trial=trial,
+                mimetype="application/yaml",
+            )
+        finally:
+            os.unlink(fh.name)
+
+        t0 = time.perf_counter()
+        s.engine.write_into(s.model, recipes, seed=MERGE_SEED)
+        merge_s = time.perf_counter() - t0
+        trial.set_user_attr("merge_seconds", merge_s)
+        eval_s, scores, n = 0.0, {}, {}
+        rungs = s.space.fidelity
+        for r, limit in enumerate(rungs):
+            t1 = time.perf_counter()
+            results = {t.name: s.evaluator.evaluate(t, "search", limit) for t in s.tasks}
+            eval_s += time.perf_counter() - t1
+            scores = {k: v.value for k, v in results.items()}
+            n = {k: v.n for k, v in results.items()}
+            trial.set_user_attr("eval_seconds", eval_s)
+            trial.set_user_attr("scores", scores)
+            trial.set_user_attr("examples", n)
+            trial.set_user_attr("fidelity", limit)
+            if r == len(rungs) - 1:
+                break
+            if self._stop_early(trial, scores, min(n.values())):
+                trial.set_user_attr("stopped_at", limit)
+                raise optuna.TrialPruned(f"cannot matter after {limit} examples per task")
+        if not self.multi:
+            return s.objective_value(scores)
+        return [scores[t.name] for t in s.tasks]
+
+    def _stop_early(self, trial: optuna.Trial, scores: dict[str, float], n: int) -> bool:
+        if not self.multi:  # Optuna's pruner on the mean score at this fidelity
+            value = self.s.objective_value(scores)
+            trial.report(value, step=n)
+            return trial.should_prune()
+        # Several objectives (Optuna cannot prune these): stop when a finished trial beats this
+        # candidate's optimistic bound (score + 2·sqrt(1/4n), Hoeffding-style) on every task.
+        margin = 2 * math.sqrt(0.25 / n)
+        dirs = self.study.directions
+        bound = [
+            scores[t.name] + (margin if d == optuna.study.StudyDirection.MAXIMIZE else -margin)
+            for t, d in zip(self.s.tasks, dirs)
+        ]
+        dnames = ["maximize" if d == optuna.study.StudyDirection.MAXIMIZE else "minimize" for d in dirs]
+        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            if _dominates(list(t.values), bound, dnames):
+                return True
+        return False
+
+
+class _Progress:
+    """A progress bar over trials with the best mean score so far and the time left."""
+
+    def __init__(self, total: int, timeout: float | None, enabled: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc="trials", unit="trial", disable=not enabled)
+        self.best = -math.inf
+        self.t0 = time.perf_counter()
+        self.timeout = timeout
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            self.best = max(self.best, float(np.mean(trial.values)))
+        post = {"best mean": f"{self.best:.3f}" if self.best > -math.inf else "-"}
+        if self.timeout:
+            post["time left"] = f"{max(0, self.timeout - (time.perf_counter() - self.t0)):.0f}s"
+        self.bar.set_postfix(post)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
