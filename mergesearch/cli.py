@@ -70,6 +70,103 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_search(args: argparse.Namespace) -> int:
+    from .space import load_space
+    from .study import run_search, study_dir
+
+    space = load_space(args.space)
+    name = args.study or space.name
+    study = run_search(
+        space,
+        study=name,
+        storage=args.storage,
+        trials=args.trials,
+        timeout=args.timeout,
+        sampler=args.sampler,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    _print_study(study, name, args.storage)
+    if args.storage is None:
+        print(f"storage: {study_dir(name) / 'study.db'}")
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from .study import load_study_space, run_search
+
+    space = load_study_space(args.study, args.storage)
+    study = run_search(
+        space,
+        study=args.study,
+        storage=args.storage,
+        trials=args.trials,
+        timeout=args.timeout,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    _print_study(study, args.study, args.storage)
+    return 0
+
+
+def _print_study(study, name: str, storage: str | None) -> None:
+    import optuna
+
+    states = [t.state for t in study.trials]
+    n = {
+        s.name.lower(): states.count(s)
+        for s in (
+            optuna.trial.TrialState.COMPLETE,
+            optuna.trial.TrialState.PRUNED,
+            optuna.trial.TrialState.FAIL,
+        )
+    }
+    print(
+        f"study {name}: {len(states)} trials ({n['complete']} complete, {n['pruned']} stopped early, "
+        f"{n['fail']} failed)"
+    )
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import report
+    from .study import study_dir
+
+    summary = report(args.study, args.storage, device=args.device)
+    out = study_dir(args.study)
+    if "gain" in summary:
+        g = summary["gain"]
+        print(
+            f"best trial {summary['best_trial']}: test mean {g['best_test_mean']:.3f} vs "
+            f"{g['over']} {g['baseline_test_mean']:.3f}: gain {g['gain']:+.3f} "
+            f"(paired 95% CI [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}])"
+        )
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .report import export
+
+    path = export(args.study, args.storage, trial=args.trial, out=args.output)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from .dashboard import serve
+
+    serve(args.study, args.storage, port=args.port)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(trials=args.trials, study=args.study, progress=not args.quiet)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mergesearch",
@@ -145,6 +242,106 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--json", action="store_true", help="print the rows as JSON for scripts")
     e.set_defaults(func=_cmd_eval)
+
+    def storage_flags(sp, study_required: bool):
+        sp.add_argument(
+            "--storage",
+            default=None,
+            help="Optuna storage: a SQLAlchemy URL (sqlite:///x.db, postgresql+psycopg2://...) or a "
+            "journal file path ending in .log for several processes on one machine "
+            "(default: sqlite under results/<study>/)",
+        )
+        if study_required:
+            sp.add_argument("--study", required=True, help="study name")
+
+    se = sub.add_parser(
+        "search",
+        help="learn merge coefficients: run (or resume) an Optuna study over a space",
+        description="Create or resume the study and run trials until it holds --trials finished "
+        "trials. Running the same command again resumes.",
+    )
+    se.add_argument("space", help="search space YAML (see search_spaces/README.md)")
+    se.add_argument(
+        "--trials", type=int, default=None, help="total finished trials for the study (default: the space's)"
+    )
+    se.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
+    storage_flags(se, False)
+    se.add_argument(
+        "--study", default=None, help="study name (default: the space's name); results go to results/<study>/"
+    )
+    se.add_argument(
+        "--sampler",
+        default=None,
+        choices=["auto", "cmaes", "nsga2", "tpe", "gp", "random"],
+        help="optimizer (default: the space's; auto = CMA-ES for one objective, NSGA-II for several)",
+    )
+    se.add_argument("--seed", type=int, default=None, help="sampler seed (default: the space's)")
+    se.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    se.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    se.set_defaults(func=_cmd_search)
+
+    w = sub.add_parser(
+        "worker",
+        help="join a running study from another process or machine",
+        description="Load the study's search space from its storage and run trials until the "
+        "study's budget is used. Use a journal file on one machine, PostgreSQL across machines.",
+    )
+    storage_flags(w, True)
+    w.add_argument(
+        "--trials", type=int, default=None, help="total finished trials (default: the study's budget)"
+    )
+    w.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
+    w.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    w.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    w.set_defaults(func=_cmd_worker)
+
+    r = sub.add_parser(
+        "report",
+        help="tables, plots and held-out test scores of a study",
+        description="Write results/<study>/: trials.csv, pareto.csv, test_scores.json, report.md, "
+        "plots. The best and Pareto-front recipes and every known recipe are re-scored on the test split.",
+    )
+    r.add_argument("study", help="study name")
+    storage_flags(r, False)
+    r.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    r.set_defaults(func=_cmd_report)
+
+    x = sub.add_parser(
+        "export",
+        help="write a trial's recipe as mergekit YAML",
+        description="Export the best trial (or --trial N) as a mergekit YAML recipe with a header "
+        "giving the study, trial, test scores and seed.",
+    )
+    x.add_argument("study", help="study name")
+    g = x.add_mutually_exclusive_group()
+    g.add_argument("--trial", type=int, default=None, help="trial number")
+    g.add_argument("--best", action="store_true", help="the best trial (default)")
+    x.add_argument(
+        "-o", "--output", default=None, help="output file (default: results/<study>/trial_<N>.yaml)"
+    )
+    storage_flags(x, False)
+    x.set_defaults(func=_cmd_export)
+
+    d = sub.add_parser("dashboard", help="serve optuna-dashboard on the study's storage (127.0.0.1)")
+    d.add_argument("study", help="study name")
+    storage_flags(d, False)
+    d.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default: 8080)")
+    d.set_defaults(func=_cmd_dashboard)
+
+    dm = sub.add_parser(
+        "demo",
+        help="build the zoo, learn a merge of two specialists, report and export",
+        description="The whole pipeline on the embedded zoo, offline, in minutes on a CPU.",
+    )
+    dm.add_argument(
+        "--trials",
+        type=int,
+        default=None,
+        help="trials for the demo study (default: search_spaces/demo.yaml)",
+    )
+    dm.add_argument("--study", default="demo", help="study name (default: demo)")
+    dm.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    dm.set_defaults(func=_cmd_demo)
     return p
 
 

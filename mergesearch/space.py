@@ -90,6 +90,7 @@ class SearchSpace:
     dtype: str | None = None
     description: str = ""
     path: Path | None = None
+    raw: dict = field(default_factory=dict)  # the YAML as written, stored with the study
 
     # -- shape of the parameter vector ------------------------------------------------------
     def groups(self, num_layers: int) -> list[list[int]]:
@@ -103,7 +104,7 @@ class SearchSpace:
 
     def fingerprint(self) -> str:
         d = asdict(self)
-        for k in ("trials", "timeout", "path", "description", "sampler"):
+        for k in ("trials", "timeout", "path", "description", "sampler", "raw"):
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -250,6 +251,33 @@ class SearchSpace:
         return values
 
 
+def baseline_recipe(name: str, base: str, models: list[str], dtype: str | None = None) -> Recipe | None:
+    """A known recipe as a plain mergekit recipe over the given models (None if it needs two)."""
+    spec = BASELINES[name]
+    method = spec["method"]
+    if method == "slerp" or method == "linear" and len(spec.get("weight", [])) != len(models):
+        if len(models) != 2:
+            return None
+    if method == "slerp":
+        return Recipe(
+            "slerp",
+            base_model=models[0],
+            models=[Source(m) for m in models],
+            parameters={"t": spec["t"]},
+            dtype=dtype,
+        )
+    params = []
+    for i, m in enumerate(models):
+        p = {k: spec[k][i] for k in ("weight", "density") if k in spec}
+        params.append(Source(m, p))
+    r = Recipe(method, models=params, dtype=dtype)
+    if METHODS[method].base == "required":
+        r.base_model = base
+    if "lambda" in spec:
+        r.parameters["lambda"] = spec["lambda"]
+    return r
+
+
 def filter_for(arch: Architecture, component: str) -> str:
     for needle, comp in arch.components:
         if comp == component:
@@ -376,4 +404,5 @@ def space_from_dict(d: dict, p: Path | None = None) -> SearchSpace:
         dtype=d.get("dtype"),
         description=str(d.get("description", "")),
         path=p,
+        raw=dict(d),
     )

@@ -14,6 +14,7 @@ import os
 import socket
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,9 +49,9 @@ def open_storage(url: str | None, study: str) -> optuna.storages.BaseStorage:
         Path(url).parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(url))
     try:
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=30, grace_period=90, failed_trial_callback=None
-        )
+        with warnings.catch_warnings():  # heartbeats are "experimental" but long-standing
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=90)
     except Exception as e:  # SQLAlchemy raises many types for a bad URL or an unreachable server
         raise MergeSearchError(f"storage {url!r} cannot be opened ({type(e).__name__}: {e})") from e
 
@@ -165,6 +166,23 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def load_study_space(study: str, storage: str | None) -> SearchSpace:
+    """The search space a study was created with (for workers and reports)."""
+    from .space import space_from_dict
+
+    try:
+        s = optuna.load_study(study_name=study, storage=open_storage(storage, study))
+    except KeyError as e:
+        raise MergeSearchError(
+            f"study {study!r} does not exist in that storage; start it with mergesearch search"
+        ) from e
+    raw = (s.user_attrs.get("space") or {}).get("raw")
+    if not raw:
+        raise MergeSearchError(f"study {study!r} was not created by mergesearch search (no space recorded)")
+    path = s.user_attrs["space"].get("path")
+    return space_from_dict(raw, Path(path) if path and path != "None" else None)
 
 
 def create_or_load(

@@ -188,7 +188,7 @@ def _train(
         opt.step()
         sched.step()
         loss = loss.item()
-        bar.set_postfix(loss=f"{loss:.3f}")
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
     model.eval()
     return loss
 

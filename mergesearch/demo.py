@@ -1,0 +1,45 @@
+"""`mergesearch demo`: the whole pipeline on the embedded zoo, offline, in minutes on a CPU."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .report import export, report
+from .space import load_space
+from .study import Searcher, run_search, study_dir
+from .zoo import build_zoo
+
+DEMO_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
+
+
+def run_demo(*, trials: int | None = None, study: str = "demo", progress: bool = True) -> dict:
+    t0 = time.perf_counter()
+    print("1/4 model zoo (built once, then cached)")
+    zoo = build_zoo(progress=progress)
+    print(f"    {zoo.root}")
+    for name, scores in zoo.scores.items():
+        print(f"    {name:8s} " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+    space = load_space(DEMO_SPACE)
+    print(f"2/4 search: {space.description}")
+    searcher = Searcher(space)
+    run_search(space, study=study, trials=trials, progress=progress, searcher=searcher)
+    print("3/4 report: re-scoring the best and Pareto-front recipes and the known recipes on the test split")
+    summary = report(study, searcher=searcher)
+    path = export(study, out=study_dir(study) / "best_recipe.yaml")
+    out = study_dir(study)
+    print(f"4/4 done in {time.perf_counter() - t0:.0f}s")
+    if "gain" in summary:
+        g = summary["gain"]
+        print(
+            f"    learned recipe (trial {summary['best_trial']}): test mean {g['best_test_mean']:.3f}; "
+            f"best known recipe ({g['over'].replace('baseline: ', '')}): {g['baseline_test_mean']:.3f}; "
+            f"gain {g['gain']:+.3f} (paired 95% CI [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}])"
+        )
+    print(f"    report:    {out / 'report.md'}")
+    print(f"    plots:     {out / 'pareto.png'}, {out / 'history.png'}, {out / 'coefficients.png'}")
+    print(
+        f"    recipe:    {path}  (mergekit-yaml {path} OUT --random-seed 0, or mergesearch merge {path} OUT --seed 0)"
+    )
+    print(f"    dashboard: mergesearch dashboard {study}   (then open http://127.0.0.1:8080/dashboard)")
+    return summary

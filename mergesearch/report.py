@@ -1,0 +1,417 @@
+"""Report and export: what the study learned, measured honestly on data the search never saw.
+
+`report()` writes results/<study>/: trials.csv, pareto.csv, test_scores.json, report.md and
+plots (PNG + HTML). The best trial and the Pareto-front trials are re-scored on the `test`
+split beside every known recipe, with 95 % bootstrap intervals; the gain over the best known
+recipe comes with a paired bootstrap interval (same resampled examples for both).
+`export()` writes a trial's recipe as mergekit YAML with a header saying what it scored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pandas as pd
+
+from .errors import MergeSearchError
+from .evaluation.native import TaskResult, bootstrap_ci
+from .recipe import Recipe, Source, dump_recipes, parse_recipes
+from .space import BASELINES, baseline_recipe, space_from_dict
+from .study import MERGE_SEED, Searcher, open_storage, study_dir
+
+
+def load(study: str, storage: str | None = None) -> optuna.Study:
+    if storage is None and not (study_dir(study) / "study.db").is_file():
+        raise MergeSearchError(
+            f"study {study!r}: no {study_dir(study) / 'study.db'}; pass --storage URL for another storage"
+        )
+    try:
+        return optuna.load_study(study_name=study, storage=open_storage(storage, study))
+    except KeyError as e:
+        raise MergeSearchError(f"study {study!r} is not in that storage") from e
+
+
+def trials_frame(s: optuna.Study) -> pd.DataFrame:
+    names = s.user_attrs.get("objective_names", [f"objective {i}" for i in range(len(s.directions))])
+    rows = []
+    for t in s.trials:
+        row: dict[str, Any] = {
+            "trial": t.number,
+            "state": t.state.name,
+            "baseline": t.user_attrs.get("baseline", ""),
+        }
+        for i, n in enumerate(names):
+            row[n] = t.values[i] if t.values else np.nan
+        for task, v in (t.user_attrs.get("scores") or {}).items():
+            row[f"search:{task}"] = v
+        row["examples_per_task"] = t.user_attrs.get("fidelity", np.nan)
+        row["stopped_at"] = t.user_attrs.get("stopped_at", np.nan)
+        row["merge_s"] = t.user_attrs.get("merge_seconds", np.nan)
+        row["eval_s"] = t.user_attrs.get("eval_seconds", np.nan)
+        if "feasible" in t.user_attrs:
+            row["feasible"] = t.user_attrs["feasible"]
+        row.update({f"param:{k}": v for k, v in t.params.items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def front(s: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    trials = (
+        [t for t in s.best_trials if t.user_attrs.get("feasible", True)]
+        if len(s.directions) > 1
+        else ([s.best_trial] if any(t.state == optuna.trial.TrialState.COMPLETE for t in s.trials) else [])
+    )
+    return sorted(trials, key=lambda t: t.number)
+
+
+def best_trial(s: optuna.Study) -> optuna.trial.FrozenTrial:
+    f = front(s)
+    if not f:
+        raise MergeSearchError(f"study {s.study_name!r} has no completed trial yet; run more trials")
+    return max(f, key=lambda t: float(np.mean(t.values)))
+
+
+@dataclass
+class Scored:
+    label: str
+    recipe_yaml: str
+    search: dict[str, float]
+    test: dict[str, TaskResult]
+
+    @property
+    def test_mean(self) -> float:
+        return float(np.mean([r.value for r in self.test.values()]))
+
+    @property
+    def search_mean(self) -> float:
+        return float(np.mean(list(self.search.values()))) if self.search else float("nan")
+
+
+def paired_gain(a: Scored, b: Scored, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean-over-tasks test score of a minus b, and its paired 95 % bootstrap interval."""
+    rng = np.random.default_rng(seed)
+    diffs = np.zeros(n_boot)
+    for task, ra in a.test.items():
+        rb = b.test[task]
+        idx = rng.integers(0, ra.n, size=(n_boot, ra.n))
+        diffs += ra.scores[idx].mean(1) - rb.scores[idx].mean(1)
+    diffs /= len(a.test)
+    gain = a.test_mean - b.test_mean
+    lo, hi = np.quantile(diffs, [0.025, 0.975])
+    return gain, float(lo), float(hi)
+
+
+def report(
+    study: str,
+    storage: str | None = None,
+    *,
+    device: str = "cpu",
+    out: Path | None = None,
+    searcher: Searcher | None = None,
+) -> dict[str, Any]:
+    """Write the study's report; returns the summary (also in test_scores.json)."""
+    s = load(study, storage)
+    out = Path(out) if out else study_dir(study)
+    out.mkdir(parents=True, exist_ok=True)
+    space_attr = s.user_attrs.get("space") or {}
+    raw, path = space_attr.get("raw"), space_attr.get("path")
+    if not raw:
+        raise MergeSearchError(f"study {study!r} was not created by mergesearch search (no space recorded)")
+    space = space_from_dict(raw, Path(path) if path and path != "None" else None)
+    searcher = searcher or Searcher(space, device=device)
+
+    df = trials_frame(s)
+    _atomic_csv(df, out / "trials.csv")
+    fr = front(s)
+    best = best_trial(s)
+    _atomic_csv(df[df["trial"].isin([t.number for t in fr])], out / "pareto.csv")
+
+    def score(label: str, recipes: list[Recipe], search: dict[str, float] | None) -> Scored:
+        test, _ = searcher.score(recipes, "test")
+        if search is None:
+            res, _ = searcher.score(recipes, "search")
+            search = {k: v.value for k, v in res.items()}
+        return Scored(label, dump_recipes(recipes), search, test)
+
+    scored: list[Scored] = []
+    for t in fr:
+        scored.append(
+            score(
+                f"trial {t.number}" + (" (best)" if t.number == best.number else ""),
+                parse_recipes(t.user_attrs["recipe"]),
+                t.user_attrs.get("scores"),
+            )
+        )
+    baselines: list[Scored] = []
+    for name in BASELINES:
+        r = baseline_recipe(name, searcher.base_path, searcher.model_paths, space.dtype)
+        if r is not None:
+            baselines.append(score(f"baseline: {name}", [r], None))
+    best_s = next(x for x in scored if x.label.endswith("(best)"))
+    top_base = max(baselines, key=lambda b: b.test_mean) if baselines else None
+    ceiling = _ceiling(searcher)
+
+    summary: dict[str, Any] = {
+        "study": study,
+        "trials": len(s.trials),
+        "complete": int((df["state"] == "COMPLETE").sum()),
+        "pruned": int((df["state"] == "PRUNED").sum()),
+        "failed": int((df["state"] == "FAIL").sum()),
+        "best_trial": best.number,
+        "merge_seed": MERGE_SEED,
+        "specialist_ceiling": ceiling,
+        "candidates": [],
+    }
+    for x in scored + baselines:
+        summary["candidates"].append(
+            {
+                "label": x.label,
+                "search": x.search,
+                "search_mean": x.search_mean,
+                "test": {k: {"value": v.value, "ci95": bootstrap_ci(v), "n": v.n} for k, v in x.test.items()},
+                "test_mean": x.test_mean,
+                "gap_search_minus_test": x.search_mean - x.test_mean,
+                "recipe": x.recipe_yaml,
+            }
+        )
+    if top_base is not None:
+        gain, lo, hi = paired_gain(best_s, top_base)
+        headroom = float(np.mean(list(ceiling.values()))) - top_base.test_mean
+        summary["gain"] = {
+            "over": top_base.label,
+            "gain": gain,
+            "ci95": [lo, hi],
+            "best_test_mean": best_s.test_mean,
+            "baseline_test_mean": top_base.test_mean,
+            "headroom": headroom,
+            "goal": min(0.10, headroom / 2),
+        }
+    _atomic_text(out / "test_scores.json", json.dumps(summary, indent=2, default=float))
+    plots = _plots(s, searcher, best, fr, baselines, out)
+    _atomic_text(out / "report.md", _markdown(summary, plots, best, searcher))
+    return summary
+
+
+def _ceiling(searcher: Searcher) -> dict[str, float]:
+    """Each specialist on its own skill, when a model is named after the task (the zoo)."""
+    out = {}
+    for task in searcher.tasks:
+        for path in searcher.model_paths:
+            if Path(path).name == task.name:
+                model_recipe = Recipe("passthrough", models=[Source(path)])
+                res, _ = searcher.score([model_recipe], "test")
+                out[task.name] = res[task.name].value
+    return out
+
+
+def _plots(s, searcher: Searcher, best, fr, baselines: list[Scored], out: Path) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = s.user_attrs.get("objective_names", [])
+    done = [t for t in s.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    files = {}
+    if len(names) >= 2:
+        fig, ax = plt.subplots(figsize=(6, 5))
+        xs = [t.values[0] for t in done]
+        ys = [t.values[1] for t in done]
+        ax.scatter(xs, ys, s=12, c="#999", label="trials")
+        fx = sorted((t.values[0], t.values[1]) for t in fr)
+        ax.plot([p[0] for p in fx], [p[1] for p in fx], "o-", c="C0", label="Pareto front")
+        ax.scatter(
+            [best.values[0]],
+            [best.values[1]],
+            s=120,
+            marker="*",
+            c="C3",
+            zorder=5,
+            label=f"best (trial {best.number})",
+        )
+        for i, b in enumerate(baselines):
+            ax.scatter(
+                [b.search[names[0]]],
+                [b.search[names[1]]],
+                marker="x",
+                s=60,
+                c=f"C{(i % 8) + 1}",
+                label=b.label.replace("baseline: ", ""),
+            )
+        ax.set_xlabel(f"{names[0]} (search split)")
+        ax.set_ylabel(f"{names[1]} (search split)")
+        ax.set_title(f"{s.study_name}: Pareto front and known recipes")
+        ax.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        fig.savefig(out / "pareto.png", dpi=110)
+        plt.close(fig)
+        files["pareto"] = "pareto.png"
+    fig, ax = plt.subplots(figsize=(7, 4))
+    nums = [t.number for t in done]
+    means = [float(np.mean(t.values)) for t in done]
+    ax.scatter(nums, means, s=10, c="#888", label="trial (mean of objectives)")
+    ax.plot(nums, np.maximum.accumulate(means) if means else [], c="C3", label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("mean search score")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "history.png", dpi=110)
+    plt.close(fig)
+    files["history"] = "history.png"
+    prof = coefficient_profile(best, searcher)
+    if not prof.empty:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for (param, model, comp), g in prof.groupby(["param", "model", "component"]):
+            ax.plot(g["layer"], g["value"], marker="o", label=f"{param} · {model} · {comp}")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("value")
+        ax.set_title(f"per-layer coefficients of trial {best.number}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "coefficients.png", dpi=110)
+        plt.close(fig)
+        files["coefficients"] = "coefficients.png"
+    try:
+        from optuna.visualization import plot_optimization_history, plot_pareto_front
+
+        if len(names) >= 2:
+            plot_pareto_front(s, target_names=names).write_html(out / "pareto.html", include_plotlyjs="cdn")
+            files["pareto_html"] = "pareto.html"
+        plot_optimization_history(
+            s, target=lambda t: float(np.mean(t.values)), target_name="mean score"
+        ).write_html(out / "history.html", include_plotlyjs="cdn")
+        files["history_html"] = "history.html"
+    except ImportError:  # plotly is optional for the report
+        pass
+    return files
+
+
+def coefficient_profile(trial, searcher: Searcher) -> pd.DataFrame:
+    """Per-layer values of a trial's searched parameters (one row per param/model/component/layer)."""
+    space = searcher.space
+    groups = space.groups(searcher.num_layers)
+    rows = []
+    for key, v in trial.params.items():
+        parts = key.split(".")
+        if parts[0].startswith("s") and parts[0][1:].isdigit():
+            parts = parts[1:]
+        if len(parts) == 4:
+            param, model, comp, g = parts
+            model = (
+                Path(searcher.model_paths[int(model)]).name
+                if int(model) < len(searcher.model_paths)
+                else model
+            )
+        elif len(parts) == 3:
+            param, comp, g = parts
+            model = "shared"
+        else:
+            continue
+        for layer in groups[int(g)]:
+            rows.append({"param": param, "model": model, "component": comp, "layer": layer, "value": v})
+    return pd.DataFrame(rows)
+
+
+def _fmt_ci(r: dict) -> str:
+    return f"{r['value']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
+
+
+def _markdown(summary: dict, plots: dict[str, str], best, searcher: Searcher) -> str:
+    tasks = [t.name for t in searcher.tasks]
+    lines = [
+        f"# Study `{summary['study']}`",
+        "",
+        f"{summary['trials']} trials: {summary['complete']} complete, {summary['pruned']} stopped early "
+        f"(multi-fidelity), {summary['failed']} failed. Scores are exact match; the search saw only the "
+        "`search` split, every number below in the test columns is on the `test` split it never saw, "
+        "with 95 % bootstrap intervals.",
+        "",
+    ]
+    if "gain" in summary:
+        g = summary["gain"]
+        lines += [
+            f"**Learned recipe (trial {summary['best_trial']}) vs best known recipe ({g['over']}):** "
+            f"test mean {g['best_test_mean']:.3f} vs {g['baseline_test_mean']:.3f}, gain "
+            f"**{g['gain']:+.3f}** (paired 95 % CI [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}]). "
+            f"Headroom to the specialists' ceiling was {g['headroom']:.3f}; the goal, min(+0.10, headroom/2), "
+            f"was {g['goal']:+.3f}.",
+            "",
+        ]
+    head = "| candidate | search mean | " + " | ".join(f"test {t}" for t in tasks) + " | test mean | gap |"
+    lines += [head, "|" + "---|" * (4 + len(tasks))]
+    for c in summary["candidates"]:
+        lines.append(
+            f"| {c['label']} | {c['search_mean']:.3f} | "
+            + " | ".join(_fmt_ci(c["test"][t]) for t in tasks)
+            + f" | {c['test_mean']:.3f} | {c['gap_search_minus_test']:+.3f} |"
+        )
+    if summary.get("specialist_ceiling"):
+        lines += [
+            "",
+            "Specialists on their own skill (ceiling): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in summary["specialist_ceiling"].items()),
+        ]
+    lines += ["", "## Plots", ""]
+    for k, f in plots.items():
+        lines.append(f"![{k}]({f})" if f.endswith(".png") else f"- [{k}]({f})")
+    lines += [
+        "",
+        f"## Best recipe (trial {best.number}; merge with `--seed {MERGE_SEED}` / mergekit "
+        f"`--random-seed {MERGE_SEED}`)",
+        "",
+        "```yaml",
+        best.user_attrs["recipe"].rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def export(
+    study: str, storage: str | None = None, *, trial: int | None = None, out: str | Path | None = None
+) -> Path:
+    """A trial's recipe (default: the best) as mergekit YAML with a provenance header."""
+    s = load(study, storage)
+    if trial is None:
+        t = best_trial(s)
+    else:
+        matches = [x for x in s.trials if x.number == trial]
+        if not matches or "recipe" not in matches[0].user_attrs:
+            raise MergeSearchError(f"study {study!r} has no trial {trial} with a recipe")
+        t = matches[0]
+    test = {}
+    scores_file = study_dir(study) / "test_scores.json"
+    if scores_file.is_file():
+        for c in json.loads(scores_file.read_text())["candidates"]:
+            if c["label"].startswith(f"trial {t.number}"):
+                test = {k: round(v["value"], 4) for k, v in c["test"].items()}
+    header = [
+        f"# mergesearch export: study {study}, trial {t.number}",
+        f"# search scores: {json.dumps({k: round(v, 4) for k, v in (t.user_attrs.get('scores') or {}).items()})}",
+        f"# test scores: {json.dumps(test) if test else 'not measured yet (run mergesearch report)'}",
+        f"# seed: {MERGE_SEED} (mergesearch merge --seed {MERGE_SEED} / mergekit-yaml --random-seed {MERGE_SEED})",
+        "",
+    ]
+    text = "\n".join(header) + t.user_attrs["recipe"]
+    path = Path(out) if out else study_dir(study) / f"trial_{t.number}.yaml"
+    _atomic_text(path, text)
+    return path
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _atomic_csv(df: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
