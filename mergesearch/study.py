@@ -213,12 +213,9 @@ def create_or_load(
     )
     s.set_user_attr("objective_names", objective_names)
     s.set_user_attr("merge_seed", MERGE_SEED)
-    try:
-        from optuna_dashboard import set_objective_names
-
-        set_objective_names(s, objective_names)
-    except ImportError:  # the dashboard is optional at run time
-        pass
+    with warnings.catch_warnings():  # metric names are "experimental"; the dashboard shows them
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        s.set_metric_names(objective_names)
     return s
 
 

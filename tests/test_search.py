@@ -1,0 +1,212 @@
+"""The search end to end: real SQLite/journal storage, real CLI subprocesses, mergekit as the oracle."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+
+from mergesearch import study as study_mod
+from mergesearch.errors import MergeSearchError
+from mergesearch.space import load_space
+from tests.tiny_models import load_weights
+
+SPACE = {
+    "name": "t",
+    "base": "zoo:base",
+    "models": ["zoo:add", "zoo:reverse"],
+    "method": "dare_ties",
+    "granularity": "layer",
+    "components": ["attention", "other"],
+    "parameters": {"weight": [0.2, 1.2], "density": [0.3, 1.0]},
+    "tasks": ["add", "reverse"],
+    "fidelity": [20, 60],
+    "trials": 12,
+}
+
+
+def write_space(tmp_path: Path, **over) -> Path:
+    d = dict(SPACE, **over)
+    p = tmp_path / f"{d['name']}.yaml"
+    p.write_text(yaml.safe_dump(d))
+    return p
+
+
+def env(tmp_path: Path) -> dict:
+    return dict(os.environ, MERGESEARCH_RESULTS=str(tmp_path / "results"))
+
+
+def cli(tmp_path: Path, *args, check=True, **kw) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "-m", "mergesearch", *args], capture_output=True, text=True,
+                       env=env(tmp_path), cwd=tmp_path, **kw)
+    if check:
+        assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def trials(db: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=db).trials
+
+
+@pytest.fixture
+def results(tmp_path, monkeypatch):
+    monkeypatch.setattr(study_mod, "RESULTS", tmp_path / "results")
+    return tmp_path / "results"
+
+
+def test_export_runs_in_mergekit_and_scores_as_reported(zoo, tmp_path):
+    space = write_space(tmp_path, name="exp")
+    cli(tmp_path, "search", str(space), "-q")
+    cli(tmp_path, "report", "exp")
+    out = cli(tmp_path, "export", "exp", "--best", "-o", "best.yaml").stdout
+    assert "best.yaml" in out
+    text = (tmp_path / "best.yaml").read_text()
+    assert text.startswith("# mergesearch export: study exp, trial ") and "# test scores: {" in text
+    # mergekit-yaml builds the model from the exported YAML ...
+    mk = subprocess.run([str(Path(sys.executable).parent / "mergekit-yaml"), "best.yaml", "mk_out", "--random-seed", "0",
+                         "--no-write-model-card", "--quiet"], cwd=tmp_path, capture_output=True, text=True)
+    assert mk.returncode == 0, mk.stderr[-3000:]
+    # ... equal to mergesearch merge's output, bit for bit (DARE with the same seed) ...
+    cli(tmp_path, "merge", "best.yaml", "ms_out", "--seed", "0", "-q")
+    a, b = load_weights(tmp_path / "ms_out"), load_weights(tmp_path / "mk_out")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    # ... and that model scores on the test split exactly what the report says.
+    summary = json.loads((tmp_path / "results" / "exp" / "test_scores.json").read_text())
+    best = next(c for c in summary["candidates"] if c["label"].endswith("(best)"))
+    got = json.loads(cli(tmp_path, "eval", "mk_out", "--tasks", "add,reverse", "--split", "test", "--json").stdout)
+    for row in got:
+        assert row["value"] == pytest.approx(best["test"][row["task"]]["value"], abs=0), row
+    # the report's files are there
+    for f in ("trials.csv", "pareto.csv", "report.md", "pareto.png", "history.png", "coefficients.png", "pareto.html"):
+        assert (tmp_path / "results" / "exp" / f).is_file(), f
+
+
+def test_sigkill_during_a_trial_then_resume(zoo, tmp_path):
+    space = write_space(tmp_path, name="kill", fidelity=[200], trials=40)
+    db = f"sqlite:///{tmp_path / 'results' / 'kill' / 'study.db'}"
+    proc = subprocess.Popen([sys.executable, "-m", "mergesearch", "search", str(space), "-q"], env=env(tmp_path),
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed_running = None
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        time.sleep(0.05)
+        try:
+            ts = trials(db, "kill")
+        except Exception:
+            continue
+        running = [t for t in ts if t.state == optuna.trial.TrialState.RUNNING]
+        if sum(t.state == optuna.trial.TrialState.COMPLETE for t in ts) >= 3 and running:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            break
+    assert proc.returncode == -signal.SIGKILL, "search finished before it could be killed"
+    before = trials(db, "kill")
+    completed = {t.number: t.values for t in before if t.state == optuna.trial.TrialState.COMPLETE}
+    killed_running = [t.number for t in before if t.state == optuna.trial.TrialState.RUNNING]
+    assert killed_running, "no trial was running at the kill"
+    cli(tmp_path, "search", str(space), "-q")  # the same command again
+    after = {t.number: t for t in trials(db, "kill")}
+    for n, values in completed.items():
+        assert after[n].state == optuna.trial.TrialState.COMPLETE and after[n].values == values
+    for n in killed_running:
+        assert after[n].state == optuna.trial.TrialState.FAIL
+    assert sum(t.state.is_finished() for t in after.values()) >= 40
+    assert max(after) > max(killed_running)  # the study went on
+
+
+def test_two_workers_on_a_journal_study(zoo, tmp_path):
+    space = write_space(tmp_path, name="jw", trials=24)
+    journal = str(tmp_path / "jw.log")
+    cli(tmp_path, "search", str(space), "--storage", journal, "--trials", "2", "-q")
+    procs = [subprocess.Popen([sys.executable, "-m", "mergesearch", "worker", "--storage", journal, "--study", "jw",
+                               "--trials", "24", "-q"], env=env(tmp_path), cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    from optuna.storages.journal import JournalFileBackend
+
+    ts = optuna.load_study(study_name="jw", storage=optuna.storages.JournalStorage(JournalFileBackend(journal))).trials
+    numbers = [t.number for t in ts]
+    assert len(numbers) == len(set(numbers)) and sorted(numbers) == list(range(len(numbers)))
+    assert len(ts) >= 24 and all(t.state.is_finished() for t in ts)
+    workers = {t.user_attrs.get("worker") for t in ts[2:]}
+    assert len(workers) == 2  # both processes ran trials
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str):
+    req = urllib.request.Request(url, headers={"Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        body = r.read()
+        if r.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        return r.status, body
+
+
+def test_dashboard_serves_the_study_with_objective_names(zoo, tmp_path):
+    space = write_space(tmp_path, name="dash", trials=4)
+    cli(tmp_path, "search", str(space), "-q")
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mergesearch", "dashboard", "dash", "--port", str(port)],
+                            env=env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline, studies = time.time() + 60, None
+        while time.time() < deadline:
+            try:
+                status, body = _get(f"http://127.0.0.1:{port}/api/studies")
+                studies = json.loads(body)["study_summaries"]
+                break
+            except OSError:
+                time.sleep(0.3)
+        assert studies, "dashboard did not answer"
+        (summary,) = [s for s in studies if s["study_name"] == "dash"]
+        status, body = _get(f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}?after=0")
+        detail = json.loads(body)
+        assert status == 200 and detail["objective_names"] == ["add", "reverse"]
+        assert len(detail["trials"]) == 4
+        status, _ = _get(f"http://127.0.0.1:{port}/static/bundle.js")
+        assert status == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert proc.returncode is not None
+
+
+def test_bad_search_input(zoo, tmp_path, results):
+    from mergesearch.study import run_search
+
+    with pytest.raises(MergeSearchError, match="unknown key 'wieght'"):
+        load_space(write_space(tmp_path, wieght=1))
+    with pytest.raises(MergeSearchError, match="inverted range"):
+        load_space(write_space(tmp_path, parameters={"weight": [1.0, 0.2], "density": [0.3, 1.0]}))
+    with pytest.raises(MergeSearchError, match="nowhere.*does not exist"):
+        run_search(load_space(write_space(tmp_path, models=["zoo:add", "nowhere"])), progress=False)
+    with pytest.raises(MergeSearchError, match="cannot be opened"):
+        study_mod.open_storage("notadb://x/y", "s")
+    with pytest.raises(MergeSearchError, match="at least 1"):
+        run_search(load_space(write_space(tmp_path)), trials=0, progress=False)
+    with pytest.raises(MergeSearchError, match="trials must be at least 1"):
+        load_space(write_space(tmp_path, trials=0))
+    run_search(load_space(write_space(tmp_path, name="same")), trials=2, progress=False)
+    changed = write_space(tmp_path, name="same", parameters={"weight": [0.1, 1.0], "density": [0.3, 1.0]})
+    with pytest.raises(MergeSearchError, match="different search space.*--study NEW_NAME"):
+        run_search(load_space(changed), trials=3, progress=False)
+    p = cli(tmp_path, "search", str(changed), check=False)
+    assert p.returncode == 2 and "different search space" in p.stderr and "Traceback" not in p.stderr
