@@ -1,0 +1,130 @@
+"""In-memory candidate speed: mergesearch's ResidentEngine vs mergekit 0.1.5 merge_state_dicts.
+
+For locally made Llama-layout models (base + 2 fine-tunes) of several sizes and dtypes, per
+method: the time to materialize one candidate into a live model, the bytes such a candidate
+must touch at minimum (read base and K inputs, write one model), memcpy bandwidth measured in
+the same process, the fraction of it reached, and mergekit's time for the same candidate.
+
+    .venv/bin/python benchmarks/bench_engine.py [--sizes 10M,100M] [--dtypes float32,bfloat16] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SIZES = {"10M": (256, 8, 1024, 8000), "100M": (768, 12, 2048, 16000), "500M": (1536, 16, 4096, 32000)}
+METHODS = {
+    "linear": {"weight": [0.5, 0.5]},
+    "task_arithmetic": {"weight": [0.6, 0.5]},
+    "dare_linear": {"weight": [0.6, 0.5], "density": [0.5, 0.6]},
+    "dare_ties": {"weight": [0.6, 0.5], "density": [0.5, 0.6]},
+    "ties": {"weight": [0.6, 0.5], "density": [0.5, 0.6]},
+    "breadcrumbs": {"weight": [0.6, 0.5], "density": [0.5, 0.6]},
+    "della": {"weight": [0.6, 0.5], "density": [0.5, 0.6]},
+}
+
+
+def memcpy_gbps(nbytes: int = 512 * 2**20, repeat: int = 5) -> float:
+    """(read + write bytes) / second of a large tensor copy, best of `repeat`."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best / 1e9
+
+
+def make_models(root: Path, size: str, dtype: torch.dtype) -> list[str]:
+    from benchmarks.bench_merge import llama_shapes, write_llama
+
+    hidden, layers, inter, vocab = SIZES[size]
+    shapes = llama_shapes(hidden, layers, inter, vocab)
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+           "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": hidden // 64,
+           "num_key_value_heads": hidden // 64, "vocab_size": vocab, "max_position_embeddings": 512,
+           "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
+    g = torch.Generator().manual_seed(0)
+    base = {n: (0.02 * torch.randn(s, generator=g)).to(dtype) for n, s in shapes.items()}
+    write_llama(root / "base", base, cfg)
+    paths = [str(root / "base")]
+    for i in range(2):
+        write_llama(root / f"ft{i}", {n: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(dtype)
+                                      for n, v in base.items()}, cfg)
+        paths.append(str(root / f"ft{i}"))
+    return paths
+
+
+def main() -> None:
+    from mergekit.merge_methods import merge_state_dicts
+
+    from mergesearch.engine import ResidentEngine
+    from mergesearch.recipe import Recipe, Source
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="10M,100M")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    bw = memcpy_gbps()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, memcpy {bw:.2f} GB/s (read+write)\n")
+    print("| size | dtype | method | candidate s (mergesearch) | bytes touched | GB/s | % of memcpy | "
+          "mergekit merge_state_dicts s | mergekit / mergesearch |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for size in args.sizes.split(","):
+        for dname in args.dtypes.split(","):
+            dtype = getattr(torch, dname)
+            with tempfile.TemporaryDirectory() as tmp:
+                paths = make_models(Path(tmp), size, dtype)
+                engine = ResidentEngine(paths)
+                import transformers
+
+                model = transformers.AutoModelForCausalLM.from_pretrained(paths[0], dtype=dtype)
+                sds = [{k: v for (ref, k), v in engine.tensors.items() if ref == p} for p in paths]
+                model_bytes = sum(v.numel() * v.element_size() for v in sds[0].values())
+                for method in args.methods.split(","):
+                    params = METHODS[method]
+                    r = Recipe(method, base_model=paths[0] if method != "linear" else None,
+                               models=[Source(p, {k: v[i] for k, v in params.items()}) for i, p in enumerate(paths[1:])])
+                    if method == "linear":
+                        r.models = [Source(p, {"weight": 0.5}) for p in paths[1:]]
+                    ours = []
+                    for _ in range(args.repeat):
+                        t0 = time.perf_counter()
+                        engine.write_into(model, r, seed=0)
+                        ours.append(time.perf_counter() - t0)
+                    mk_params = {k: {i + 1: x for i, x in enumerate(v)} for k, v in params.items()}
+                    models = {0: sds[0], 1: sds[1], 2: sds[2]}
+                    theirs = []
+                    for _ in range(max(1, args.repeat - 1)):
+                        t0 = time.perf_counter()
+                        if method == "linear":
+                            merge_state_dicts({1: sds[1], 2: sds[2]}, method, parameters={"weight": {1: 0.5, 2: 0.5}})
+                        else:
+                            merge_state_dicts(models, method, parameters=mk_params, base=0)
+                        theirs.append(time.perf_counter() - t0)
+                    k = 2
+                    touched = (k + (0 if method == "linear" else 1) + 1) * model_bytes  # read inputs, write one model
+                    t_ours, t_mk = min(ours), min(theirs)
+                    gbps = touched / t_ours / 1e9
+                    print(f"| {size} | {dname} | {method} | {t_ours:.3f} | {touched / 1e6:.0f} MB | {gbps:.2f} | "
+                          f"{100 * gbps / bw:.0f}% | {t_mk:.3f} | {t_mk / t_ours:.1f}× |", flush=True)
+                del engine, model, sds
+    print(f"\npeak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
