@@ -51,17 +51,29 @@ def make_models(root: Path, size: str, dtype: torch.dtype) -> list[str]:
 
     hidden, layers, inter, vocab = SIZES[size]
     shapes = llama_shapes(hidden, layers, inter, vocab)
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-           "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": hidden // 64,
-           "num_key_value_heads": hidden // 64, "vocab_size": vocab, "max_position_embeddings": 512,
-           "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": hidden // 64,
+        "num_key_value_heads": hidden // 64,
+        "vocab_size": vocab,
+        "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+    }
     g = torch.Generator().manual_seed(0)
     base = {n: (0.02 * torch.randn(s, generator=g)).to(dtype) for n, s in shapes.items()}
     write_llama(root / "base", base, cfg)
     paths = [str(root / "base")]
     for i in range(2):
-        write_llama(root / f"ft{i}", {n: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(dtype)
-                                      for n, v in base.items()}, cfg)
+        write_llama(
+            root / f"ft{i}",
+            {n: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(dtype) for n, v in base.items()},
+            cfg,
+        )
         paths.append(str(root / f"ft{i}"))
     return paths
 
@@ -80,9 +92,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     bw = memcpy_gbps()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, memcpy {bw:.2f} GB/s (read+write)\n")
-    print("| size | dtype | method | candidate s (mergesearch) | bytes touched | GB/s | % of memcpy | "
-          "mergekit merge_state_dicts s | mergekit / mergesearch |")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, memcpy {bw:.2f} GB/s (read+write)\n"
+    )
+    print(
+        "| size | dtype | method | candidate s (mergesearch) | bytes touched | GB/s | % of memcpy | "
+        "mergekit merge_state_dicts s | mergekit / mergesearch |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes.split(","):
         for dname in args.dtypes.split(","):
@@ -97,8 +113,13 @@ def main() -> None:
                 model_bytes = sum(v.numel() * v.element_size() for v in sds[0].values())
                 for method in args.methods.split(","):
                     params = METHODS[method]
-                    r = Recipe(method, base_model=paths[0] if method != "linear" else None,
-                               models=[Source(p, {k: v[i] for k, v in params.items()}) for i, p in enumerate(paths[1:])])
+                    r = Recipe(
+                        method,
+                        base_model=paths[0] if method != "linear" else None,
+                        models=[
+                            Source(p, {k: v[i] for k, v in params.items()}) for i, p in enumerate(paths[1:])
+                        ],
+                    )
                     if method == "linear":
                         r.models = [Source(p, {"weight": 0.5}) for p in paths[1:]]
                     ours = []
@@ -112,16 +133,23 @@ def main() -> None:
                     for _ in range(max(1, args.repeat - 1)):
                         t0 = time.perf_counter()
                         if method == "linear":
-                            merge_state_dicts({1: sds[1], 2: sds[2]}, method, parameters={"weight": {1: 0.5, 2: 0.5}})
+                            merge_state_dicts(
+                                {1: sds[1], 2: sds[2]}, method, parameters={"weight": {1: 0.5, 2: 0.5}}
+                            )
                         else:
                             merge_state_dicts(models, method, parameters=mk_params, base=0)
                         theirs.append(time.perf_counter() - t0)
                     k = 2
-                    touched = (k + (0 if method == "linear" else 1) + 1) * model_bytes  # read inputs, write one model
+                    touched = (
+                        k + (0 if method == "linear" else 1) + 1
+                    ) * model_bytes  # read inputs, write one model
                     t_ours, t_mk = min(ours), min(theirs)
                     gbps = touched / t_ours / 1e9
-                    print(f"| {size} | {dname} | {method} | {t_ours:.3f} | {touched / 1e6:.0f} MB | {gbps:.2f} | "
-                          f"{100 * gbps / bw:.0f}% | {t_mk:.3f} | {t_mk / t_ours:.1f}× |", flush=True)
+                    print(
+                        f"| {size} | {dname} | {method} | {t_ours:.3f} | {touched / 1e6:.0f} MB | {gbps:.2f} | "
+                        f"{100 * gbps / bw:.0f}% | {t_mk:.3f} | {t_mk / t_ours:.1f}× |",
+                        flush=True,
+                    )
                 del engine, model, sds
     print(f"\npeak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
 

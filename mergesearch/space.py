@@ -132,13 +132,11 @@ class SearchSpace:
                             for g in range(len(groups)):
                                 key = f"{sp}{name}.{i}.{c}.{g}"
                                 p[key] = trial.suggest_float(key, rng.low, rng.high, log=rng.log)
-                elif name in m.shared_params and name == "t":
+                elif name in m.shared_params:  # t and lambda: one value per group and component too
                     for c in self.components:
                         for g in range(len(groups)):
-                            key = f"{sp}t.{c}.{g}"
+                            key = f"{sp}{name}.{c}.{g}"
                             p[key] = trial.suggest_float(key, rng.low, rng.high, log=rng.log)
-                elif name in m.shared_params:
-                    p[f"{sp}{name}"] = trial.suggest_float(f"{sp}{name}", rng.low, rng.high, log=rng.log)
         p["method"] = method
         return p
 
@@ -189,10 +187,8 @@ class SearchSpace:
                 sources.append(Source(mp, params))
             shared: dict[str, Any] = {}
             for name in self.parameters:
-                if name == "t" and "t" in m.shared_params:
-                    shared["t"] = setting(f"{sp}t")
-                elif name in m.shared_params:
-                    shared[name] = float(values[f"{sp}{name}"])
+                if name in m.shared_params:
+                    shared[name] = setting(f"{sp}{name}")
             r = Recipe(method, models=sources, parameters=shared, dtype=self.dtype)
             if m.base == "required" and method != "slerp":
                 r.base_model = base_path
@@ -235,12 +231,9 @@ class SearchSpace:
                 v = spec.get(pname, m.shared_params[pname])
                 if not isinstance(v, float) or not rng.contains(v):
                     return None
-                if pname == "t":
-                    for c in self.components:
-                        for g in range(len(groups)):
-                            values[f"t.{c}.{g}"] = v
-                else:
-                    values[pname] = v
+                for c in self.components:
+                    for g in range(len(groups)):
+                        values[f"{pname}.{c}.{g}"] = v
         # Parameters the known recipe sets but the space does not search cannot be expressed.
         for key in spec:
             if key != "method" and key not in self.parameters and key in m.params:
@@ -255,9 +248,10 @@ def baseline_recipe(name: str, base: str, models: list[str], dtype: str | None =
     """A known recipe as a plain mergekit recipe over the given models (None if it needs two)."""
     spec = BASELINES[name]
     method = spec["method"]
-    if method == "slerp" or method == "linear" and len(spec.get("weight", [])) != len(models):
-        if len(models) != 2:
-            return None
+    lists = [v for v in spec.values() if isinstance(v, list)]
+    # Uniform recipes (ties 0.5/0.5, task arithmetic 1/1) extend to any number of models.
+    if (method == "slerp" or any(len(set(v)) > 1 for v in lists)) and len(models) != 2:
+        return None
     if method == "slerp":
         return Recipe(
             "slerp",
@@ -268,7 +262,7 @@ def baseline_recipe(name: str, base: str, models: list[str], dtype: str | None =
         )
     params = []
     for i, m in enumerate(models):
-        p = {k: spec[k][i] for k in ("weight", "density") if k in spec}
+        p = {k: spec[k][i % len(spec[k])] for k in ("weight", "density") if k in spec}
         params.append(Source(m, p))
     r = Recipe(method, models=params, dtype=dtype)
     if METHODS[method].base == "required":

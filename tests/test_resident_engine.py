@@ -13,8 +13,22 @@ from mergesearch.recipe import parse_recipes
 from tests.test_merge_vs_mergekit import cases
 from tests.tiny_models import load_weights
 
-CASES = ["linear", "slerp_slices", "nuslerp", "model_stock", "passthrough_frankenmerge", "task_arithmetic", "ties",
-         "ties_unnormalized", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"]
+CASES = [
+    "linear",
+    "slerp_slices",
+    "nuslerp",
+    "model_stock",
+    "passthrough_frankenmerge",
+    "task_arithmetic",
+    "ties",
+    "ties_unnormalized",
+    "dare_ties",
+    "dare_linear",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+]
 
 
 def _randomize(config: dict, rng: random.Random) -> dict:
@@ -49,12 +63,14 @@ def test_write_into_live_model_and_multistage(tiny, tmp_path):
     import transformers
 
     base, ft = str(tiny["llama/base"]), [str(tiny[f"llama/ft{i}"]) for i in range(3)]
-    text = (f"name: ab\nmerge_method: dare_ties\nbase_model: {base}\nmodels:\n"
-            f"  - {{model: {ft[0]}, parameters: {{weight: 0.6, density: 0.5}}}}\n"
-            f"  - {{model: {ft[1]}, parameters: {{weight: 0.4, density: 0.7}}}}\n---\n"
-            f"merge_method: ties\nbase_model: {base}\nmodels:\n"
-            f"  - {{model: ab, parameters: {{weight: 0.5, density: 0.6}}}}\n"
-            f"  - {{model: {ft[2]}, parameters: {{weight: 0.5, density: 0.6}}}}\n")
+    text = (
+        f"name: ab\nmerge_method: dare_ties\nbase_model: {base}\nmodels:\n"
+        f"  - {{model: {ft[0]}, parameters: {{weight: 0.6, density: 0.5}}}}\n"
+        f"  - {{model: {ft[1]}, parameters: {{weight: 0.4, density: 0.7}}}}\n---\n"
+        f"merge_method: ties\nbase_model: {base}\nmodels:\n"
+        f"  - {{model: ab, parameters: {{weight: 0.5, density: 0.6}}}}\n"
+        f"  - {{model: {ft[2]}, parameters: {{weight: 0.5, density: 0.6}}}}\n"
+    )
     recipes = parse_recipes(text)
     merge(recipes, tmp_path / "disk", seed=3)
     engine = ResidentEngine([base, *ft])

@@ -49,8 +49,14 @@ def env(tmp_path: Path) -> dict:
 
 
 def cli(tmp_path: Path, *args, check=True, **kw) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "mergesearch", *args], capture_output=True, text=True,
-                       env=env(tmp_path), cwd=tmp_path, **kw)
+    p = subprocess.run(
+        [sys.executable, "-m", "mergesearch", *args],
+        capture_output=True,
+        text=True,
+        env=env(tmp_path),
+        cwd=tmp_path,
+        **kw,
+    )
     if check:
         assert p.returncode == 0, p.stderr[-3000:]
     return p
@@ -75,8 +81,20 @@ def test_export_runs_in_mergekit_and_scores_as_reported(zoo, tmp_path):
     text = (tmp_path / "best.yaml").read_text()
     assert text.startswith("# mergesearch export: study exp, trial ") and "# test scores: {" in text
     # mergekit-yaml builds the model from the exported YAML ...
-    mk = subprocess.run([str(Path(sys.executable).parent / "mergekit-yaml"), "best.yaml", "mk_out", "--random-seed", "0",
-                         "--no-write-model-card", "--quiet"], cwd=tmp_path, capture_output=True, text=True)
+    mk = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "mergekit-yaml"),
+            "best.yaml",
+            "mk_out",
+            "--random-seed",
+            "0",
+            "--no-write-model-card",
+            "--quiet",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert mk.returncode == 0, mk.stderr[-3000:]
     # ... equal to mergesearch merge's output, bit for bit (DARE with the same seed) ...
     cli(tmp_path, "merge", "best.yaml", "ms_out", "--seed", "0", "-q")
@@ -85,19 +103,34 @@ def test_export_runs_in_mergekit_and_scores_as_reported(zoo, tmp_path):
     # ... and that model scores on the test split exactly what the report says.
     summary = json.loads((tmp_path / "results" / "exp" / "test_scores.json").read_text())
     best = next(c for c in summary["candidates"] if c["label"].endswith("(best)"))
-    got = json.loads(cli(tmp_path, "eval", "mk_out", "--tasks", "add,reverse", "--split", "test", "--json").stdout)
+    got = json.loads(
+        cli(tmp_path, "eval", "mk_out", "--tasks", "add,reverse", "--split", "test", "--json").stdout
+    )
     for row in got:
         assert row["value"] == pytest.approx(best["test"][row["task"]]["value"], abs=0), row
     # the report's files are there
-    for f in ("trials.csv", "pareto.csv", "report.md", "pareto.png", "history.png", "coefficients.png", "pareto.html"):
+    for f in (
+        "trials.csv",
+        "pareto.csv",
+        "report.md",
+        "pareto.png",
+        "history.png",
+        "coefficients.png",
+        "pareto.html",
+    ):
         assert (tmp_path / "results" / "exp" / f).is_file(), f
 
 
 def test_sigkill_during_a_trial_then_resume(zoo, tmp_path):
     space = write_space(tmp_path, name="kill", fidelity=[200], trials=40)
     db = f"sqlite:///{tmp_path / 'results' / 'kill' / 'study.db'}"
-    proc = subprocess.Popen([sys.executable, "-m", "mergesearch", "search", str(space), "-q"], env=env(tmp_path),
-                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mergesearch", "search", str(space), "-q"],
+        env=env(tmp_path),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     killed_running = None
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -130,14 +163,36 @@ def test_two_workers_on_a_journal_study(zoo, tmp_path):
     space = write_space(tmp_path, name="jw", trials=24)
     journal = str(tmp_path / "jw.log")
     cli(tmp_path, "search", str(space), "--storage", journal, "--trials", "2", "-q")
-    procs = [subprocess.Popen([sys.executable, "-m", "mergesearch", "worker", "--storage", journal, "--study", "jw",
-                               "--trials", "24", "-q"], env=env(tmp_path), cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mergesearch",
+                "worker",
+                "--storage",
+                journal,
+                "--study",
+                "jw",
+                "--trials",
+                "24",
+                "-q",
+            ],
+            env=env(tmp_path),
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
     from optuna.storages.journal import JournalFileBackend
 
-    ts = optuna.load_study(study_name="jw", storage=optuna.storages.JournalStorage(JournalFileBackend(journal))).trials
+    ts = optuna.load_study(
+        study_name="jw", storage=optuna.storages.JournalStorage(JournalFileBackend(journal))
+    ).trials
     numbers = [t.number for t in ts]
     assert len(numbers) == len(set(numbers)) and sorted(numbers) == list(range(len(numbers)))
     assert len(ts) >= 24 and all(t.state.is_finished() for t in ts)
@@ -164,8 +219,13 @@ def test_dashboard_serves_the_study_with_objective_names(zoo, tmp_path):
     space = write_space(tmp_path, name="dash", trials=4)
     cli(tmp_path, "search", str(space), "-q")
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mergesearch", "dashboard", "dash", "--port", str(port)],
-                            env=env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mergesearch", "dashboard", "dash", "--port", str(port)],
+        env=env(tmp_path),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline, studies = time.time() + 60, None
         while time.time() < deadline:
