@@ -21,18 +21,33 @@ def rescale_l1(tau: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float 
     return masked * (before / after)
 
 
+def _band_mask(w: torch.Tensor, lo_rank: int, hi_rank: int) -> torch.Tensor | None:
+    """Elements whose ascending rank (1-based) lies in [lo_rank, hi_rank], found with two
+    O(N) selections instead of a sort; None when equal values straddle a bound, because
+    then the set depends on how a sort orders ties and only the sort reproduces mergekit."""
+    lo = torch.kthvalue(w, lo_rank).values
+    hi = torch.kthvalue(w, hi_rank).values if hi_rank != lo_rank else lo
+    mask = (w >= lo) & (w <= hi)
+    return mask if int(mask.sum()) == hi_rank - lo_rank + 1 else None
+
+
 def magnitude(tau: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
     """Keep the k = max(1, ⌊d·N⌋) largest |τ| (TIES)."""
     if density >= 1:
         return tau
     if density <= 0 or tau.numel() == 0:
         return torch.zeros_like(tau)
-    k = max(1, int(density * tau.numel()))
+    n = tau.numel()
+    k = max(1, int(density * n))
     w = tau.abs().reshape(-1)
     if w.device.type == "cpu":
         w = w.float()
-    mask = torch.zeros(tau.numel(), dtype=tau.dtype, device=tau.device)
-    mask[torch.argsort(w, descending=True)[:k]] = 1
+    band = _band_mask(w, n - k + 1, n)
+    if band is not None:
+        mask = band.to(tau.dtype)
+    else:
+        mask = torch.zeros(n, dtype=tau.dtype, device=tau.device)
+        mask[torch.argsort(w, descending=True)[:k]] = 1
     return rescale_l1(tau, mask.reshape_as(tau), rescale)
 
 
@@ -48,9 +63,12 @@ def magnitude_outliers(
     w = tau.abs().reshape(-1)
     if w.device.type == "cpu":
         w = w.float()
-    order = torch.sort(w, descending=False).indices
-    mask = torch.zeros(n, dtype=tau.dtype, device=tau.device)
-    mask[order[n_bot : n_bot + target]] = 1
+    band = _band_mask(w, n_bot + 1, n_bot + target) if 0 < target and n_bot + target <= n else None
+    if band is not None:
+        mask = band.to(tau.dtype)
+    else:
+        mask = torch.zeros(n, dtype=tau.dtype, device=tau.device)
+        mask[torch.sort(w, descending=False).indices[n_bot : n_bot + target]] = 1
     return rescale_l1(tau, mask.reshape_as(tau), rescale)
 
 
