@@ -32,10 +32,32 @@ def main() -> None:
     threads = configure_threads()
     zoo = build_zoo(progress=False, log=lambda s: None)
     print(f"torch threads {threads}; zoo {zoo.root}")
+    print(
+        "merged = task arithmetic λ=0.8, weights 1/1, of the add and reverse specialists (mixed verdicts)\n"
+    )
     print("| model | task | examples | native s | lm-eval s | lm-eval / native | agreement |")
     print("|---|---|---|---|---|---|---|")
-    for model_name, task_name in (("add", "add"), ("reverse", "reverse"), ("add", "reverse")):
-        model, tok = load_model(zoo.models[model_name])
+    from mergesearch.engine import ResidentEngine
+    from mergesearch.recipe import Recipe, Source
+
+    # A merge with mixed verdicts (task arithmetic λ=0.8 of the two specialists) is the real test.
+    refs = [str(zoo.models[m]) for m in ("base", "add", "reverse")]
+    merged = Recipe(
+        "task_arithmetic",
+        base_model=refs[0],
+        parameters={"lambda": 0.8},
+        models=[Source(r, {"weight": 1.0}) for r in refs[1:]],
+    )
+    for model_name, task_name in (
+        ("add", "add"),
+        ("reverse", "reverse"),
+        ("add", "reverse"),
+        ("merged", "add"),
+        ("merged", "reverse"),
+    ):
+        model, tok = load_model(zoo.models["base" if model_name == "merged" else model_name])
+        if model_name == "merged":
+            ResidentEngine(refs).write_into(model, merged)
         task = find_task(task_name)
         native, lm = NativeEvaluator(model, tok), LMEvalBackend(model, tok, batch_size=64)
         n_res, l_res = (

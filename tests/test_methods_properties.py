@@ -98,5 +98,7 @@ def test_selection_sparsifiers_equal_mergekit(seed, shape, density, gamma, quant
     norm = mk.RescaleNorm.l1 if rescale else None
     assert torch.equal(sparsify.magnitude(tau, density, rescale), mk.magnitude(tau, density, norm))
     if not quantize:  # mergekit's own sort breaks ties arbitrarily; compare where the set is defined
-        assert torch.equal(sparsify.magnitude_outliers(tau, density, gamma, rescale),
-                           mk.magnitude_outliers(tau, density, norm, gamma))
+        assert torch.equal(
+            sparsify.magnitude_outliers(tau, density, gamma, rescale),
+            mk.magnitude_outliers(tau, density, norm, gamma),
+        )

@@ -26,7 +26,7 @@ def _band_mask(w: torch.Tensor, lo_rank: int, hi_rank: int) -> torch.Tensor | No
     O(N) selections instead of a sort; None when equal values straddle a bound, because
     then the set depends on how a sort orders ties and only the sort reproduces mergekit."""
     lo = torch.kthvalue(w, lo_rank).values
-    hi = torch.kthvalue(w, hi_rank).values if hi_rank != lo_rank else lo
+    hi = w.max() if hi_rank == w.numel() else torch.kthvalue(w, hi_rank).values
     mask = (w >= lo) & (w <= hi)
     return mask if int(mask.sum()) == hi_rank - lo_rank + 1 else None
 
