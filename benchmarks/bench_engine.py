@@ -78,6 +78,37 @@ def make_models(root: Path, size: str, dtype: torch.dtype) -> list[str]:
     return paths
 
 
+def recipe_for(method: str, paths: list[str]):
+    """The benchmark's candidate: base + two fine-tunes (linear: the two fine-tunes 50/50)."""
+    from mergesearch.recipe import Recipe, Source
+
+    if method == "linear":
+        return Recipe("linear", models=[Source(p, {"weight": 0.5}) for p in paths[1:]])
+    params = METHODS[method]
+    return Recipe(method, base_model=paths[0],
+                  models=[Source(p, {k: v[i] for k, v in params.items()}) for i, p in enumerate(paths[1:])])
+
+
+def memory(paths: list[str], dtype_name: str) -> None:
+    """Peak RSS of a search-like process (resident inputs + one live model + a candidate of every
+    method) above the RSS after imports, against the bound (2 + K) × model bytes + 10 %."""
+    import transformers
+
+    from mergesearch.engine import ResidentEngine
+
+    floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    dtype = getattr(torch, dtype_name)
+    engine = ResidentEngine(paths)
+    model = transformers.AutoModelForCausalLM.from_pretrained(paths[0], dtype=dtype)
+    model_bytes = sum(v.numel() * v.element_size() for (ref, _), v in engine.tensors.items() if ref == paths[0])
+    for method in METHODS:
+        engine.write_into(model, recipe_for(method, paths), seed=0)
+    used = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - floor
+    k = len(paths) - 1
+    print(f"| {dtype_name} | {model_bytes / 2**20:.0f} MiB | {used / 2**20:.0f} MiB | {used / model_bytes:.2f} | "
+          f"{2 + k} (+10 % = {(2 + k) * 1.1:.1f}) |", flush=True)
+
+
 def main() -> None:
     from mergekit.merge_methods import merge_state_dicts
 
@@ -89,7 +120,21 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--memory", action="store_true",
+                    help="measure peak memory of a search-like process (each size/dtype in a fresh process)")
     args = ap.parse_args()
+    if args.memory:
+        import subprocess
+
+        print("| size | dtype | model | peak RSS above the imports | × model | bound (2 + K) |")
+        print("|---|---|---|---|---|---|")
+        for size in args.sizes.split(","):
+            for dname in args.dtypes.split(","):
+                with tempfile.TemporaryDirectory() as tmp:
+                    paths = make_models(Path(tmp), size, getattr(torch, dname))
+                    print(f"| {size} ", end="", flush=True)
+                    subprocess.run([sys.executable, __file__, "--_memory-one", dname, *paths], check=True)
+        return
     torch.set_num_threads(torch.get_num_threads())
     bw = memcpy_gbps()
     print(
@@ -155,4 +200,11 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 3 and sys.argv[1] == "--_memory-one":
+        import transformers  # noqa: F401  (imported before the floor is read)
+
+        import mergesearch.engine  # noqa: F401
+
+        memory(sys.argv[3:], sys.argv[2])
+    else:
+        main()
