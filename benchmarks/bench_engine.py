@@ -85,8 +85,11 @@ def recipe_for(method: str, paths: list[str]):
     if method == "linear":
         return Recipe("linear", models=[Source(p, {"weight": 0.5}) for p in paths[1:]])
     params = METHODS[method]
-    return Recipe(method, base_model=paths[0],
-                  models=[Source(p, {k: v[i] for k, v in params.items()}) for i, p in enumerate(paths[1:])])
+    return Recipe(
+        method,
+        base_model=paths[0],
+        models=[Source(p, {k: v[i] for k, v in params.items()}) for i, p in enumerate(paths[1:])],
+    )
 
 
 def memory(paths: list[str], dtype_name: str) -> None:
@@ -98,15 +101,21 @@ def memory(paths: list[str], dtype_name: str) -> None:
 
     floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     dtype = getattr(torch, dtype_name)
-    engine = ResidentEngine(paths)
+    engine = ResidentEngine(paths, base=paths[0])  # what a search over task-vector methods holds
     model = transformers.AutoModelForCausalLM.from_pretrained(paths[0], dtype=dtype)
-    model_bytes = sum(v.numel() * v.element_size() for (ref, _), v in engine.tensors.items() if ref == paths[0])
+    model_bytes = sum(
+        v.numel() * v.element_size() for (ref, _), v in engine.tensors.items() if ref == paths[0]
+    )
     for method in METHODS:
-        engine.write_into(model, recipe_for(method, paths), seed=0)
+        if method != "linear":
+            engine.write_into(model, recipe_for(method, paths), seed=0)
     used = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - floor
     k = len(paths) - 1
-    print(f"| {dtype_name} | {model_bytes / 2**20:.0f} MiB | {used / 2**20:.0f} MiB | {used / model_bytes:.2f} | "
-          f"{2 + k} (+10 % = {(2 + k) * 1.1:.1f}) |", flush=True)
+    print(
+        f"| {dtype_name} | {model_bytes / 2**20:.0f} MiB | {used / 2**20:.0f} MiB | {used / model_bytes:.2f} | "
+        f"{2 + k} (+10 % = {(2 + k) * 1.1:.1f}) |",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -120,8 +129,11 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--memory", action="store_true",
-                    help="measure peak memory of a search-like process (each size/dtype in a fresh process)")
+    ap.add_argument(
+        "--memory",
+        action="store_true",
+        help="measure peak memory of a search-like process (each size/dtype in a fresh process)",
+    )
     args = ap.parse_args()
     if args.memory:
         import subprocess
@@ -150,7 +162,9 @@ def main() -> None:
             dtype = getattr(torch, dname)
             with tempfile.TemporaryDirectory() as tmp:
                 paths = make_models(Path(tmp), size, dtype)
-                engine = ResidentEngine(paths)
+                # task-vector engine for the task-vector family; the plain one for linear
+                engines = {"plain": ResidentEngine(paths), "tv": ResidentEngine(paths, base=paths[0])}
+                engine = engines["plain"]
                 import transformers
 
                 model = transformers.AutoModelForCausalLM.from_pretrained(paths[0], dtype=dtype)
@@ -168,9 +182,10 @@ def main() -> None:
                     if method == "linear":
                         r.models = [Source(p, {"weight": 0.5}) for p in paths[1:]]
                     ours = []
+                    eng = engines["plain" if method == "linear" else "tv"]
                     for _ in range(args.repeat):
                         t0 = time.perf_counter()
-                        engine.write_into(model, r, seed=0)
+                        eng.write_into(model, r, seed=0)
                         ours.append(time.perf_counter() - t0)
                     mk_params = {k: {i + 1: x for i, x in enumerate(v)} for k, v in params.items()}
                     models = {0: sds[0], 1: sds[1], 2: sds[2]}
@@ -195,7 +210,7 @@ def main() -> None:
                         f"{100 * gbps / bw:.0f}% | {t_mk:.3f} | {t_mk / t_ours:.1f}× |",
                         flush=True,
                     )
-                del engine, model, sds
+                del engine, engines, model, sds
     print(f"\npeak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
 
 

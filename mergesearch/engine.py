@@ -435,6 +435,11 @@ class ResidentEngine:
     """Input tensors loaded once and kept resident; each candidate recipe is written in place
     into one live model's parameters (no files, no per-candidate model allocation).
 
+    With `base=`, the other models are kept as task vectors τ = x − b (computed once, exactly
+    as a merge computes them, replacing x: no extra memory), and task-vector methods reuse one
+    scratch buffer and write straight into the live parameters. Methods that need the models
+    themselves (linear, slerp, ...) then cannot run: build the engine without `base=`.
+
     Randomized methods draw from the global RNG reseeded per candidate, in the same order as a
     disk merge, so a candidate equals `merge(recipe, seed=...)` bit for bit.
     """
@@ -443,27 +448,43 @@ class ResidentEngine:
         self,
         recipe_models: list[str],
         *,
+        base: str | None = None,
         resolve_path: Callable[[str], Path] = Path,
         device: str | torch.device = "cpu",
         allow_pickle: bool = False,
     ) -> None:
         self.device = torch.device(device)
+        self.base = base
         self.models = {ref: Checkpoint(resolve_path(ref), allow_pickle=allow_pickle) for ref in recipe_models}
+        if base is not None and base not in self.models:
+            raise MergeSearchError(f"ResidentEngine: base {base} is not among the models")
         self.tensors: dict[tuple[str, str], torch.Tensor] = {}
-        for ref, ck in self.models.items():
+        self.task_vectors: dict[tuple[str, str], torch.Tensor] = {}
+        order = ([base] if base else []) + [r for r in self.models if r != base]
+        for ref in order:
+            ck = self.models[ref]
             for name in ck.meta:
                 x = ck.get(name, self.device)
                 check_finite(x, name, ck.path)
-                self.tensors[(ref, name)] = x
+                b = self.tensors.get((base, name)) if base and ref != base else None
+                if b is not None and x.is_floating_point() and x.shape == b.shape and x.dtype == b.dtype:
+                    self.task_vectors[(ref, name)] = x - b
+                else:
+                    self.tensors[(ref, name)] = x
             ck.close()
+        self._scratch: dict[torch.dtype, torch.Tensor] = {}
 
     def plan(self, recipe: Recipe) -> MergePlan:
         return plan_merge(recipe, models=self.models)
 
     def iter_candidate(
-        self, recipe: Recipe | list[Recipe], seed: int | None = None
+        self,
+        recipe: Recipe | list[Recipe],
+        seed: int | None = None,
+        targets: dict[str, torch.Tensor] | None = None,
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Output tensors of a recipe; a multi-stage recipe keeps its intermediates in memory."""
+        """Output tensors of a recipe; a multi-stage recipe keeps its intermediates in memory.
+        Where `targets` holds a matching tensor for an output, the output is written into it."""
         recipes = recipe if isinstance(recipe, list) else [recipe]
         added = []
         try:
@@ -471,11 +492,16 @@ class ResidentEngine:
                 plan = plan_merge(r, models=self.models)
                 if seed is not None:  # as a disk merge does, once per stage
                     seed_everything(seed)
-                if i == len(recipes) - 1:
-                    for task in plan.tasks:
-                        yield task.name, merge_tensor(plan, task, self._inputs(task))
+                last = i == len(recipes) - 1
+                out = {}
+                for task in plan.tasks:
+                    value = self._merge(plan, task, (targets or {}).get(task.name) if last else None)
+                    if last:
+                        yield task.name, value
+                    else:
+                        out[task.name] = value
+                if last:
                     return
-                out = {t.name: merge_tensor(plan, t, self._inputs(t)) for t in plan.tasks}
                 self.models[r.name] = _ResidentCheckpoint(self.models[plan.tokenizer_from], out, plan.config)
                 self.tensors.update({(r.name, k): v for k, v in out.items()})
                 added.append(r.name)
@@ -485,8 +511,47 @@ class ResidentEngine:
                 for key in [k for k in self.tensors if k[0] == name]:
                     del self.tensors[key]
 
-    def _inputs(self, task: TensorTask) -> list[torch.Tensor]:
-        return [self.tensors[(ref, self.models[ref].resolve(name))] for ref, name in task.inputs]
+    def _merge(self, plan: MergePlan, task: TensorTask, target: torch.Tensor | None) -> torch.Tensor:
+        keys = [(ref, self.models[ref].resolve(name)) for ref, name in task.inputs]
+        if not any(k in self.task_vectors for k in keys):
+            return merge_tensor(plan, task, [self.tensors[k] for k in keys])
+        base_key = keys[task.base] if task.base is not None else None
+        others = [k for i, k in enumerate(keys) if i != task.base]
+        if not (
+            plan.method.task_vectors
+            and base_key
+            and base_key[0] == self.base
+            and all(k in self.task_vectors for k in others)
+        ):
+            raise MergeSearchError(
+                f"{plan.method.name} with base {base_key[0] if base_key else None}: this engine holds task "
+                f"vectors against {self.base}; build ResidentEngine without base= for this recipe"
+            )
+        base = self.tensors[base_key]
+        taus = [self.task_vectors[k] for k in others]
+        if base.dtype != task.work_dtype:  # a recipe `dtype` that differs from the stored one
+            raise MergeSearchError(
+                f"tensor {task.name}: recipe dtype {task.work_dtype} differs from the resident "
+                f"{base.dtype}; load the engine's models in that dtype"
+            )
+        n = len(taus) * base.numel()
+        scratch = self._scratch.get(base.dtype)
+        if scratch is None or scratch.numel() < n:
+            scratch = self._scratch[base.dtype] = torch.empty(n, dtype=base.dtype, device=base.device)
+        out = (
+            target
+            if (
+                target is not None
+                and target.dtype == task.out_dtype == base.dtype
+                and target.shape == base.shape
+                and target.device == base.device
+            )
+            else None
+        )
+        value = plan.method.merge(
+            base, [], task_vectors=taus, scratch=scratch, out=out, **task.shared, **task.per_model
+        )
+        return value.to(task.out_dtype)
 
     def state_dict(self, recipe: Recipe | list[Recipe], seed: int | None = None) -> dict[str, torch.Tensor]:
         return dict(self.iter_candidate(recipe, seed))
@@ -499,13 +564,14 @@ class ResidentEngine:
         params = dict(model.named_parameters())
         params.update(dict(model.named_buffers()))
         tied = getattr(model.config, "tie_word_embeddings", False)
-        for name, value in self.iter_candidate(recipe, seed):
+        for name, value in self.iter_candidate(recipe, seed, targets=params):
             target = params.get(name)
             if target is None:
                 if tied and name == "lm_head.weight":
                     continue
                 raise MergeSearchError(f"tensor {name}: the live model has no such parameter")
-            target.copy_(value)
+            if value is not target:
+                target.copy_(value)
 
 
 class _ResidentCheckpoint(Checkpoint):

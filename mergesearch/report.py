@@ -125,6 +125,7 @@ def report(
         raise MergeSearchError(f"study {study!r} was not created by mergesearch search (no space recorded)")
     space = space_from_dict(raw, Path(path) if path and path != "None" else None)
     searcher = searcher or Searcher(space, device=device)
+    searcher.hold_models()  # baselines include methods that need the models, not task vectors
 
     df = trials_frame(s)
     _atomic_csv(df, out / "trials.csv")

@@ -25,6 +25,7 @@ import optuna
 from .engine import ResidentEngine
 from .errors import MergeSearchError
 from .evaluation import NativeEvaluator, configure_threads, find_task
+from .methods import METHODS
 from .modeling import load_model
 from .recipe import Recipe, dump_recipes
 from .space import BASELINES, SearchSpace
@@ -89,9 +90,16 @@ class Searcher:
     def __init__(self, space: SearchSpace, *, device: str = "cpu") -> None:
         configure_threads()
         self.space = space
+        self.device = device
         self.base_path = str(resolve_model(space.base, space.path))
         self.model_paths = [str(resolve_model(m, space.path)) for m in space.models]
-        self.engine = ResidentEngine(list(dict.fromkeys([self.base_path, *self.model_paths])), device=device)
+        # Task-vector methods only (and no sequential stages): keep τ = x − b resident instead of x.
+        gta_only = all(METHODS[m].task_vectors for m in space.methods) and space.order != "sequential"
+        self.engine = ResidentEngine(
+            list(dict.fromkeys([self.base_path, *self.model_paths])),
+            device=device,
+            base=self.base_path if gta_only else None,
+        )
         base_ck = self.engine.models[self.base_path]
         self.arch, self.num_layers = base_ck.arch, base_ck.num_layers or 1
         self.model, self.tok = load_model(self.base_path, device=device)
@@ -100,6 +108,14 @@ class Searcher:
         for t in self.tasks:
             t.check()
         self.directions = ["maximize" if t.higher_is_better else "minimize" for t in self.tasks]
+
+    def hold_models(self) -> None:
+        """Keep the models themselves resident (instead of task vectors), so any recipe can be
+        scored (the report scores linear and slerp baselines too). Frees the task vectors first."""
+        if self.engine.base is not None:
+            refs = list(self.engine.models)
+            self.engine = None
+            self.engine = ResidentEngine(refs, device=self.device)
 
     def recipes(self, values: dict[str, Any]) -> list[Recipe]:
         return self.space.recipes(values, self.arch, self.num_layers, self.base_path, self.model_paths)

@@ -59,6 +59,45 @@ def test_resident_candidates_equal_disk_merges(tiny, tmp_path, arch):
             assert torch.equal(mem[k], disk[k]), f"{name}: {k}"
 
 
+GTA = [
+    "task_arithmetic",
+    "ties",
+    "ties_unnormalized",
+    "dare_ties",
+    "dare_linear",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_task_vector_engine_writes_live_model_bit_for_bit(tiny, tmp_path, arch):
+    """Resident task vectors + scratch + writes into the live parameters == the disk merge."""
+    import transformers
+
+    rng = random.Random(1)
+    all_cases = cases(tiny, arch)
+    base = str(tiny[f"{arch}/base"])
+    refs = sorted({str(p) for k, p in tiny.items() if k.startswith(arch)})
+    engine = ResidentEngine(refs, base=base)
+    assert len(engine.task_vectors) == 3 * len([k for k in engine.tensors if k[0] == base])
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    for name in GTA:
+        (recipe,) = parse_recipes(yaml.safe_dump(_randomize(all_cases[name], rng)))
+        merge(recipe, tmp_path / name, seed=9)
+        engine.write_into(model, recipe, seed=9)
+        live = model.state_dict()
+        for k, v in load_weights(tmp_path / name).items():
+            assert torch.equal(live[k], v), f"{name}: {k}"
+    from mergesearch.errors import MergeSearchError
+
+    (linear,) = parse_recipes(yaml.safe_dump(all_cases["linear"]))
+    with pytest.raises(MergeSearchError, match="without base="):
+        engine.write_into(model, linear)
+
+
 def test_write_into_live_model_and_multistage(tiny, tmp_path):
     import transformers
 

@@ -33,6 +33,7 @@ class Method:
     max_models: int | None = None
     randomized: bool = False
     fp32_compute: bool = False  # computes in fp32 internally whatever the input dtype
+    task_vectors: bool = False  # also accepts task_vectors=, scratch=, out= (see task_arithmetic)
 
     @property
     def params(self) -> set[str]:
@@ -40,7 +41,20 @@ class Method:
 
 
 def _gta(sparsification: str | None, consensus: bool):
-    def merge(base, models, *, weight, density, normalize, rescale, generator=None, **kw):
+    def merge(
+        base,
+        models,
+        *,
+        weight,
+        density,
+        normalize,
+        rescale,
+        generator=None,
+        task_vectors=None,
+        scratch=None,
+        out=None,
+        **kw,
+    ):
         return generalized_task_arithmetic(
             base,
             models,
@@ -54,6 +68,9 @@ def _gta(sparsification: str | None, consensus: bool):
             gamma=kw.get("gamma"),
             epsilon=kw.get("epsilon"),
             generator=generator,
+            task_vectors=task_vectors,
+            scratch=scratch,
+            out=out,
         )
 
     return merge
@@ -70,6 +87,7 @@ def _gta_method(name, sparsification, consensus, normalize, rescale, extra=None)
         shared_params=shared,
         min_models=0,
         randomized=sparsification in ("random", "della"),
+        task_vectors=True,
     )
 
 

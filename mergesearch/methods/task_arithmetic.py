@@ -28,11 +28,12 @@ def combine(
     consensus: bool,
     normalize: bool,
     lambda_: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """b + λ · Σ_i m_i w_i τ̃_i / Σ_i m_i w_i (the division only when normalizing).
 
     `deltas` are the sparsified task vectors stacked on dim 0; `weights` is shaped to
-    broadcast against them. Modifies `deltas` in place.
+    broadcast against them. Modifies `deltas` in place; writes into `out` when given.
     """
     deltas.mul_(weights)
     if consensus:
@@ -48,6 +49,8 @@ def combine(
         mixed /= divisor
     if lambda_ != 1:
         mixed *= lambda_
+    if out is not None and mixed.dtype == base.dtype == out.dtype:
+        return torch.add(base, mixed, out=out)
     return (base + mixed).to(base.dtype)
 
 
@@ -65,13 +68,25 @@ def generalized_task_arithmetic(
     gamma: Sequence[float] | None = None,
     epsilon: Sequence[float] | None = None,
     generator: torch.Generator | None = None,
+    task_vectors: Sequence[torch.Tensor] | None = None,
+    scratch: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """b + λ·combine(sparsify(x_i − b, d_i) · w_i): the skeleton shared by the family."""
-    if not models:
+    """b + λ·combine(sparsify(x_i − b, d_i) · w_i): the skeleton shared by the family.
+
+    A search passes precomputed `task_vectors` (x_i − b, computed exactly so) instead of
+    `models`, a reusable `scratch` buffer and the live parameter as `out`: the arithmetic and
+    its order are the same, so the result is bit for bit the one computed from `models`.
+    """
+    n = len(task_vectors) if task_vectors is not None else len(models)
+    if not n:
         return base
-    deltas = base.new_empty((len(models), *base.shape))
-    for i, x in enumerate(models):
-        tau = x - base
+    if scratch is not None and scratch.dtype == base.dtype and scratch.numel() >= n * base.numel():
+        deltas = scratch[: n * base.numel()].view(n, *base.shape)
+    else:
+        deltas = base.new_empty((n, *base.shape))
+    for i in range(n):
+        tau = task_vectors[i] if task_vectors is not None else models[i] - base
         if sparsification == "magnitude":
             tau = sparsify.magnitude(tau, density[i], rescale)
         elif sparsification == "random":
@@ -83,4 +98,4 @@ def generalized_task_arithmetic(
         deltas[i] = tau
     w = torch.tensor(list(weight), dtype=deltas.dtype, device=deltas.device)
     w = w.reshape(-1, *([1] * base.dim()))
-    return combine(base, deltas, w, consensus=consensus, normalize=normalize, lambda_=lambda_)
+    return combine(base, deltas, w, consensus=consensus, normalize=normalize, lambda_=lambda_, out=out)
