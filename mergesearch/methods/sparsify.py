@@ -31,6 +31,11 @@ def _band_mask(w: torch.Tensor, lo_rank: int, hi_rank: int) -> torch.Tensor | No
     return mask if int(mask.sum()) == hi_rank - lo_rank + 1 else None
 
 
+def _few_ties(tau: torch.Tensor) -> bool:
+    """16-bit task vectors have so few distinct magnitudes that ties are the rule: sort those."""
+    return tau.dtype in (torch.float32, torch.float64)
+
+
 def magnitude(tau: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
     """Keep the k = max(1, ⌊d·N⌋) largest |τ| (TIES)."""
     if density >= 1:
@@ -42,7 +47,7 @@ def magnitude(tau: torch.Tensor, density: float, rescale: bool = False) -> torch
     w = tau.abs().reshape(-1)
     if w.device.type == "cpu":
         w = w.float()
-    band = _band_mask(w, n - k + 1, n)
+    band = _band_mask(w, n - k + 1, n) if _few_ties(tau) else None
     if band is not None:
         mask = band.to(tau.dtype)
     else:
@@ -63,7 +68,11 @@ def magnitude_outliers(
     w = tau.abs().reshape(-1)
     if w.device.type == "cpu":
         w = w.float()
-    band = _band_mask(w, n_bot + 1, n_bot + target) if 0 < target and n_bot + target <= n else None
+    band = (
+        _band_mask(w, n_bot + 1, n_bot + target)
+        if _few_ties(tau) and 0 < target and n_bot + target <= n
+        else None
+    )
     if band is not None:
         mask = band.to(tau.dtype)
     else:
