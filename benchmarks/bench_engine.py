@@ -93,29 +93,40 @@ def recipe_for(method: str, paths: list[str]):
 
 
 def memory(paths: list[str], dtype_name: str) -> None:
-    """Peak RSS of a search-like process (resident inputs + one live model + a candidate of every
-    method) above the RSS after imports, against the bound (2 + K) × model bytes + 10 %."""
+    """Resident memory of a search-like process (task-vector engine + one live model, a candidate
+    of every task-vector method) above the RSS after imports, in model sizes."""
     import transformers
 
     from mergesearch.engine import ResidentEngine
 
-    floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    floor = _vm("VmHWM")
     dtype = getattr(torch, dtype_name)
     engine = ResidentEngine(paths, base=paths[0])  # what a search over task-vector methods holds
     model = transformers.AutoModelForCausalLM.from_pretrained(paths[0], dtype=dtype)
+    model(torch.zeros(1, 4, dtype=torch.long))  # touch the live model's pages
     model_bytes = sum(
         v.numel() * v.element_size() for (ref, _), v in engine.tensors.items() if ref == paths[0]
     )
+    loaded = _vm("VmRSS") - floor
     for method in METHODS:
         if method != "linear":
             engine.write_into(model, recipe_for(method, paths), seed=0)
-    used = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - floor
+    peak, steady = _vm("VmHWM") - floor, _vm("VmRSS") - floor
     k = len(paths) - 1
     print(
-        f"| {dtype_name} | {model_bytes / 2**20:.0f} MiB | {used / 2**20:.0f} MiB | {used / model_bytes:.2f} | "
-        f"{2 + k} (+10 % = {(2 + k) * 1.1:.1f}) |",
+        f"| {dtype_name} | {model_bytes / 2**20:.0f} MiB | {loaded / model_bytes:.2f} | {peak / model_bytes:.2f} | "
+        f"{steady / model_bytes:.2f} | {(2 + k) * 1.1:.1f} |",
         flush=True,
     )
+
+
+def _vm(key: str) -> int:
+    """VmHWM / VmRSS of this process in bytes. (getrusage's ru_maxrss would include the RSS
+    the parent had when it forked this process: the models' generation peak.)"""
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(key)
 
 
 def main() -> None:
@@ -138,8 +149,10 @@ def main() -> None:
     if args.memory:
         import subprocess
 
-        print("| size | dtype | model | peak RSS above the imports | × model | bound (2 + K) |")
-        print("|---|---|---|---|---|---|")
+        print(
+            "| size | dtype | model | × model after loading | × model peak | × model after candidates | bound |"
+        )
+        print("|---|---|---|---|---|---|---|")
         for size in args.sizes.split(","):
             for dname in args.dtypes.split(","):
                 with tempfile.TemporaryDirectory() as tmp:

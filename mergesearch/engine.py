@@ -455,6 +455,7 @@ class ResidentEngine:
     ) -> None:
         self.device = torch.device(device)
         self.base = base
+        _return_freed_memory()
         self.models = {ref: Checkpoint(resolve_path(ref), allow_pickle=allow_pickle) for ref in recipe_models}
         if base is not None and base not in self.models:
             raise MergeSearchError(f"ResidentEngine: base {base} is not among the models")
@@ -468,7 +469,8 @@ class ResidentEngine:
                 check_finite(x, name, ck.path)
                 b = self.tensors.get((base, name)) if base and ref != base else None
                 if b is not None and x.is_floating_point() and x.shape == b.shape and x.dtype == b.dtype:
-                    self.task_vectors[(ref, name)] = x - b
+                    # in place: the same rounding as x − b, without a second copy of the model
+                    self.task_vectors[(ref, name)] = x.sub_(b) if x.device == b.device else x - b
                 else:
                     self.tensors[(ref, name)] = x
             ck.close()
@@ -572,6 +574,19 @@ class ResidentEngine:
                 raise MergeSearchError(f"tensor {name}: the live model has no such parameter")
             if value is not target:
                 target.copy_(value)
+
+
+def _return_freed_memory() -> None:
+    """Ask glibc to mmap every allocation above 1 MiB, so freed candidate temporaries go back to
+    the OS instead of fragmenting the heap (the memory bound is about resident bytes)."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        except OSError:  # not glibc
+            pass
 
 
 class _ResidentCheckpoint(Checkpoint):
