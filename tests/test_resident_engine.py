@@ -120,3 +120,23 @@ def test_write_into_live_model_and_multistage(tiny, tmp_path):
     for k, v in disk.items():
         assert torch.equal(live[k], v), k
     assert "ab" not in engine.models  # intermediates are dropped after the candidate
+
+
+def test_dare_candidates_share_their_draws(tiny):
+    """Reseeded per candidate, DARE's Bernoulli draws are common random numbers: a lower density
+    keeps a subset of what a higher one keeps, in every tensor, so two candidates differ by their
+    coefficients, not by noise — under mergekit's own RNG contract (what the exported recipe gets)."""
+    base, ft = str(tiny["llama/base"]), str(tiny["llama/ft0"])
+    engine = ResidentEngine([base, ft], base=base)
+
+    def kept(density: float) -> dict[str, torch.Tensor]:
+        (r,) = parse_recipes(yaml.safe_dump({
+            "merge_method": "dare_linear", "base_model": base,
+            "models": [{"model": ft, "parameters": {"weight": 1.0, "density": density}}]}))
+        out = engine.state_dict(r, seed=0)
+        return {k: (v - engine.tensors[(base, k)]) != 0 for k, v in out.items()}
+
+    low, high = kept(0.3), kept(0.6)
+    for k in low:
+        assert not bool((low[k] & ~high[k]).any()), k
+        assert low[k].sum() < high[k].sum(), k
