@@ -243,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the rows as JSON for scripts")
     e.set_defaults(func=_cmd_eval)
 
+    def run_flags(sp) -> None:
+        sp.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
     def storage_flags(sp, study_required: bool):
         sp.add_argument(
             "--storage",
@@ -276,8 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="optimizer (default: the space's; auto = CMA-ES for one objective, NSGA-II for several)",
     )
     se.add_argument("--seed", type=int, default=None, help="sampler seed (default: the space's)")
-    se.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    se.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    run_flags(se)
     se.set_defaults(func=_cmd_search)
 
     w = sub.add_parser(
@@ -291,8 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--trials", type=int, default=None, help="total finished trials (default: the study's budget)"
     )
     w.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
-    w.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    w.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    run_flags(w)
     w.set_defaults(func=_cmd_worker)
 
     r = sub.add_parser(

@@ -14,6 +14,7 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str | None = None):
     """(model, tokenizer) from a local folder; never runs remote code, never downloads."""
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()  # a per-file bar for a tiny load is noise
     p = Path(path)
     if not (p / "config.json").is_file():
         raise MergeSearchError(f"{p}: not a model folder (no config.json)")

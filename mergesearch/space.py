@@ -13,12 +13,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .architecture import Architecture
 from .errors import MergeSearchError
 from .methods.registry import METHODS, get_method
 from .recipe import Recipe, Source
+from .yaml_files import read_mapping
 
 KEYS = {
     "name",
@@ -296,16 +295,7 @@ def _range(v: Any, where: str) -> Range:
 
 
 def load_space(path: str | Path) -> SearchSpace:
-    p = Path(path)
-    if not p.is_file():
-        raise MergeSearchError(f"{p}: search space file does not exist")
-    try:
-        d = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise MergeSearchError(f"{p}: not valid YAML ({e})") from e
-    if not isinstance(d, dict):
-        raise MergeSearchError(f"{p}: expected a mapping")
-    return space_from_dict(d, p)
+    return space_from_dict(read_mapping(path, "search space file"), Path(path))
 
 
 def space_from_dict(d: dict, p: Path | None = None) -> SearchSpace:

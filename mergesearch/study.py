@@ -210,6 +210,7 @@ def create_or_load(
     objective_names: list[str],
 ) -> optuna.Study:
     storage = open_storage(storage_url, study)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress bar says what happens
     fingerprint = space.fingerprint()
     try:
         existing = optuna.load_study(study_name=study, storage=storage)

@@ -181,31 +181,31 @@ def assert_same(ours: Path, theirs: Path, exact: bool) -> None:
             assert diff <= tol, f"{k}: max diff {diff} > {tol}"
 
 
+CASE_NAMES = [
+    "linear",
+    "linear_unnormalized",
+    "slerp_slices",
+    "nuslerp",
+    "nuslerp_rowwise_nobase",
+    "model_stock",
+    "passthrough_frankenmerge",
+    "task_arithmetic",
+    "ties",
+    "ties_unnormalized",
+    "dare_ties",
+    "dare_linear",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+]
+# the task-vector family (what a ResidentEngine with base= can run)
+GTA_CASES = CASE_NAMES[CASE_NAMES.index("task_arithmetic") :]
 RANDOMIZED = {"dare_ties", "dare_linear", "della", "della_linear"}
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-@pytest.mark.parametrize(
-    "case",
-    [
-        "linear",
-        "linear_unnormalized",
-        "slerp_slices",
-        "nuslerp",
-        "nuslerp_rowwise_nobase",
-        "model_stock",
-        "passthrough_frankenmerge",
-        "task_arithmetic",
-        "ties",
-        "ties_unnormalized",
-        "dare_ties",
-        "dare_linear",
-        "breadcrumbs",
-        "breadcrumbs_ties",
-        "della",
-        "della_linear",
-    ],
-)
+@pytest.mark.parametrize("case", CASE_NAMES)
 def test_matches_mergekit(tiny, tmp_path, arch, case):
     config = cases(tiny, arch)[case]
     run_mergekit(config, tmp_path / "mk")

@@ -10,25 +10,10 @@ import yaml
 
 from mergesearch.engine import ResidentEngine, merge
 from mergesearch.recipe import parse_recipes
-from tests.test_merge_vs_mergekit import cases
+from tests.test_merge_vs_mergekit import CASE_NAMES, GTA_CASES, cases
 from tests.tiny_models import load_weights
 
-CASES = [
-    "linear",
-    "slerp_slices",
-    "nuslerp",
-    "model_stock",
-    "passthrough_frankenmerge",
-    "task_arithmetic",
-    "ties",
-    "ties_unnormalized",
-    "dare_ties",
-    "dare_linear",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-    "della",
-    "della_linear",
-]
+CASES = [c for c in CASE_NAMES if c not in ("linear_unnormalized", "nuslerp_rowwise_nobase")]
 
 
 def _randomize(config: dict, rng: random.Random) -> dict:
@@ -59,17 +44,7 @@ def test_resident_candidates_equal_disk_merges(tiny, tmp_path, arch):
             assert torch.equal(mem[k], disk[k]), f"{name}: {k}"
 
 
-GTA = [
-    "task_arithmetic",
-    "ties",
-    "ties_unnormalized",
-    "dare_ties",
-    "dare_linear",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-    "della",
-    "della_linear",
-]
+GTA = GTA_CASES
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -130,9 +105,15 @@ def test_dare_candidates_share_their_draws(tiny):
     engine = ResidentEngine([base, ft], base=base)
 
     def kept(density: float) -> dict[str, torch.Tensor]:
-        (r,) = parse_recipes(yaml.safe_dump({
-            "merge_method": "dare_linear", "base_model": base,
-            "models": [{"model": ft, "parameters": {"weight": 1.0, "density": density}}]}))
+        (r,) = parse_recipes(
+            yaml.safe_dump(
+                {
+                    "merge_method": "dare_linear",
+                    "base_model": base,
+                    "models": [{"model": ft, "parameters": {"weight": 1.0, "density": density}}],
+                }
+            )
+        )
         out = engine.state_dict(r, seed=0)
         return {k: (v - engine.tensors[(base, k)]) != 0 for k, v in out.items()}
 

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from ..errors import MergeSearchError
+from ..yaml_files import read_mapping
 
 METRICS = ("exact_match", "multiple_choice", "perplexity")
 KEYS = {
@@ -195,14 +195,7 @@ def _load_records(task: Task, split: str) -> list[dict]:
 
 def load_task(path: str | Path) -> Task:
     p = Path(path)
-    if not p.is_file():
-        raise MergeSearchError(f"{p}: task file does not exist")
-    try:
-        d = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise MergeSearchError(f"{p}: not valid YAML ({e})") from e
-    if not isinstance(d, dict):
-        raise MergeSearchError(f"{p}: expected a mapping")
+    d = read_mapping(p, "task file")
     for k in d:
         if k not in KEYS:
             raise MergeSearchError(f"{p}: unknown key {k!r}; task files take {', '.join(sorted(KEYS))}")
