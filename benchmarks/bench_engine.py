@@ -95,15 +95,12 @@ def recipe_for(method: str, paths: list[str]):
 def memory(paths: list[str], dtype_name: str) -> None:
     """Resident memory of a search-like process (task-vector engine + one live model, a candidate
     of every task-vector method) above the RSS after imports, in model sizes."""
-    import transformers
 
     from mergesearch.engine import ResidentEngine
 
     floor = _vm("VmHWM")
-    dtype = getattr(torch, dtype_name)
     engine = ResidentEngine(paths, base=paths[0])  # what a search over task-vector methods holds
-    model = transformers.AutoModelForCausalLM.from_pretrained(paths[0], dtype=dtype)
-    model(torch.zeros(1, 4, dtype=torch.long))  # touch the live model's pages
+    model = _live(paths[0], engine)
     model_bytes = sum(
         v.numel() * v.element_size() for (ref, _), v in engine.tensors.items() if ref == paths[0]
     )
@@ -118,6 +115,13 @@ def memory(paths: list[str], dtype_name: str) -> None:
         f"{steady / model_bytes:.2f} | {(2 + k) * 1.1:.1f} |",
         flush=True,
     )
+
+
+def _live(base: str, engine):
+    """The live model as a search builds it (from config, parameters copied from the engine)."""
+    from mergesearch.modeling import live_model
+
+    return live_model(base, {n: t for (ref, n), t in engine.tensors.items() if ref == base})
 
 
 def _vm(key: str) -> int:
@@ -229,9 +233,16 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 3 and sys.argv[1] == "--_memory-one":
-        import transformers  # noqa: F401  (imported before the floor is read)
+        import transformers
 
         import mergesearch.engine  # noqa: F401
+
+        # import the model code (transformers loads it lazily) before the floor is read
+        transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(
+                vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1
+            )
+        )
 
         memory(sys.argv[3:], sys.argv[2])
     else:

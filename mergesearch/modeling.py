@@ -18,17 +18,51 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str | None = None):
     p = Path(path)
     if not (p / "config.json").is_file():
         raise MergeSearchError(f"{p}: not a model folder (no config.json)")
+    tok = load_tokenizer(p)
+    kw = {"dtype": parse_dtype(dtype)} if dtype else {"dtype": torch.float32}
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(p), local_files_only=True, trust_remote_code=False, **kw
+    )
+    model.to(device).eval()
+    return model, tok
+
+
+def load_tokenizer(path: str | Path):
+    """The folder's tokenizer, with a pad token; a clear error when it has no tokenizer files."""
+    import transformers
+
+    p = Path(path)
     if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         raise MergeSearchError(
             f"{p}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json); "
             "copy them from the base model"
         )
     tok = transformers.AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
-    kw = {"dtype": parse_dtype(dtype)} if dtype else {"dtype": torch.float32}
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(p), local_files_only=True, trust_remote_code=False, **kw
-    )
-    model.to(device).eval()
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    return model, tok
+    return tok
+
+
+def live_model(path: str | Path, weights: dict[str, torch.Tensor], device: str = "cpu"):
+    """A model whose parameters are copies of `weights` (an engine's resident base),
+    built from config.json without reading or memory-mapping the checkpoint a second time, so a
+    search holds the model once as the live model and once as the engine's base, nothing more."""
+    import transformers
+
+    p = Path(path)
+    config = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
+    dtype = next(iter(weights.values())).dtype
+    try:  # skip random initialization: every parameter is overwritten below
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers: initialize, then overwrite
+        from contextlib import nullcontext as no_init_weights
+    with no_init_weights():
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    model.to(device)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in weights:
+                param.copy_(weights[name])
+            elif not (getattr(config, "tie_word_embeddings", False) and name == "lm_head.weight"):
+                raise MergeSearchError(f"{p}: tensor {name} of the model is missing from the checkpoint")
+    return model.eval()

@@ -26,7 +26,7 @@ from .engine import ResidentEngine
 from .errors import MergeSearchError
 from .evaluation import NativeEvaluator, configure_threads, find_task
 from .methods import METHODS
-from .modeling import load_model
+from .modeling import live_model, load_tokenizer
 from .recipe import Recipe, dump_recipes
 from .space import BASELINES, SearchSpace
 
@@ -102,7 +102,9 @@ class Searcher:
         )
         base_ck = self.engine.models[self.base_path]
         self.arch, self.num_layers = base_ck.arch, base_ck.num_layers or 1
-        self.model, self.tok = load_model(self.base_path, device=device)
+        base_weights = {name: t for (ref, name), t in self.engine.tensors.items() if ref == self.base_path}
+        self.model = live_model(self.base_path, base_weights, device=device)
+        self.tok = load_tokenizer(self.base_path)
         self.evaluator = NativeEvaluator(self.model, self.tok)
         self.tasks = [find_task(t) for t in space.tasks]
         for t in self.tasks:
