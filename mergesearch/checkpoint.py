@@ -89,6 +89,10 @@ class Checkpoint:
         self._open: dict[Path, Any] = {}
         self._allow_pickle = allow_pickle
         self._index()
+        layers = [i for i in map(self.arch.layer_of, self.meta) if i is not None]
+        if layers and self.num_layers != max(layers) + 1:
+            # an unfamiliar config key, or a config that disagrees with the weights: trust the weights
+            self.num_layers = max(layers) + 1
 
     # -- indexing -------------------------------------------------------------------
     def _index(self) -> None:

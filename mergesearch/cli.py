@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -97,12 +98,14 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from .study import load_study_space, run_search
 
     space = load_study_space(args.study, args.storage)
+    seed = space.seed + os.getpid()  # workers must not propose the same points as each other
     study = run_search(
         space,
         study=args.study,
         storage=args.storage,
         trials=args.trials,
         timeout=args.timeout,
+        seed=seed,
         device=args.device,
         progress=not args.quiet,
     )

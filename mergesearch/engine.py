@@ -140,7 +140,7 @@ def plan_merge(
         where = f"slices[{i}]" if recipe.slices is not None else "models"
         if method.base == "required" and not base:
             raise MergeSearchError(f"merge_method {method.name} needs a base_model; add base_model: <path>")
-        if method.base in ("required",) and base not in names:
+        if method.base == "required" and base not in names:
             raise MergeSearchError(f"{where}: base_model {base} is not among the inputs")
         n = len(names) - (1 if method.base in ("required", "optional") and base in names else 0)
         if n < method.min_models or (method.max_models is not None and n > method.max_models):

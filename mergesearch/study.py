@@ -272,8 +272,8 @@ def run_search(
     if not multi:
         s.pruner = optuna.pruners.PercentilePruner(50.0, n_startup_trials=8, n_warmup_steps=0)
     _fail_dead_trials(s)
-    if space.baselines and "baselines_scored" not in s.user_attrs:
-        _record_baselines(s, searcher)
+    if space.baselines and "baselines_enqueued" not in s.user_attrs:
+        _enqueue_baselines(s, searcher)
     artifacts = _artifact_store(study_name)
     objective = _Objective(searcher, s, multi, artifacts)
     # The budget is the study's: running the command again (or another worker) continues
@@ -313,7 +313,7 @@ def _artifact_store(study: str):
     return FileSystemArtifactStore(str(d))
 
 
-def _record_baselines(s: optuna.Study, searcher: Searcher) -> None:
+def _enqueue_baselines(s: optuna.Study, searcher: Searcher) -> None:
     """Enqueue the known recipes the space can express, tagged, so they run first."""
     enq = {}
     for name in BASELINES:
@@ -322,7 +322,6 @@ def _record_baselines(s: optuna.Study, searcher: Searcher) -> None:
             s.enqueue_trial({k: v for k, v in values.items()}, user_attrs={"baseline": name})
             enq[name] = values
     s.set_user_attr("baselines_enqueued", list(enq))
-    s.set_user_attr("baselines_scored", True)
 
 
 class _Objective:
