@@ -8,6 +8,7 @@ import shutil
 import struct
 import tempfile
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,7 @@ class Checkpoint:
         self._open: dict[Path, Any] = {}
         self._allow_pickle = allow_pickle
         self._index()
-        layers = [i for i in map(self.arch.layer_of, self.meta) if i is not None]
+        layers = [i for i in self.by_layer if i is not None]
         if layers and self.num_layers != max(layers) + 1:
             # an unfamiliar config key, or a config that disagrees with the weights: trust the weights
             self.num_layers = max(layers) + 1
@@ -159,6 +160,14 @@ class Checkpoint:
             raise MergeSearchError(
                 f"{f}: truncated ({size} bytes, header promises {8 + n + end}); re-download or re-save it"
             )
+        return out
+
+    @cached_property
+    def by_layer(self) -> dict[int | None, list[str]]:
+        """Tensor names grouped by layer index (None: outside the layers), in stored order."""
+        out: dict[int | None, list[str]] = {}
+        for name in self.meta:
+            out.setdefault(self.arch.layer_of(name), []).append(name)
         return out
 
     # -- reading --------------------------------------------------------------------

@@ -256,16 +256,8 @@ def plan_merge(
             )
         )
 
-    layer_names: dict[int, list[str]] = {}
-    non_layer: list[str] = []
-    for name in ref.meta:
-        layer = arch.layer_of(name)
-        if layer is None:
-            non_layer.append(name)
-        else:
-            layer_names.setdefault(layer, []).append(name)
     # Tied models store no lm_head; mergekit then writes none either.
-    for name in non_layer:
+    for name in ref.by_layer.get(None, []):
         pre = arch.component_of(name) == "embedding"
         sl = slices[0] if pre else slices[-1]
         add(name, sl, [name] * len(sl.sources), 0.0)
@@ -275,7 +267,7 @@ def plan_merge(
         for idx in range(n):
             t = idx / (n - 1) if n > 1 else 1.0
             first = models[sl.sources[0].model]
-            names = [nm for nm in first.meta if first.arch.layer_of(nm) == start + idx]
+            names = first.by_layer.get(start + idx, [])
             if not names:
                 raise MergeSearchError(f"{first.path}: has no layer {start + idx}; check layer_range")
             for nm in names:
