@@ -1,8 +1,10 @@
 """mergesearch: learn model-merge coefficients.
 
-Pipeline: recipe → engine → evaluation → study → report. Each stage is one module:
-`recipe` (mergekit YAML), `engine` (disk merge), `methods` (the math), `checkpoint`
-(Hugging Face folders), `architecture` (tensor name → layer and component).
+The pipeline, one module (or subpackage) per concept:
+recipe (mergekit YAML) → engine (disk merge, resident candidates; math in `methods`) →
+evaluation (tasks, native harness, lm-eval) → study (search spaces in `space`, Optuna) →
+report (tables, plots, held-out scores, mergekit export). `checkpoint` and `architecture`
+read and write Hugging Face folders; `zoo` builds the demo models; `cli` is a thin shell.
 """
 
 from .errors import MergeSearchError
