@@ -270,3 +270,77 @@ def test_bad_search_input(zoo, tmp_path, results):
         run_search(load_space(changed), trials=3, progress=False)
     p = cli(tmp_path, "search", str(changed), check=False)
     assert p.returncode == 2 and "different search space" in p.stderr and "Traceback" not in p.stderr
+
+
+def _initdb() -> str | None:
+    import glob
+    import shutil
+
+    return shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))), None)
+
+
+@pytest.fixture
+def postgres():
+    """A throwaway PostgreSQL server on 127.0.0.1 (initdb/pg_ctl of the machine's PostgreSQL)."""
+    initdb = _initdb()
+    if initdb is None:
+        pytest.skip("PostgreSQL server binaries (initdb) are not installed on this machine")
+    import shutil
+    import tempfile
+
+    bindir = Path(initdb).parent
+    # pytest's tmp_path is private to root (0700); the server runs as the postgres user
+    root = Path(tempfile.mkdtemp(prefix="mergesearch-pg-"))
+    os.chmod(root, 0o755)
+    data = root / "data"
+    data.mkdir()
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_user:
+        uid = int(subprocess.check_output(["id", "-u", "postgres"]))
+        gid = int(subprocess.check_output(["id", "-g", "postgres"]))
+        os.chown(data, uid, gid)
+    port = _free_port()
+    subprocess.run(
+        [*as_user, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            *as_user,
+            str(bindir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-w",
+            "-l",
+            str(data / "log"),
+            "-o",
+            f"-p {port} -k {data} -c listen_addresses=127.0.0.1",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        subprocess.run(
+            ["psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-c", "CREATE DATABASE optuna"],
+            check=True,
+            capture_output=True,
+        )
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/optuna"
+    finally:
+        subprocess.run(
+            [*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True
+        )
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_postgres_study_with_a_worker(zoo, tmp_path, postgres):
+    """The storage for several machines: a search and a worker process on one PostgreSQL study."""
+    space = write_space(tmp_path, name="pg", trials=8)
+    cli(tmp_path, "search", str(space), "--storage", postgres, "--trials", "3", "-q")
+    cli(tmp_path, "worker", "--storage", postgres, "--study", "pg", "--trials", "8", "-q")
+    ts = trials(postgres, "pg")
+    assert len(ts) >= 8 and all(t.state.is_finished() for t in ts)
+    assert sorted(t.number for t in ts) == list(range(len(ts)))
+    assert len({t.user_attrs.get("worker") for t in ts}) == 2
