@@ -15,7 +15,6 @@ import socket
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,15 +72,6 @@ def resolve_model(ref: str, space_path: Path | None) -> Path:
     if not p.is_dir():
         raise MergeSearchError(f"model {ref}: folder does not exist")
     return p.resolve()
-
-
-@dataclass
-class Candidate:
-    recipes: list[Recipe]
-    scores: dict[str, float]
-    n: dict[str, int]
-    merge_s: float
-    eval_s: float
 
 
 class Searcher:
