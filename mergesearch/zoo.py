@@ -300,6 +300,9 @@ def build_zoo(
 
 
 def _save(model, tok, path: Path) -> None:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # a one-file "writing shards" bar is noise
     model.save_pretrained(str(path))
     tok.save_pretrained(str(path))
 
