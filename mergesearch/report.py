@@ -22,8 +22,8 @@ import pandas as pd
 from .errors import MergeSearchError
 from .evaluation.native import TaskResult, bootstrap_ci
 from .recipe import Recipe, Source, dump_recipes, parse_recipes
-from .space import BASELINES, baseline_recipe, space_from_dict
-from .study import MERGE_SEED, Searcher, open_storage, study_dir
+from .space import BASELINES, baseline_recipe
+from .study import MERGE_SEED, Searcher, open_storage, space_of, study_dir
 
 
 def load(study: str, storage: str | None = None) -> optuna.Study:
@@ -119,11 +119,7 @@ def report(
     s = load(study, storage)
     out = Path(out) if out else study_dir(study)
     out.mkdir(parents=True, exist_ok=True)
-    space_attr = s.user_attrs.get("space") or {}
-    raw, path = space_attr.get("raw"), space_attr.get("path")
-    if not raw:
-        raise MergeSearchError(f"study {study!r} was not created by mergesearch search (no space recorded)")
-    space = space_from_dict(raw, Path(path) if path and path != "None" else None)
+    space = space_of(s)
     searcher = searcher or Searcher(space, device=device)
     searcher.hold_models()  # baselines include methods that need the models, not task vectors
 

@@ -111,7 +111,8 @@ class SearchSpace:
     def stages(self) -> int:
         return len(self.models) - 1 if self.order == "sequential" else 1
 
-    def stage_models(self, stage: int) -> int:
+    @property
+    def models_per_stage(self) -> int:
         return 2 if self.order == "sequential" else len(self.models)
 
     def suggest(self, trial, num_layers: int) -> dict[str, Any]:
@@ -126,7 +127,7 @@ class SearchSpace:
             sp = f"s{s}." if self.stages > 1 else ""
             for name, rng in self.parameters.items():
                 if name in m.model_params:
-                    for i in range(self.stage_models(s)):
+                    for i in range(self.models_per_stage):
                         for c in self.components:
                             for g in range(len(groups)):
                                 key = f"{sp}{name}.{i}.{c}.{g}"

@@ -8,7 +8,6 @@ user attribute and as an Optuna artifact under results/<study>/artifacts).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import socket
@@ -177,20 +176,27 @@ def _alive(pid: int) -> bool:
 
 
 def load_study_space(study: str, storage: str | None) -> SearchSpace:
-    """The search space a study was created with (for workers and reports)."""
-    from .space import space_from_dict
-
+    """The search space a study was created with (for workers)."""
     try:
         s = optuna.load_study(study_name=study, storage=open_storage(storage, study))
     except KeyError as e:
         raise MergeSearchError(
             f"study {study!r} does not exist in that storage; start it with mergesearch search"
         ) from e
-    raw = (s.user_attrs.get("space") or {}).get("raw")
-    if not raw:
-        raise MergeSearchError(f"study {study!r} was not created by mergesearch search (no space recorded)")
-    path = s.user_attrs["space"].get("path")
-    return space_from_dict(raw, Path(path) if path and path != "None" else None)
+    return space_of(s)
+
+
+def space_of(s: optuna.Study) -> SearchSpace:
+    """The space recorded in a study: its YAML as written, and where it was read from."""
+    from .space import space_from_dict
+
+    recorded = s.user_attrs.get("space") or {}
+    if not recorded.get("raw"):
+        raise MergeSearchError(
+            f"study {s.study_name!r} was not created by mergesearch search (no space recorded)"
+        )
+    path = recorded.get("path")
+    return space_from_dict(recorded["raw"], Path(path) if path else None)
 
 
 def create_or_load(
@@ -217,9 +223,7 @@ def create_or_load(
         return existing
     s = optuna.create_study(study_name=study, storage=storage, directions=directions)
     s.set_user_attr("space_fingerprint", fingerprint)
-    s.set_user_attr(
-        "space", json.loads(json.dumps(space.__dict__, default=lambda o: getattr(o, "__dict__", str(o))))
-    )
+    s.set_user_attr("space", {"raw": space.raw, "path": str(space.path) if space.path else None})
     s.set_user_attr("objective_names", objective_names)
     s.set_user_attr("merge_seed", MERGE_SEED)
     with warnings.catch_warnings():  # metric names are "experimental"; the dashboard shows them
