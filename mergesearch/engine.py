@@ -33,6 +33,7 @@ from .checkpoint import (
 from .errors import MergeSearchError
 from .methods.registry import REQUIRED, Method, get_method
 from .recipe import Recipe, Slice, Source, dump_recipes, evaluate_setting, load_recipes
+from .task_vector_bank import TaskVectorBank
 
 
 @dataclass
@@ -434,6 +435,11 @@ class ResidentEngine:
 
     Randomized methods draw from the global RNG reseeded per candidate, in the same order as a
     disk merge, so a candidate equals `merge(recipe, seed=...)` bit for bit.
+
+    Task-vector candidates go through a `TaskVectorBank` (chunked, with the work candidates
+    share cached) wherever its result is mergekit's bit for bit. With `exact=False` (what a search
+    uses) they always do: DARE and DELLA then draw from the bank, reproducible per (seed,
+    tensor, model position) and common to all candidates, instead of torch's RNG.
     """
 
     def __init__(
@@ -444,9 +450,14 @@ class ResidentEngine:
         resolve_path: Callable[[str], Path] = Path,
         device: str | torch.device = "cpu",
         allow_pickle: bool = False,
+        exact: bool = True,
+        seed: int = 0,
     ) -> None:
         self.device = torch.device(device)
         self.base = base
+        self.exact = exact
+        self.bank = TaskVectorBank(seed)
+        self._position = {ref: i for i, ref in enumerate(recipe_models)}  # names the bank's draws
         _return_freed_memory()
         self.models = {ref: Checkpoint(resolve_path(ref), allow_pickle=allow_pickle) for ref in recipe_models}
         if base is not None and base not in self.models:
@@ -528,10 +539,6 @@ class ResidentEngine:
                 f"tensor {task.name}: recipe dtype {task.work_dtype} differs from the resident "
                 f"{base.dtype}; load the engine's models in that dtype"
             )
-        n = len(taus) * base.numel()
-        scratch = self._scratch.get(base.dtype)
-        if scratch is None or scratch.numel() < n:
-            scratch = self._scratch[base.dtype] = torch.empty(n, dtype=base.dtype, device=base.device)
         out = (
             target
             if (
@@ -542,6 +549,25 @@ class ResidentEngine:
             )
             else None
         )
+        m, p, per = plan.method, task.shared, task.per_model
+        gta = dict(
+            weight=per["weight"],
+            density=per["density"],
+            sparsification=m.sparsification,
+            consensus=m.consensus,
+            normalize=p["normalize"],
+            rescale=p["rescale"],
+            lambda_=p.get("lambda", 1.0),
+            gamma=per.get("gamma"),
+            epsilon=per.get("epsilon"),
+        )
+        names = [f"{self._position[ref]}:{name}" for ref, name in others]
+        if not self.exact or self.bank.exact_for(names, taus, **gta):
+            return self.bank.merge(names, base, taus, out=out, **gta).to(task.out_dtype)
+        n = len(taus) * base.numel()
+        scratch = self._scratch.get(base.dtype)
+        if scratch is None or scratch.numel() < n:
+            scratch = self._scratch[base.dtype] = torch.empty(n, dtype=base.dtype, device=base.device)
         value = plan.method.merge(
             base, [], task_vectors=taus, scratch=scratch, out=out, **task.shared, **task.per_model
         )

@@ -34,6 +34,8 @@ class Method:
     randomized: bool = False
     fp32_compute: bool = False  # computes in fp32 internally whatever the input dtype
     task_vectors: bool = False  # also accepts task_vectors=, scratch=, out= (see task_arithmetic)
+    sparsification: str | None = None  # task-vector family: which sparsifier ...
+    consensus: bool = False  # ... and whether signs are elected
 
     @property
     def params(self) -> set[str]:
@@ -88,6 +90,8 @@ def _gta_method(name, sparsification, consensus, normalize, rescale, extra=None)
         min_models=0,
         randomized=sparsification in ("random", "della"),
         task_vectors=True,
+        sparsification=sparsification,
+        consensus=consensus,
     )
 
 

@@ -96,7 +96,11 @@ def della_ranks(tau: torch.Tensor) -> torch.Tensor:
     """Per-row normalized magnitude rank in [0, 1] (rows along dim 1; 1-D is one row)."""
     work = _work_dtype(tau)
     t = tau.unsqueeze(0) if tau.dim() < 2 else tau
-    ranks = torch.argsort(torch.argsort(t.abs(), dim=1, descending=False), dim=1).to(work) + 1
+    # mergekit takes argsort(argsort(|τ|)); scattering positions through the first argsort
+    # gives the same inverse permutation with one sort
+    order = torch.argsort(t.abs(), dim=1, descending=False)
+    positions = torch.arange(t.shape[1], device=t.device).view([1, -1] + [1] * (t.dim() - 2))
+    ranks = torch.empty_like(order).scatter_(1, order, positions.expand_as(order)).to(work) + 1
     lo = ranks.min(dim=1, keepdim=True).values
     hi = ranks.max(dim=1, keepdim=True).values
     return ((ranks - lo) / (hi - lo)).clamp(0, 1)

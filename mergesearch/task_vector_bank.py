@@ -1,0 +1,406 @@
+"""Task vectors held for a whole study, and the work that candidates share.
+
+A search builds hundreds of candidates from the same τ_i = x_i − b. What depends only on τ is
+done once and cached here: ‖τ‖₁; the magnitude cut of each rank window (TIES, breadcrumbs),
+after which a new density is a comparison, not a sort; and the uniform draws of DARE and DELLA,
+a fixed function of (seed, tensor name, model position), so that two candidates differ by their
+coefficients, never by noise (a lower density keeps a subset of a higher one). A candidate is
+built in chunks of `chunk` elements through the same `combine` as the exact path: temporaries stay
+in cache, and memory above the resident tensors is O(K·chunk), not K copies of a tensor.
+
+How this relates to mergekit 0.1.5 (NOTES.md, "Shared work"):
+- task_arithmetic, and ties / breadcrumbs(_ties) without `rescale`, equal mergekit bit for bit,
+  except where equal magnitudes straddle a cut: mergekit's result then depends on the order its
+  unstable argsort gives ties, here the lower flat index goes first. `exact_for` says which case
+  a call is in; the exact engine uses this path only then.
+- DARE and DELLA keep mergekit's probabilities (DELLA's per-row ranks too) and its L1 rescale, but
+  draw from this bank instead of torch's global RNG: mergekit's model of an exported recipe is
+  another draw of the same distribution, so reports score that model (the exact engine) again.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from .methods import sparsify
+
+CHUNK = 1 << 18  # elements per chunk: few enough to stay in cache, many enough to amortize each op
+_TABLE = 1 << 18  # entries of each uniform table (1 MiB)
+_SAMPLE = 4096  # sorted magnitudes kept per (tensor, model) to bracket a rank
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Ranks [r0, r1) of |τ| in (value, flat index) order, as values and tie positions:
+    keep a when lo < a < hi, a == lo from its `skip_lo`-th tie on, a == hi before its `keep_hi`-th."""
+
+    lo: float
+    hi: float
+    skip_lo: int
+    keep_hi: int
+    partial: bool  # whether a tie group is split (then tie positions decide)
+    top: bool  # whether the window reaches the largest |τ| (no upper comparison needed)
+
+    def tie_groups(self) -> list[tuple[float, int, float]]:
+        """(value, first kept tie position, end of kept positions) of the groups at the bounds."""
+        if self.lo == self.hi:
+            return [(self.lo, self.skip_lo, self.keep_hi)]
+        return [(self.lo, self.skip_lo, math.inf), (self.hi, 0, self.keep_hi)]
+
+
+class TaskVectorBank:
+    """Cached norms, cuts and draws per task vector, each named by a key such as
+    "1:model.layers.0.mlp.up_proj.weight" (the model's position and the tensor's name)."""
+
+    def __init__(self, seed: int = 0, chunk: int = CHUNK) -> None:
+        self.seed, self.chunk = seed, chunk
+        self._l1: dict[str, torch.Tensor] = {}
+        self._sample: dict[str, torch.Tensor] = {}
+        self._cuts: dict[tuple[str, int, int], Cut] = {}
+        self._kept_l1: dict[tuple, torch.Tensor] = {}
+        self._offsets: dict[str, list[tuple[int, int]]] = {}
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._scratch: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+    # -- what candidates share ------------------------------------------------------------
+
+    def l1(self, key: str, tau: torch.Tensor) -> torch.Tensor:
+        """‖τ‖₁ in τ's work dtype, as mergekit computes it (one whole-tensor sum)."""
+        if key not in self._l1:
+            self._l1[key] = tau.to(sparsify._work_dtype(tau)).abs().sum()
+        return self._l1[key]
+
+    def cut(self, key: str, tau: torch.Tensor, r0: int, r1: int) -> Cut:
+        """The cut keeping ascending |τ| ranks [r0, r1), 0 ≤ r0 < r1 ≤ N."""
+        ck = (key, r0, r1)
+        if r0 >= r1:
+            return Cut(math.inf, -math.inf, 0, 0, False, False)  # keeps nothing
+        if ck not in self._cuts:
+            lo, less_lo, eq_lo = self._value_at(key, tau, r0)
+            hi, less_hi, eq_hi = self._value_at(key, tau, r1 - 1)
+            skip_lo, keep_hi = r0 - less_lo, r1 - less_hi
+            self._cuts[ck] = Cut(lo, hi, skip_lo, keep_hi, skip_lo > 0 or keep_hi < eq_hi, r1 == tau.numel())
+        return self._cuts[ck]
+
+    def _magnitudes(self, tau: torch.Tensor) -> torch.Tensor:
+        return tau.reshape(-1).abs().float()  # mergekit ranks fp32 magnitudes on CPU
+
+    def _value_at(self, key: str, tau: torch.Tensor, r: int) -> tuple[float, int, int]:
+        """(v, #{|τ| < v}, #{|τ| = v}) for the value v at ascending rank r: a sorted sample
+        brackets v, one pass counts below the bracket and keeps what lies inside, and a
+        selection in that small set finds v."""
+        n = tau.numel()
+        if key not in self._sample:
+            flat = tau.reshape(-1)
+            step = max(1, n // _SAMPLE)
+            self._sample[key] = self._magnitudes(flat[::step]).sort().values
+        sample = self._sample[key]
+        s = sample.numel()
+        margin = 4 * math.sqrt(s) + 2
+        for _ in range(2):
+            pos = r / n * s
+            i, j = math.floor(pos - margin), math.ceil(pos + margin)
+            blo = sample[i].item() if 0 <= i else -math.inf
+            bhi = sample[j].item() if j < s else math.inf
+            below, inside = 0, []
+            for start in range(0, n, self.chunk):
+                a = self._magnitudes(tau.reshape(-1)[start : start + self.chunk])
+                below += int((a < blo).sum())
+                inside.append(a[(a >= blo) & (a <= bhi)])
+            cand = torch.cat(inside)
+            if below <= r < below + cand.numel():
+                v = cand.kthvalue(r - below + 1).values
+                return v.item(), below + int((cand < v).sum()), int((cand == v).sum())
+            margin = math.inf  # the sample misled (heavy ties): take the whole tensor
+        raise AssertionError("unreachable: the whole tensor brackets every rank")
+
+    def uniforms(self, key: str, start: int, n: int, out: torch.Tensor) -> torch.Tensor:
+        """Uniform draws in [0, 1) for flat indices [start, start + n) of one task vector, n ≤ chunk,
+        written into `out` (fp32): per chunk, the fractional part of the sum of two windows of
+        two fixed uniform tables at offsets drawn for that chunk. Same key, same draws."""
+        device = out.device
+        if device not in self._tables:
+            g = torch.Generator().manual_seed(self.seed)
+            self._tables[device] = tuple(  # type: ignore[assignment]
+                torch.rand(_TABLE + self.chunk, generator=g).to(device) for _ in range(2)
+            )
+        t1, t2 = self._tables[device]
+        u = out[:n]
+        done = 0
+        while done < n:  # a range can straddle two chunks (DELLA's rows)
+            c, lo = divmod(start + done, self.chunk)
+            m = min(n - done, self.chunk - lo)
+            o1, o2 = self._chunk_offset(key, c)
+            torch.add(t1[o1 + lo : o1 + lo + m], t2[o2 + lo : o2 + lo + m], out=u[done : done + m])
+            done += m
+        return u.frac_()
+
+    def _chunk_offset(self, key: str, c: int) -> tuple[int, int]:
+        """Table offsets of chunk c of one task vector: a hash of (seed, key, c), cached."""
+        offs = self._offsets.setdefault(key, [])
+        while len(offs) <= c:
+            tag = f"{self.seed}:{key}:{len(offs)}".encode()
+            offs.append((zlib.crc32(tag) % _TABLE, zlib.crc32(tag, 0x5EED) % _TABLE))
+        return offs[c]
+
+    # -- one output tensor --------------------------------------------------------------------
+
+    def exact_for(
+        self, keys: list[str], taus: list[torch.Tensor], sparsification: str | None, rescale: bool, **params
+    ) -> bool:
+        """Whether `merge` gives mergekit's result bit for bit for these arguments."""
+        if sparsification is None:
+            return True
+        if sparsification not in ("magnitude", "magnitude_outliers") or rescale:
+            return False
+        return not any(
+            c is not None and c.partial for c in self._cuts_for(keys, taus, sparsification, params)
+        )
+
+    def _cuts_for(
+        self, keys: list[str], taus: list[torch.Tensor], sparsification: str, params: dict
+    ) -> list[Cut | None]:
+        gamma = params.get("gamma") or [0.0] * len(taus)
+        windows = [
+            _rank_window(sparsification, t.numel(), d, g) for t, d, g in zip(taus, params["density"], gamma)
+        ]
+        return [None if w is None else self.cut(k, t, *w) for k, t, w in zip(keys, taus, windows)]
+
+    def merge(
+        self,
+        keys: list[str],
+        base: torch.Tensor,
+        taus: list[torch.Tensor],
+        *,
+        weight: list[float],
+        density: list[float],
+        sparsification: str | None,
+        consensus: bool,
+        normalize: bool,
+        rescale: bool,
+        lambda_: float = 1.0,
+        gamma: list[float] | None = None,
+        epsilon: list[float] | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """b + λ·combine(sparsify(τ_i, d_i)·w_i), chunk by chunk, into `out` (or a new tensor)."""
+        k, n = len(taus), base.numel()
+        out = torch.empty_like(base) if out is None else out
+        o, b = out.view(-1), base.reshape(-1)
+        flat = [t.reshape(-1) for t in taus]
+        masks = self._masks(keys, taus, sparsification, density, gamma, epsilon)
+        scale = [
+            self._rescale(key, t, m) if rescale and m is not None else None
+            for key, t, m in zip(keys, taus, masks)
+        ]
+        w = torch.tensor(list(weight), dtype=base.dtype, device=base.device).reshape(-1, 1)
+        ws = self._workspace(k, base.dtype, base.device)
+        for start in range(0, n, self.chunk):
+            stop = min(n, start + self.chunk)
+            d = ws.d[:, : stop - start]
+            for i in range(k):
+                if masks[i] is None:
+                    d[i].copy_(flat[i][start:stop])
+                else:
+                    masks[i].apply(flat[i][start:stop], start, ws, out=d[i])
+                if scale[i] is not None:
+                    d[i].mul_(scale[i])
+            _combine(b[start:stop], d, w, ws, consensus, normalize, lambda_, o[start:stop])
+        return out
+
+    def mask(
+        self,
+        key: str,
+        tau: torch.Tensor,
+        sparsification: str,
+        density: float,
+        gamma: float = 0.01,
+        epsilon: float = 0.15,
+    ) -> torch.Tensor:
+        """The 0/1 keep mask `merge` applies to τ (same shape, τ's work dtype); for tests and
+        for anyone who wants to see what a candidate keeps."""
+        (m,) = self._masks([key], [tau], sparsification, [density], [gamma], [epsilon])
+        flat = tau.reshape(-1)
+        if m is None:
+            return torch.ones_like(tau)
+        ws = self._workspace(1, tau.dtype, tau.device)
+        kept = torch.empty_like(flat)
+        for start in range(0, flat.numel(), self.chunk):
+            ones = torch.ones_like(flat[start : start + self.chunk])
+            m.apply(
+                ones,
+                start,
+                ws,
+                out=kept[start : start + ones.numel()],
+                magnitudes=flat[start : start + ones.numel()],
+            )
+        return kept.reshape(tau.shape)
+
+    def _masks(self, keys, taus, sparsification, density, gamma, epsilon) -> list:
+        if sparsification in ("magnitude", "magnitude_outliers"):
+            params = {"density": density, "gamma": gamma}
+            return [
+                None if c is None else _CutMask(c) for c in self._cuts_for(keys, taus, sparsification, params)
+            ]
+        if sparsification == "random":
+            return [None if d >= 1 else _DrawMask(self, key, d) for key, d in zip(keys, density)]
+        if sparsification == "della":
+            return [
+                None if d >= 1 else _DellaMask(self, key, t, d, e)
+                for key, t, d, e in zip(keys, taus, density, epsilon)
+            ]
+        return [None] * len(taus)
+
+    def _rescale(self, key: str, tau: torch.Tensor, mask) -> torch.Tensor | None:
+        """‖τ‖₁ / ‖τ⊙m‖₁ in the work dtype (None when either is below 1e-7, as in mergekit)."""
+        kk = (key, mask.key)
+        if kk not in self._kept_l1:
+            total = torch.zeros((), dtype=torch.float64, device=tau.device)
+            flat = tau.reshape(-1)
+            ws = self._workspace(1, tau.dtype, tau.device)
+            for start in range(0, flat.numel(), self.chunk):
+                t = flat[start : start + self.chunk]
+                kept = ws.d[0, : t.numel()]
+                mask.apply(t, start, ws, out=kept)
+                total += kept.abs().sum(dtype=torch.float64)
+            self._kept_l1[kk] = total.to(sparsify._work_dtype(tau))
+        before, after = self.l1(key, tau), self._kept_l1[kk]
+        if before < 1e-7 or after < 1e-7:
+            return None
+        return before / after
+
+    def _workspace(self, k: int, dtype: torch.dtype, device: torch.device) -> _Workspace:
+        ws = self._scratch.get((dtype, device))
+        if ws is None or ws.d.shape[0] < k:
+            ws = self._scratch[(dtype, device)] = _Workspace(k, self.chunk, dtype, device)
+        return ws
+
+
+class _Workspace:
+    """Every temporary of a chunk, allocated once: no allocation (and no page faults) per chunk."""
+
+    def __init__(self, k: int, chunk: int, dtype: torch.dtype, device: torch.device) -> None:
+        def new(*shape, dt=dtype):
+            return torch.empty(*shape, dtype=dt, device=device)
+
+        self.d, self.m, self.e = new(k, chunk), new(k, chunk), new(k, chunk)  # deltas, masks, products
+        self.s, self.s2, self.s3 = new(chunk), new(chunk), new(chunk)  # sums along the models
+        self.f, self.g, self.u = (new(chunk, dt=torch.float32) for _ in range(3))  # fp32 masks, draws
+        self.one = torch.ones((), dtype=dtype, device=device)
+
+
+def _combine(b, d, w, ws: _Workspace, consensus: bool, normalize: bool, lambda_: float, out) -> None:
+    """`task_arithmetic.combine` on one chunk, through the workspace, with masks as 0/1 floats
+    (comparisons written straight into float buffers run ~4× faster here than bool masks and
+    their conversions); the same values bit for bit."""
+    c = d.shape[1]
+    d.mul_(w)
+    if consensus:
+        majority = torch.copysign(ws.one, torch.sum(d, 0, out=ws.s[:c]), out=ws.s2[:c])  # S ≥ 0 → +1
+        m = torch.gt(torch.mul(d, majority, out=ws.e[:, :c]), 0, out=ws.m[:, :c])  # [sign(δ_i) = majority]
+        divisor = torch.sum(torch.mul(m, w, out=ws.e[:, :c]), 0, out=ws.s2[:c])
+        divisor.add_(torch.eq(divisor, 0, out=ws.s3[:c]))  # a zero divisor becomes 1
+        mixed = torch.sum(m.mul_(d), 0, out=ws.s[:c])
+    else:
+        mixed = torch.sum(d, 0, out=ws.s[:c])
+        divisor = w.sum(0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed.div_(divisor)
+    if lambda_ != 1:
+        mixed.mul_(lambda_)
+    torch.add(b, mixed, out=out)
+
+
+def _rank_window(sparsification: str, n: int, density: float, gamma: float) -> tuple[int, int] | None:
+    """Ascending |τ| ranks [r0, r1) a magnitude sparsifier keeps; None keeps everything."""
+    if density >= 1 or n == 0:
+        return None
+    if sparsification == "magnitude":
+        k = max(1, int(density * n)) if density > 0 else 0
+        return (n - k, n) if k else (n, n)
+    target, n_top = int(density * n), int(gamma * n)
+    n_bot = max(0, n - target - n_top)
+    return (n_bot, min(n, n_bot + target))
+
+
+class _CutMask:
+    """Keeps the cut's window of |τ|; tie positions carry over from chunk to chunk."""
+
+    def __init__(self, cut: Cut) -> None:
+        self.cut, self.key = cut, (cut.lo, cut.hi, cut.skip_lo, cut.keep_hi)
+        self.seen: dict[float, int] = {}
+
+    def apply(self, t, start, ws: _Workspace, out, magnitudes=None) -> None:
+        """out = t ⊙ m for the chunk of τ at `start` (m from `magnitudes`, default t)."""
+        c, n = self.cut, t.numel()
+        if c.lo > c.hi:  # an empty window (density 0)
+            out.zero_()
+            return
+        a = ws.g[:n].copy_(t if magnitudes is None else magnitudes).abs_()  # fp32, as mergekit ranks
+        if not c.partial:
+            m = torch.ge(a, c.lo, out=ws.f[:n])
+            if not c.top:
+                m.mul_(torch.le(a, c.hi, out=ws.u[:n]))
+        else:
+            m = torch.gt(a, c.lo, out=ws.f[:n]).mul_(torch.lt(a, c.hi, out=ws.u[:n]))
+            if start == 0:
+                self.seen = {}
+            for v, first, end in c.tie_groups():
+                eq = torch.eq(a, v, out=ws.u[:n])
+                count = int(eq.sum())
+                if count:  # tie positions in flat index order, counted across chunks
+                    q = torch.cumsum(eq, 0).add_(self.seen.get(v, 0) - 1)
+                    m.add_(eq.mul_((q >= first) & (q < end)))
+                    self.seen[v] = self.seen.get(v, 0) + count
+        torch.mul(t, m, out=out)
+
+
+class _DrawMask:
+    """DARE: keep where the bank's uniform u < d."""
+
+    def __init__(self, bank: TaskVectorBank, key: str, density: float) -> None:
+        self.bank, self.tkey, self.d = bank, key, density
+        self.key = ("random", density)
+
+    def apply(self, t, start, ws: _Workspace, out, magnitudes=None) -> None:
+        u = self.bank.uniforms(self.tkey, start, t.numel(), ws.u)
+        m = torch.lt(u, self.d, out=ws.f[: t.numel()])
+        torch.mul(t, m, out=out)
+
+
+class _DellaMask:
+    """DELLA: keep where the uniform u < p = d − ε + 2ε·rank, ranks per row as mergekit."""
+
+    def __init__(self, bank: TaskVectorBank, key: str, tau: torch.Tensor, density: float, eps: float) -> None:
+        if density > 0 and (density + eps >= 1 or density - eps <= 0):
+            raise ValueError(
+                f"della: density ± epsilon must lie in (0, 1); got density={density}, epsilon={eps}"
+            )
+        self.bank, self.tkey, self.d, self.eps = bank, key, density, eps
+        self.key = ("della", density, eps)
+        # ranks run along dim 1: 1-D and 2-D tensors are rows of the flat layout, ranked per
+        # chunk; other shapes are ranked whole, once per candidate
+        self.cols = tau.shape[1] if tau.dim() == 2 else tau.numel()
+        self.rows = tau.reshape(-1, self.cols) if tau.dim() <= 2 else None
+        self.ranks = None if self.rows is not None else sparsify.della_ranks(tau).reshape(-1)
+
+    def apply(self, t, start, ws: _Workspace, out, magnitudes=None) -> None:
+        n = t.numel()
+        if self.d <= 0:
+            out.zero_()
+            return
+        if self.rows is None:
+            ranks = self.ranks[start : start + n]
+        else:  # whole rows around the chunk, then the chunk cut back out
+            r0, r1 = start // self.cols, (start + n - 1) // self.cols + 1
+            off = start - r0 * self.cols
+            ranks = sparsify.della_ranks(self.rows[r0:r1]).reshape(-1)[off : off + n]
+        p = (self.d - self.eps) + ranks * 2 * self.eps  # mergekit's expression, its roundings
+        u = self.bank.uniforms(self.tkey, start, n, ws.u)
+        m = torch.lt(u, p, out=ws.f[:n])
+        torch.mul(t, m, out=out)

@@ -1,0 +1,166 @@
+"""The search's chunked candidate path (TaskVectorBank) against the exact definitions.
+
+Chunks are made tiny (`chunk=256`) so every tensor spans many of them, with ties and rows
+crossing chunk boundaries."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from mergesearch.methods import sparsify
+from mergesearch.methods.task_arithmetic import combine, generalized_task_arithmetic
+from mergesearch.task_vector_bank import TaskVectorBank
+
+SHAPES = [(70, 130), (300,), (40, 33)]
+DETERMINISTIC = {  # method: (sparsification, consensus, default normalize)
+    "task_arithmetic": (None, False, False),
+    "ties": ("magnitude", True, True),
+    "breadcrumbs": ("magnitude_outliers", False, False),
+    "breadcrumbs_ties": ("magnitude_outliers", True, False),
+}
+
+
+def _inputs(shape, k=3, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g).to(dtype)
+    taus = [(0.01 * torch.randn(shape, generator=g)).to(dtype) for _ in range(k)]
+    return base, taus
+
+
+def _params(rng: random.Random, k: int) -> dict:
+    return {
+        "weight": [round(rng.uniform(-0.2, 1.2), 3) for _ in range(k)],
+        "density": [rng.choice([1.0, round(rng.uniform(0.05, 0.95), 3)]) for _ in range(k)],
+        "gamma": [round(rng.uniform(0.0, 0.05), 3) for _ in range(k)],
+        "lambda_": rng.choice([1.0, 0.7]),
+    }
+
+
+@pytest.mark.parametrize("method", list(DETERMINISTIC))
+def test_deterministic_methods_equal_the_exact_path_bit_for_bit(method):
+    sparsification, consensus, normalize = DETERMINISTIC[method]
+    rng = random.Random(method)
+    bank = TaskVectorBank(chunk=256)
+    for trial in range(6):
+        shape = SHAPES[trial % len(SHAPES)]
+        base, taus = _inputs(shape, seed=trial)
+        keys = [f"{i}:{shape}:{trial}" for i in range(3)]
+        p = _params(rng, 3)
+        kw = dict(
+            sparsification=sparsification,
+            consensus=consensus,
+            normalize=normalize or trial % 2 == 0,
+            rescale=False,
+        )
+        expected = generalized_task_arithmetic(base, [], task_vectors=taus, epsilon=None, **p, **kw)
+        assert bank.exact_for(keys, taus, density=p["density"], gamma=p["gamma"], **kw)
+        got = bank.merge(keys, base, taus, **p, **kw)
+        assert torch.equal(got, expected), (method, trial, (got - expected).abs().max())
+
+
+def test_ties_between_equal_magnitudes_go_to_the_lower_index():
+    """bf16 task vectors tie constantly; mergekit's choice among ties follows its unstable argsort,
+    the bank's follows flat index order. With that rule, the result is exact."""
+    bank = TaskVectorBank(chunk=256)
+    base, taus = _inputs((70, 130), k=2, dtype=torch.bfloat16)
+    w, d = [0.6, 0.5], [0.3, 0.55]
+    keys = ["0:t", "1:t"]
+    kw = dict(sparsification="magnitude", consensus=True, normalize=True, rescale=False)
+    assert not bank.exact_for(keys, taus, density=d, gamma=None, **kw)  # a tie group is split
+    got = bank.merge(keys, base, taus, weight=w, density=d, **kw)
+
+    def index_order_topk(tau, density):
+        a = tau.reshape(-1).abs().float()
+        k = int(density * a.numel())
+        order = torch.sort(a, stable=True).indices  # ascending by (|τ|, index)
+        mask = torch.zeros_like(a)
+        mask[order[a.numel() - k :]] = 1
+        return mask.reshape(tau.shape)
+
+    deltas = torch.stack([t * index_order_topk(t, di).to(t.dtype) for t, di in zip(taus, d)])
+    wt = torch.tensor(w, dtype=base.dtype).reshape(-1, 1, 1)
+    expected = combine(base, deltas, wt, consensus=True, normalize=True, lambda_=1.0)
+    assert torch.equal(got, expected)
+    for t, di, key in zip(taus, d, keys):
+        assert torch.equal(bank.mask(key, t, "magnitude", di), index_order_topk(t, di).to(t.dtype))
+
+
+@pytest.mark.parametrize("sparsification,consensus", [("random", True), ("random", False), ("della", True)])
+def test_dare_and_della_follow_their_definition_with_the_banks_draws(sparsification, consensus):
+    """Same formula as mergekit (mask, L1 rescale, weights, election), with the bank's masks:
+    equal up to the order of the L1 sum."""
+    bank = TaskVectorBank(chunk=256)
+    for shape in SHAPES[:2]:
+        base, taus = _inputs(shape, k=2)
+        keys = [f"0:{shape}", f"1:{shape}"]
+        w, d, eps = [0.7, 0.4], [0.4, 0.65], [0.1, 0.2]
+        got = bank.merge(
+            keys,
+            base,
+            taus,
+            weight=w,
+            density=d,
+            epsilon=eps,
+            sparsification=sparsification,
+            consensus=consensus,
+            normalize=False,
+            rescale=True,
+        )
+        masks = [bank.mask(k, t, sparsification, di, epsilon=e) for k, t, di, e in zip(keys, taus, d, eps)]
+        deltas = torch.stack([sparsify.rescale_l1(t, m, True) for t, m in zip(taus, masks)])
+        wt = torch.tensor(w).reshape(-1, *[1] * len(shape))
+        expected = combine(base, deltas, wt, consensus=consensus, normalize=False, lambda_=1.0)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_draws_are_common_random_numbers_with_the_right_rates():
+    tau = 0.01 * torch.randn(200, 150, generator=torch.Generator().manual_seed(3))
+    bank, again = TaskVectorBank(seed=0, chunk=256), TaskVectorBank(seed=0, chunk=4096)
+    n = tau.numel()
+    for kind, extra in (("random", {}), ("della", {"epsilon": 0.15})):
+        low, high = bank.mask("0:w", tau, kind, 0.3, **extra), bank.mask("0:w", tau, kind, 0.6, **extra)
+        for m, d in ((low, 0.3), (high, 0.6)):  # P(keep) = d, within 5 standard deviations
+            assert abs(float(m.mean()) - d) < 5 * (d * (1 - d) / n) ** 0.5, (kind, d)
+        assert not bool((low > high).any()), kind  # nested: a lower density keeps a subset
+        assert not torch.equal(low, bank.mask("1:w", tau, kind, 0.3, **extra))  # other models, other draws
+    # a fresh bank with the same seed draws the same (another worker process, say) ...
+    assert torch.equal(
+        TaskVectorBank(seed=0, chunk=256).mask("0:w", tau, "random", 0.5),
+        bank.mask("0:w", tau, "random", 0.5),
+    )
+    # ... and the draws are defined per chunk size, which is a constant of the engine
+    assert again.chunk != bank.chunk
+    # DELLA keeps large magnitudes more often: p runs from d − ε (smallest) to d + ε (largest)
+    m = bank.mask("0:w", tau, "della", 0.5, epsilon=0.2)
+    ranks = sparsify.della_ranks(tau)
+    assert float(m[ranks > 0.5].mean()) - float(m[ranks < 0.5].mean()) > 0.15
+
+
+def test_engine_in_search_mode_is_reproducible_and_exact_where_it_can_be(tiny):
+    """`exact=False` (the search's engine): task arithmetic and TIES equal the exact engine;
+    DARE comes from the bank's draws, the same in every engine (every worker)."""
+    import yaml
+
+    from mergesearch.engine import ResidentEngine
+    from mergesearch.recipe import parse_recipes
+
+    base, ft = str(tiny["llama/base"]), [str(tiny[f"llama/ft{i}"]) for i in range(2)]
+
+    def recipe(method: str):
+        models = [{"model": m, "parameters": {"weight": 0.6, "density": 0.5}} for m in ft]
+        return parse_recipes(yaml.safe_dump({"merge_method": method, "base_model": base, "models": models}))[
+            0
+        ]
+
+    exact = ResidentEngine([base, *ft], base=base)
+    search, other = (ResidentEngine([base, *ft], base=base, exact=False) for _ in range(2))
+    for method in ("task_arithmetic", "ties"):
+        a, b = exact.state_dict(recipe(method), seed=0), search.state_dict(recipe(method), seed=0)
+        assert all(torch.equal(a[k], b[k]) for k in a), method
+    a, b = search.state_dict(recipe("dare_ties"), seed=0), other.state_dict(recipe("dare_ties"), seed=0)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    mergekit_like = exact.state_dict(recipe("dare_ties"), seed=0)
+    assert any(not torch.equal(a[k], mergekit_like[k]) for k in a)  # other draws than torch's RNG
