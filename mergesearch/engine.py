@@ -452,11 +452,12 @@ class ResidentEngine:
         allow_pickle: bool = False,
         exact: bool = True,
         seed: int = 0,
+        cache_ranks: bool = False,
     ) -> None:
         self.device = torch.device(device)
         self.base = base
         self.exact = exact
-        self.bank = TaskVectorBank(seed)
+        self.bank = TaskVectorBank(seed, cache_ranks=cache_ranks)
         self._position = {ref: i for i, ref in enumerate(recipe_models)}  # names the bank's draws
         _return_freed_memory()
         self.models = {ref: Checkpoint(resolve_path(ref), allow_pickle=allow_pickle) for ref in recipe_models}

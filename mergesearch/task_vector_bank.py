@@ -56,11 +56,13 @@ class TaskVectorBank:
     """Cached norms, cuts and draws per task vector, each named by a key such as
     "1:model.layers.0.mlp.up_proj.weight" (the model's position and the tensor's name)."""
 
-    def __init__(self, seed: int = 0, chunk: int = CHUNK) -> None:
-        self.seed, self.chunk = seed, chunk
+    def __init__(self, seed: int = 0, chunk: int = CHUNK, cache_ranks: bool = False) -> None:
+        self.seed, self.chunk, self.cache_ranks = seed, chunk, cache_ranks
+        self._ranks: dict[str, torch.Tensor] = {}
         self._l1: dict[str, torch.Tensor] = {}
         self._sample: dict[str, torch.Tensor] = {}
         self._cuts: dict[tuple[str, int, int], Cut] = {}
+        self._values: dict[tuple[str, int], tuple[float, int, int]] = {}
         self._kept_l1: dict[tuple, torch.Tensor] = {}
         self._offsets: dict[str, list[tuple[int, int]]] = {}
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -80,43 +82,83 @@ class TaskVectorBank:
         if r0 >= r1:
             return Cut(math.inf, -math.inf, 0, 0, False, False)  # keeps nothing
         if ck not in self._cuts:
-            lo, less_lo, eq_lo = self._value_at(key, tau, r0)
-            hi, less_hi, eq_hi = self._value_at(key, tau, r1 - 1)
+            (lo, less_lo, _), (hi, less_hi, eq_hi) = self._values_at(key, tau, [r0, r1 - 1])
             skip_lo, keep_hi = r0 - less_lo, r1 - less_hi
-            self._cuts[ck] = Cut(lo, hi, skip_lo, keep_hi, skip_lo > 0 or keep_hi < eq_hi, r1 == tau.numel())
+            _bounded(self._cuts)[ck] = Cut(
+                lo, hi, skip_lo, keep_hi, skip_lo > 0 or keep_hi < eq_hi, r1 == tau.numel()
+            )
         return self._cuts[ck]
 
-    def _magnitudes(self, tau: torch.Tensor) -> torch.Tensor:
-        return tau.reshape(-1).abs().float()  # mergekit ranks fp32 magnitudes on CPU
+    def _values_at(self, key: str, tau: torch.Tensor, ranks: list[int]) -> list[tuple[float, int, int]]:
+        """(v, #{|τ| < v}, #{|τ| = v}) for the value v at each ascending rank r of |τ|.
 
-    def _value_at(self, key: str, tau: torch.Tensor, r: int) -> tuple[float, int, int]:
-        """(v, #{|τ| < v}, #{|τ| = v}) for the value v at ascending rank r: a sorted sample
-        brackets v, one pass counts below the bracket and keeps what lies inside, and a
-        selection in that small set finds v."""
-        n = tau.numel()
+        A sorted strided sample of |τ| (kept per task vector, 1/256 of its size) brackets v;
+        one pass of comparisons counts what lies below the bracket and gathers what lies inside
+        (a few percent of τ); a selection in that small set gives v. No sort of τ."""
+        n, flat = tau.numel(), tau.reshape(-1)
         if key not in self._sample:
-            flat = tau.reshape(-1)
-            step = max(1, n // _SAMPLE)
-            self._sample[key] = self._magnitudes(flat[::step]).sort().values
+            step = max(1, n // max(_SAMPLE, n // 256))
+            self._sample[key] = flat[::step].abs().float().sort().values
         sample = self._sample[key]
         s = sample.numel()
-        margin = 4 * math.sqrt(s) + 2
-        for _ in range(2):
-            pos = r / n * s
-            i, j = math.floor(pos - margin), math.ceil(pos + margin)
-            blo = sample[i].item() if 0 <= i else -math.inf
-            bhi = sample[j].item() if j < s else math.inf
-            below, inside = 0, []
+        todo = {r: 2 * math.sqrt(s) + 2 for r in ranks if (key, r) not in self._values}  # ≥ 4σ
+        while todo:  # one pass for every rank still open
+            brackets = {}
+            for r, margin in todo.items():
+                i, j = math.floor(r / n * s - margin), math.ceil(r / n * s + margin)
+                brackets[r] = (
+                    sample[i].item() if i >= 0 else -math.inf,
+                    sample[j].item() if j < s else math.inf,
+                )
+            below, inside = dict.fromkeys(todo, 0), {r: [] for r in todo}
+            ws = self._workspace(1, torch.float32, tau.device)
             for start in range(0, n, self.chunk):
-                a = self._magnitudes(tau.reshape(-1)[start : start + self.chunk])
-                below += int((a < blo).sum())
-                inside.append(a[(a >= blo) & (a <= bhi)])
-            cand = torch.cat(inside)
-            if below <= r < below + cand.numel():
-                v = cand.kthvalue(r - below + 1).values
-                return v.item(), below + int((cand < v).sum()), int((cand == v).sum())
-            margin = math.inf  # the sample misled (heavy ties): take the whole tensor
-        raise AssertionError("unreachable: the whole tensor brackets every rank")
+                m = min(self.chunk, n - start)
+                a = ws.g[:m].copy_(flat[start : start + m]).abs_()
+                for r, (blo, bhi) in brackets.items():
+                    below[r] += int(torch.lt(a, blo, out=ws.f[:m]).sum())
+                    band = torch.ge(a, blo, out=ws.f[:m]).mul_(torch.le(a, bhi, out=ws.u[:m]))
+                    inside[r].append(a[band.bool()])
+            for r in list(todo):
+                cand = torch.cat(inside[r])
+                if below[r] <= r < below[r] + cand.numel():
+                    v = cand.kthvalue(r - below[r] + 1).values
+                    _bounded(self._values)[(key, r)] = (
+                        v.item(),
+                        below[r] + int((cand < v).sum()),
+                        int((cand == v).sum()),
+                    )
+                    del todo[r]
+                else:  # the sample misled (heavy ties): bracket with the whole tensor
+                    todo[r] = math.inf
+        return [self._values[(key, r)] for r in ranks]
+
+    def della_ranks(self, key: str, tau: torch.Tensor, start: int, n: int) -> torch.Tensor:
+        """`sparsify.della_ranks(τ)` (per-row magnitude rank in [0, 1], work dtype) for flat
+        indices [start, start + n) of a 1-D or 2-D τ. With `cache_ranks`, the integer ranks are
+        sorted once per study and kept (int16: 2 bytes per element); otherwise the rows around
+        the range are sorted each time."""
+        cols = tau.shape[1] if tau.dim() == 2 else tau.numel()
+        rows = tau.reshape(-1, cols)
+        if not (self.cache_ranks and cols <= 1 << 15):
+            r0, r1 = start // cols, (start + n - 1) // cols + 1
+            off = start - r0 * cols
+            return sparsify.della_ranks(rows[r0:r1]).reshape(-1)[off : off + n]
+        if key not in self._ranks:
+            ranks = torch.empty(tau.numel(), dtype=torch.int16, device=tau.device).view(-1, cols)
+            step = max(1, self.chunk // cols)
+            for r0 in range(0, rows.shape[0], step):  # a row block at a time: bounded temporaries
+                block = rows[r0 : r0 + step]
+                order = torch.argsort(block.abs(), dim=1)
+                positions = torch.arange(cols, device=tau.device).expand_as(order)
+                ranks[r0 : r0 + step] = torch.empty_like(order).scatter_(1, order, positions)
+            self._ranks[key] = ranks.view(-1)
+        # as sparsify.della_ranks: ranks cast, then + 1; every row's min is 1 and max is cols
+        work = sparsify._work_dtype(tau)
+        r = self._ranks[key][start : start + n].to(work) + 1
+        lo = torch.zeros((), dtype=work, device=tau.device) + 1
+        hi = torch.full((), cols - 1, dtype=work, device=tau.device) + 1
+        return ((r - lo) / (hi - lo)).clamp(0, 1)
 
     def uniforms(self, key: str, start: int, n: int, out: torch.Tensor) -> torch.Tensor:
         """Uniform draws in [0, 1) for flat indices [start, start + n) of one task vector, n ≤ chunk,
@@ -266,8 +308,8 @@ class TaskVectorBank:
                 t = flat[start : start + self.chunk]
                 kept = ws.d[0, : t.numel()]
                 mask.apply(t, start, ws, out=kept)
-                total += kept.abs().sum(dtype=torch.float64)
-            self._kept_l1[kk] = total.to(sparsify._work_dtype(tau))
+                total += kept.abs_().sum()  # fp32 per chunk (pairwise inside), fp64 across
+            _bounded(self._kept_l1)[kk] = total.to(sparsify._work_dtype(tau))
         before, after = self.l1(key, tau), self._kept_l1[kk]
         if before < 1e-7 or after < 1e-7:
             return None
@@ -288,25 +330,41 @@ class _Workspace:
             return torch.empty(*shape, dtype=dt, device=device)
 
         self.d, self.m, self.e = new(k, chunk), new(k, chunk), new(k, chunk)  # deltas, masks, products
-        self.s, self.s2, self.s3 = new(chunk), new(chunk), new(chunk)  # sums along the models
-        self.f, self.g, self.u = (new(chunk, dt=torch.float32) for _ in range(3))  # fp32 masks, draws
-        self.one = torch.ones((), dtype=dtype, device=device)
+        self.s, self.s2, self.s3 = new(chunk), new(chunk), new(chunk)  # sums over the models
+        self.f, self.u = new(chunk), new(chunk)  # a 0/1 mask, a second one
+        self.g, self.r, self.acc = (new(chunk, dt=torch.float32) for _ in range(3))  # |τ|, draws, sums
+
+
+def _sum_models(x: torch.Tensor, ws: _Workspace, out: torch.Tensor) -> torch.Tensor:
+    """torch.sum(x, 0) for a few models, as torch computes it (in order, in fp32 for 16-bit
+    types, rounded once), but as plain adds: torch's bf16 reduction is ~10× slower here."""
+    if x.dtype in (torch.float32, torch.float64):
+        acc = out.copy_(x[0])
+        for i in range(1, x.shape[0]):
+            acc.add_(x[i])
+        return out
+    c = x.shape[1]
+    acc = ws.acc[:c].copy_(x[0])
+    for i in range(1, x.shape[0]):
+        acc.add_(ws.g[:c].copy_(x[i]))  # widened first: a mixed-dtype add is ~5× slower
+    return out.copy_(acc)
 
 
 def _combine(b, d, w, ws: _Workspace, consensus: bool, normalize: bool, lambda_: float, out) -> None:
-    """`task_arithmetic.combine` on one chunk, through the workspace, with masks as 0/1 floats
-    (comparisons written straight into float buffers run ~4× faster here than bool masks and
-    their conversions); the same values bit for bit."""
+    """`task_arithmetic.combine` on one chunk, through the workspace, with masks as 0/1 values of
+    the working dtype (comparisons written straight into such buffers run ~4× faster here than
+    bool masks and their conversions); the same values bit for bit."""
     c = d.shape[1]
     d.mul_(w)
     if consensus:
-        majority = torch.copysign(ws.one, torch.sum(d, 0, out=ws.s[:c]), out=ws.s2[:c])  # S ≥ 0 → +1
+        total = _sum_models(d, ws, ws.s[:c])
+        majority = torch.ge(total, 0, out=ws.s2[:c]).mul_(2).sub_(1)  # a zero sum counts as positive
         m = torch.gt(torch.mul(d, majority, out=ws.e[:, :c]), 0, out=ws.m[:, :c])  # [sign(δ_i) = majority]
-        divisor = torch.sum(torch.mul(m, w, out=ws.e[:, :c]), 0, out=ws.s2[:c])
+        divisor = _sum_models(torch.mul(m, w, out=ws.e[:, :c]), ws, ws.s2[:c])
         divisor.add_(torch.eq(divisor, 0, out=ws.s3[:c]))  # a zero divisor becomes 1
-        mixed = torch.sum(m.mul_(d), 0, out=ws.s[:c])
+        mixed = _sum_models(m.mul_(d), ws, ws.s[:c])
     else:
-        mixed = torch.sum(d, 0, out=ws.s[:c])
+        mixed = _sum_models(d, ws, ws.s[:c])
         divisor = w.sum(0)
         divisor[divisor.abs() < 1e-8] = 1
     if normalize:
@@ -314,6 +372,14 @@ def _combine(b, d, w, ws: _Workspace, consensus: bool, normalize: bool, lambda_:
     if lambda_ != 1:
         mixed.mul_(lambda_)
     torch.add(b, mixed, out=out)
+
+
+def _bounded(cache: dict, size: int = 1 << 16) -> dict:
+    """The cache, emptied first when full: a search with continuous densities rarely repeats a
+    cut, and unbounded caches would grow with the number of trials."""
+    if len(cache) >= size:
+        cache.clear()
+    return cache
 
 
 def _rank_window(sparsification: str, n: int, density: float, gamma: float) -> tuple[int, int] | None:
@@ -326,6 +392,11 @@ def _rank_window(sparsification: str, n: int, density: float, gamma: float) -> t
     target, n_top = int(density * n), int(gamma * n)
     n_bot = max(0, n - target - n_top)
     return (n_bot, min(n, n_bot + target))
+
+
+def _masked(t: torch.Tensor, m: torch.Tensor, ws: _Workspace, out: torch.Tensor) -> None:
+    """out = t ⊙ m for an fp32 0/1 mask m (narrowed first: mixed-dtype products are slow)."""
+    torch.mul(t, m if t.dtype == m.dtype else ws.f[: m.numel()].copy_(m), out=out)
 
 
 class _CutMask:
@@ -343,21 +414,26 @@ class _CutMask:
             return
         a = ws.g[:n].copy_(t if magnitudes is None else magnitudes).abs_()  # fp32, as mergekit ranks
         if not c.partial:
-            m = torch.ge(a, c.lo, out=ws.f[:n])
+            m = torch.ge(a, c.lo, out=ws.acc[:n])
             if not c.top:
-                m.mul_(torch.le(a, c.hi, out=ws.u[:n]))
+                m.mul_(torch.le(a, c.hi, out=ws.r[:n]))
         else:
-            m = torch.gt(a, c.lo, out=ws.f[:n]).mul_(torch.lt(a, c.hi, out=ws.u[:n]))
+            m = torch.gt(a, c.lo, out=ws.acc[:n]).mul_(torch.lt(a, c.hi, out=ws.r[:n]))
             if start == 0:
                 self.seen = {}
-            for v, first, end in c.tie_groups():
-                eq = torch.eq(a, v, out=ws.u[:n])
+            for v, first, end in c.tie_groups():  # tie positions count in flat index order
+                eq = torch.eq(a, v, out=ws.r[:n])
                 count = int(eq.sum())
-                if count:  # tie positions in flat index order, counted across chunks
-                    q = torch.cumsum(eq, 0).add_(self.seen.get(v, 0) - 1)
+                seen = self.seen.get(v, 0)
+                self.seen[v] = seen + count
+                if max(first, seen) >= min(end, seen + count):
+                    continue  # none of this chunk's ties is kept
+                if first <= seen and seen + count <= end:
+                    m.add_(eq)  # all of them are
+                else:
+                    q = torch.cumsum(eq, 0).add_(seen - 1)
                     m.add_(eq.mul_((q >= first) & (q < end)))
-                    self.seen[v] = self.seen.get(v, 0) + count
-        torch.mul(t, m, out=out)
+        _masked(t, m, ws, out)
 
 
 class _DrawMask:
@@ -368,9 +444,8 @@ class _DrawMask:
         self.key = ("random", density)
 
     def apply(self, t, start, ws: _Workspace, out, magnitudes=None) -> None:
-        u = self.bank.uniforms(self.tkey, start, t.numel(), ws.u)
-        m = torch.lt(u, self.d, out=ws.f[: t.numel()])
-        torch.mul(t, m, out=out)
+        u = self.bank.uniforms(self.tkey, start, t.numel(), ws.r)
+        _masked(t, torch.lt(u, self.d, out=ws.acc[: t.numel()]), ws, out)
 
 
 class _DellaMask:
@@ -381,26 +456,19 @@ class _DellaMask:
             raise ValueError(
                 f"della: density ± epsilon must lie in (0, 1); got density={density}, epsilon={eps}"
             )
-        self.bank, self.tkey, self.d, self.eps = bank, key, density, eps
+        self.bank, self.tkey, self.tau, self.d, self.eps = bank, key, tau, density, eps
         self.key = ("della", density, eps)
-        # ranks run along dim 1: 1-D and 2-D tensors are rows of the flat layout, ranked per
-        # chunk; other shapes are ranked whole, once per candidate
-        self.cols = tau.shape[1] if tau.dim() == 2 else tau.numel()
-        self.rows = tau.reshape(-1, self.cols) if tau.dim() <= 2 else None
-        self.ranks = None if self.rows is not None else sparsify.della_ranks(tau).reshape(-1)
+        self.whole = None if tau.dim() <= 2 else sparsify.della_ranks(tau).reshape(-1)  # dim 1 isn't rows
 
     def apply(self, t, start, ws: _Workspace, out, magnitudes=None) -> None:
         n = t.numel()
         if self.d <= 0:
             out.zero_()
             return
-        if self.rows is None:
-            ranks = self.ranks[start : start + n]
-        else:  # whole rows around the chunk, then the chunk cut back out
-            r0, r1 = start // self.cols, (start + n - 1) // self.cols + 1
-            off = start - r0 * self.cols
-            ranks = sparsify.della_ranks(self.rows[r0:r1]).reshape(-1)[off : off + n]
+        if self.whole is not None:
+            ranks = self.whole[start : start + n]
+        else:
+            ranks = self.bank.della_ranks(self.tkey, self.tau, start, n)
         p = (self.d - self.eps) + ranks * 2 * self.eps  # mergekit's expression, its roundings
-        u = self.bank.uniforms(self.tkey, start, n, ws.u)
-        m = torch.lt(u, p, out=ws.f[:n])
-        torch.mul(t, m, out=out)
+        u = self.bank.uniforms(self.tkey, start, n, ws.r)
+        _masked(t, torch.lt(u, ws.g[:n].copy_(p), out=ws.acc[:n]), ws, out)

@@ -39,53 +39,70 @@ def _params(rng: random.Random, k: int) -> dict:
     }
 
 
+def _index_order_mask(tau: torch.Tensor, sparsification: str, density: float, gamma: float) -> torch.Tensor:
+    """The rank window of |τ| that mergekit keeps, ranking ties by flat index (stable sort)."""
+    a = tau.reshape(-1).abs().float()
+    n = a.numel()
+    if sparsification == "magnitude":
+        k = max(1, int(density * n))
+        r0, r1 = n - k, n
+    else:
+        target, n_top = int(density * n), int(gamma * n)
+        r0 = max(0, n - target - n_top)
+        r1 = min(n, r0 + target)
+    mask = torch.zeros_like(a)
+    mask[torch.sort(a, stable=True).indices[r0:r1]] = 1
+    return mask.reshape(tau.shape).to(tau.dtype)
+
+
+def _reference(base, taus, p, sparsification, consensus, normalize):
+    """combine() of index-order masks: mergekit's definition with that tie rule."""
+    deltas = torch.stack(
+        [
+            t if sparsification is None or d >= 1 else t * _index_order_mask(t, sparsification, d, g)
+            for t, d, g in zip(taus, p["density"], p["gamma"])
+        ]
+    )
+    w = torch.tensor(p["weight"], dtype=base.dtype).reshape(-1, *[1] * base.dim())
+    return combine(base, deltas, w, consensus=consensus, normalize=normalize, lambda_=p["lambda_"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method", list(DETERMINISTIC))
-def test_deterministic_methods_equal_the_exact_path_bit_for_bit(method):
+def test_deterministic_methods_equal_their_definition_bit_for_bit(method, dtype):
+    """Against mergekit's definition (the exact path) wherever no tie group straddles a cut;
+    against the same definition with ties ranked by index everywhere (bf16 ties constantly)."""
     sparsification, consensus, normalize = DETERMINISTIC[method]
     rng = random.Random(method)
     bank = TaskVectorBank(chunk=256)
+    exact_seen = 0
     for trial in range(6):
         shape = SHAPES[trial % len(SHAPES)]
-        base, taus = _inputs(shape, seed=trial)
+        base, taus = _inputs(shape, dtype=dtype, seed=trial)
         keys = [f"{i}:{shape}:{trial}" for i in range(3)]
         p = _params(rng, 3)
-        kw = dict(
-            sparsification=sparsification,
-            consensus=consensus,
-            normalize=normalize or trial % 2 == 0,
-            rescale=False,
-        )
-        expected = generalized_task_arithmetic(base, [], task_vectors=taus, epsilon=None, **p, **kw)
-        assert bank.exact_for(keys, taus, density=p["density"], gamma=p["gamma"], **kw)
+        norm = normalize or trial % 2 == 0
+        kw = dict(sparsification=sparsification, consensus=consensus, normalize=norm, rescale=False)
         got = bank.merge(keys, base, taus, **p, **kw)
-        assert torch.equal(got, expected), (method, trial, (got - expected).abs().max())
+        assert torch.equal(got, _reference(base, taus, p, sparsification, consensus, norm)), (trial, p)
+        if bank.exact_for(keys, taus, density=p["density"], gamma=p["gamma"], **kw):
+            exact_seen += 1
+            expected = generalized_task_arithmetic(base, [], task_vectors=taus, epsilon=None, **p, **kw)
+            assert torch.equal(got, expected), (method, trial, (got - expected).abs().max())
+    if dtype == torch.float32 or sparsification is None:
+        assert exact_seen == 6
 
 
 def test_ties_between_equal_magnitudes_go_to_the_lower_index():
     """bf16 task vectors tie constantly; mergekit's choice among ties follows its unstable argsort,
-    the bank's follows flat index order. With that rule, the result is exact."""
+    the bank's follows flat index order (and `exact_for` says so)."""
     bank = TaskVectorBank(chunk=256)
     base, taus = _inputs((70, 130), k=2, dtype=torch.bfloat16)
-    w, d = [0.6, 0.5], [0.3, 0.55]
-    keys = ["0:t", "1:t"]
+    d, keys = [0.3, 0.55], ["0:t", "1:t"]
     kw = dict(sparsification="magnitude", consensus=True, normalize=True, rescale=False)
     assert not bank.exact_for(keys, taus, density=d, gamma=None, **kw)  # a tie group is split
-    got = bank.merge(keys, base, taus, weight=w, density=d, **kw)
-
-    def index_order_topk(tau, density):
-        a = tau.reshape(-1).abs().float()
-        k = int(density * a.numel())
-        order = torch.sort(a, stable=True).indices  # ascending by (|τ|, index)
-        mask = torch.zeros_like(a)
-        mask[order[a.numel() - k :]] = 1
-        return mask.reshape(tau.shape)
-
-    deltas = torch.stack([t * index_order_topk(t, di).to(t.dtype) for t, di in zip(taus, d)])
-    wt = torch.tensor(w, dtype=base.dtype).reshape(-1, 1, 1)
-    expected = combine(base, deltas, wt, consensus=True, normalize=True, lambda_=1.0)
-    assert torch.equal(got, expected)
     for t, di, key in zip(taus, d, keys):
-        assert torch.equal(bank.mask(key, t, "magnitude", di), index_order_topk(t, di).to(t.dtype))
+        assert torch.equal(bank.mask(key, t, "magnitude", di), _index_order_mask(t, "magnitude", di, 0.0))
 
 
 @pytest.mark.parametrize("sparsification,consensus", [("random", True), ("random", False), ("della", True)])
@@ -164,3 +181,18 @@ def test_engine_in_search_mode_is_reproducible_and_exact_where_it_can_be(tiny):
     assert all(torch.equal(a[k], b[k]) for k in a)
     mergekit_like = exact.state_dict(recipe("dare_ties"), seed=0)
     assert any(not torch.equal(a[k], mergekit_like[k]) for k in a)  # other draws than torch's RNG
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cached_della_ranks_equal_mergekits(dtype):
+    """With `cache_ranks`, integer ranks are sorted once and normalized per candidate with
+    mergekit's casts and roundings (bf16 rounds ranks above 256): the same values."""
+    g = torch.Generator().manual_seed(5)
+    for shape in [(40, 700), (900,)]:
+        tau = (0.01 * torch.randn(shape, generator=g)).to(dtype)
+        expected = sparsify.della_ranks(tau).reshape(-1)
+        for cache in (True, False):
+            bank = TaskVectorBank(chunk=256, cache_ranks=cache)
+            n = tau.numel()
+            got = torch.cat([bank.della_ranks("0:w", tau, s, min(256, n - s)) for s in range(0, n, 256)])
+            assert torch.equal(got, expected), (shape, cache)
