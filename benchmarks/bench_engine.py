@@ -1,11 +1,15 @@
 """In-memory candidate speed: mergesearch's ResidentEngine vs mergekit 0.1.5 merge_state_dicts.
 
 For locally made Llama-layout models (base + 2 fine-tunes) of several sizes and dtypes, per
-method: the time to materialize one candidate into a live model, the bytes such a candidate
-must touch at minimum (read base and K inputs, write one model), memcpy bandwidth measured in
-the same process, the fraction of it reached, and mergekit's time for the same candidate.
+method: the time to materialize one candidate into a live model with the search's engine
+(`exact=False`: task-vector bank, its own DARE/DELLA draws) and with the exact engine (mergekit's
+result bit for bit), each candidate with densities the engine has not seen; the bytes such a
+candidate must touch at minimum (read base and K inputs, write one model); memcpy bandwidth
+measured in the same process and the fraction of it reached; mergekit's time for the same
+candidate, and the ratios.
 
     .venv/bin/python benchmarks/bench_engine.py [--sizes 10M,100M] [--dtypes float32,bfloat16] [--repeat 3]
+    .venv/bin/python benchmarks/bench_engine.py --memory [--sizes ...]   # peak memory of a search
 """
 
 from __future__ import annotations
@@ -78,36 +82,23 @@ def make_models(root: Path, size: str, dtype: torch.dtype) -> list[str]:
     return paths
 
 
-def recipe_for(method: str, paths: list[str]):
-    """The benchmark's candidate: base + two fine-tunes (linear: the two fine-tunes 50/50)."""
-    from mergesearch.recipe import Recipe, Source
-
-    if method == "linear":
-        return Recipe("linear", models=[Source(p, {"weight": 0.5}) for p in paths[1:]])
-    params = METHODS[method]
-    return Recipe(
-        method,
-        base_model=paths[0],
-        models=[Source(p, {k: v[i] for k, v in params.items()}) for i, p in enumerate(paths[1:])],
-    )
-
-
-def memory(paths: list[str], dtype_name: str) -> None:
+def memory(paths: list[str], dtype_name: str, cache_ranks: bool = False) -> None:
     """Resident memory of a search-like process (task-vector engine + one live model, a candidate
     of every task-vector method) above the RSS after imports, in model sizes."""
 
     from mergesearch.engine import ResidentEngine
 
     floor = _vm("VmHWM")
-    engine = ResidentEngine(paths, base=paths[0])  # what a search over task-vector methods holds
+    # what a search over task-vector methods holds
+    engine = ResidentEngine(paths, base=paths[0], exact=False, cache_ranks=cache_ranks)
     model = _live(paths[0], engine)
     model_bytes = sum(
         v.numel() * v.element_size() for (ref, _), v in engine.tensors.items() if ref == paths[0]
     )
     loaded = _vm("VmRSS") - floor
     for method in METHODS:
-        if method != "linear":
-            engine.write_into(model, recipe_for(method, paths), seed=0)
+        for rep in range(2) if method != "linear" else ():
+            engine.write_into(model, candidate(method, paths, rep), seed=0)
     peak, steady = _vm("VmHWM") - floor, _vm("VmRSS") - floor
     k = len(paths) - 1
     print(
@@ -133,17 +124,42 @@ def _vm(key: str) -> int:
     raise RuntimeError(key)
 
 
+def candidate(method: str, paths: list[str], rep: int = 0):
+    """The benchmark's candidate; repeat `rep` shifts every density by 0.01·rep, so each timed
+    candidate has densities the engine has not seen (as in a search over continuous densities)."""
+    from mergesearch.recipe import Recipe, Source
+
+    if method == "linear":
+        return Recipe("linear", models=[Source(p, {"weight": 0.5}) for p in paths[1:]])
+    params = {k: [x + 0.01 * rep for x in v] if k == "density" else v for k, v in METHODS[method].items()}
+    models = [Source(p, {k: v[i] for k, v in params.items()}) for i, p in enumerate(paths[1:])]
+    return Recipe(method, base_model=paths[0], models=models)
+
+
+def _time_candidates(engine, model, method: str, paths: list[str], repeat: int) -> float:
+    """Best time of `repeat` candidates, each with new densities, after one untimed candidate
+    (which also builds what the engine keeps per study: samples, norms, tables, rank cache)."""
+    engine.write_into(model, candidate(method, paths, 0), seed=0)
+    times = []
+    for rep in range(1, repeat + 1):
+        t0 = time.perf_counter()
+        engine.write_into(model, candidate(method, paths, rep), seed=0)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
 def main() -> None:
     from mergekit.merge_methods import merge_state_dicts
 
     from mergesearch.engine import ResidentEngine
-    from mergesearch.recipe import Recipe, Source
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="10M,100M")
-    ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--sizes", default="10M,100M", help="model sizes, from: " + ", ".join(SIZES))
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="torch dtypes of the models")
+    ap.add_argument("--methods", default=",".join(METHODS), help="merge methods to time")
+    ap.add_argument("--repeat", type=int, default=3, help="timed candidates per engine and method")
+    ap.add_argument("--mergekit-repeat", type=int, default=1, help="timed mergekit runs per method")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument(
         "--memory",
         action="store_true",
@@ -159,75 +175,83 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|")
         for size in args.sizes.split(","):
             for dname in args.dtypes.split(","):
-                with tempfile.TemporaryDirectory() as tmp:
-                    paths = make_models(Path(tmp), size, getattr(torch, dname))
-                    print(f"| {size} ", end="", flush=True)
-                    subprocess.run([sys.executable, __file__, "--_memory-one", dname, *paths], check=True)
+                for ranks in ("", "ranks"):
+                    with tempfile.TemporaryDirectory() as tmp:
+                        paths = make_models(Path(tmp), size, getattr(torch, dname))
+                        print(f"| {size}{' (DELLA rank cache)' if ranks else ''} ", end="", flush=True)
+                        cmd = [sys.executable, __file__, "--_memory-one", dname, ranks, *paths]
+                        subprocess.run(cmd, check=True)
         return
-    torch.set_num_threads(torch.get_num_threads())
+    if args.threads:
+        torch.set_num_threads(args.threads)
     bw = memcpy_gbps()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, memcpy {bw:.2f} GB/s (read+write)\n"
     )
     print(
-        "| size | dtype | method | candidate s (mergesearch) | bytes touched | GB/s | % of memcpy | "
-        "mergekit merge_state_dicts s | mergekit / mergesearch |"
+        "| size | dtype | method | search engine s | exact engine s | bytes touched | GB/s | % of memcpy | "
+        "mergekit s | mergekit / search | mergekit / exact |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    methods = args.methods.split(",")
     for size in args.sizes.split(","):
         for dname in args.dtypes.split(","):
             dtype = getattr(torch, dname)
             with tempfile.TemporaryDirectory() as tmp:
                 paths = make_models(Path(tmp), size, dtype)
-                # task-vector engine for the task-vector family; the plain one for linear
-                engines = {"plain": ResidentEngine(paths), "tv": ResidentEngine(paths, base=paths[0])}
-                engine = engines["plain"]
-                import transformers
-
-                model = transformers.AutoModelForCausalLM.from_pretrained(paths[0], dtype=dtype)
-                sds = [{k: v for (ref, k), v in engine.tensors.items() if ref == p} for p in paths]
+                rows: dict[str, dict[str, float]] = {m: {} for m in methods}
+                # mergekit, and linear, from the models themselves (one engine at a time: memory)
+                plain = ResidentEngine(paths)
+                model = _live(paths[0], plain)
+                sds = [{k: v for (ref, k), v in plain.tensors.items() if ref == p} for p in paths]
                 model_bytes = sum(v.numel() * v.element_size() for v in sds[0].values())
-                for method in args.methods.split(","):
-                    params = METHODS[method]
-                    r = Recipe(
-                        method,
-                        base_model=paths[0] if method != "linear" else None,
-                        models=[
-                            Source(p, {k: v[i] for k, v in params.items()}) for i, p in enumerate(paths[1:])
-                        ],
-                    )
+                for method in methods:
                     if method == "linear":
-                        r.models = [Source(p, {"weight": 0.5}) for p in paths[1:]]
-                    ours = []
-                    eng = engines["plain" if method == "linear" else "tv"]
-                    for _ in range(args.repeat):
+                        rows[method]["search"] = rows[method]["exact"] = _time_candidates(
+                            plain, model, method, paths, args.repeat
+                        )
+                        mk = ({1: sds[1], 2: sds[2]}, method)
+                        kw = {"parameters": {"weight": {1: 0.5, 2: 0.5}}}
+                    else:
+                        mk = ({0: sds[0], 1: sds[1], 2: sds[2]}, method)
+                        params = {k: {i + 1: x for i, x in enumerate(v)} for k, v in METHODS[method].items()}
+                        kw = {"parameters": params, "base": 0}
+                    best = float("inf")
+                    for _ in range(args.mergekit_repeat):
                         t0 = time.perf_counter()
-                        eng.write_into(model, r, seed=0)
-                        ours.append(time.perf_counter() - t0)
-                    mk_params = {k: {i + 1: x for i, x in enumerate(v)} for k, v in params.items()}
-                    models = {0: sds[0], 1: sds[1], 2: sds[2]}
-                    theirs = []
-                    for _ in range(max(1, args.repeat - 1)):
-                        t0 = time.perf_counter()
-                        if method == "linear":
-                            merge_state_dicts(
-                                {1: sds[1], 2: sds[2]}, method, parameters={"weight": {1: 0.5, 2: 0.5}}
-                            )
-                        else:
-                            merge_state_dicts(models, method, parameters=mk_params, base=0)
-                        theirs.append(time.perf_counter() - t0)
+                        merge_state_dicts(*mk, **kw)
+                        best = min(best, time.perf_counter() - t0)
+                    rows[method]["mergekit"] = best
+                del plain, sds, model
+                # task-vector engines: the search's (exact=False) and the exact one
+                for mode, kw in (("search", {"exact": False}), ("exact", {"exact": True})):
+                    engine = ResidentEngine(paths, base=paths[0], **kw)
+                    model = _live(paths[0], engine)
+                    for method in methods:
+                        if method != "linear":
+                            rows[method][mode] = _time_candidates(engine, model, method, paths, args.repeat)
+                    del engine, model
+                if "della" in methods:  # the search engine with DELLA's rank cache
+                    engine = ResidentEngine(paths, base=paths[0], exact=False, cache_ranks=True)
+                    model = _live(paths[0], engine)
+                    rows["della (rank cache)"] = {
+                        "search": _time_candidates(engine, model, "della", paths, args.repeat),
+                        "exact": rows["della"]["exact"],
+                        "mergekit": rows["della"]["mergekit"],
+                    }
+                    del engine, model
+                for method, r in rows.items():
                     k = 2
                     touched = (
                         k + (0 if method == "linear" else 1) + 1
-                    ) * model_bytes  # read inputs, write one model
-                    t_ours, t_mk = min(ours), min(theirs)
-                    gbps = touched / t_ours / 1e9
+                    ) * model_bytes  # read inputs, write one
+                    gbps = touched / r["search"] / 1e9
                     print(
-                        f"| {size} | {dname} | {method} | {t_ours:.3f} | {touched / 1e6:.0f} MB | {gbps:.2f} | "
-                        f"{100 * gbps / bw:.0f}% | {t_mk:.3f} | {t_mk / t_ours:.1f}× |",
+                        f"| {size} | {dname} | {method} | {r['search']:.3f} | {r['exact']:.3f} | "
+                        f"{touched / 1e6:.0f} MB | {gbps:.2f} | {100 * gbps / bw:.0f}% | {r['mergekit']:.3f} | "
+                        f"{r['mergekit'] / r['search']:.1f}× | {r['mergekit'] / r['exact']:.1f}× |",
                         flush=True,
                     )
-                del engine, engines, model, sds
     print(f"\npeak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
 
 
@@ -244,6 +268,6 @@ if __name__ == "__main__":
             )
         )
 
-        memory(sys.argv[3:], sys.argv[2])
+        memory(sys.argv[4:], sys.argv[2], cache_ranks=sys.argv[3] == "ranks")
     else:
         main()

@@ -520,7 +520,10 @@ class ResidentEngine:
     def _merge(self, plan: MergePlan, task: TensorTask, target: torch.Tensor | None) -> torch.Tensor:
         keys = [(ref, self.models[ref].resolve(name)) for ref, name in task.inputs]
         if not any(k in self.task_vectors for k in keys):
-            return merge_tensor(plan, task, [self.tensors[k] for k in keys])
+            tensors = [self.tensors[k] for k in keys]
+            if plan.method.elementwise and task.floating:
+                return _chunked(plan, task, tensors, target)
+            return merge_tensor(plan, task, tensors)
         base_key = keys[task.base] if task.base is not None else None
         others = [k for i, k in enumerate(keys) if i != task.base]
         if not (
@@ -593,6 +596,24 @@ class ResidentEngine:
                 raise MergeSearchError(f"tensor {name}: the live model has no such parameter")
             if value is not target:
                 target.copy_(value)
+
+
+def _chunked(plan: MergePlan, task: TensorTask, tensors: list[torch.Tensor], target: torch.Tensor | None):
+    """merge_tensor for an elementwise method, 64K elements at a time, into `target` when it fits:
+    the same values, with temporaries that stay in cache instead of whole-tensor copies."""
+    out = target
+    if (
+        out is None
+        or out.dtype != task.out_dtype
+        or out.shape != tensors[0].shape
+        or out.device != tensors[0].device
+    ):
+        out = torch.empty(tensors[0].shape, dtype=task.out_dtype, device=tensors[0].device)
+    flat, o = [x.reshape(-1) for x in tensors], out.view(-1)
+    for start in range(0, o.numel(), 1 << 16):
+        stop = min(o.numel(), start + (1 << 16))
+        o[start:stop] = merge_tensor(plan, task, [x[start:stop] for x in flat])
+    return out
 
 
 def _return_freed_memory() -> None:

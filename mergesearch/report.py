@@ -83,6 +83,7 @@ class Scored:
     recipe_yaml: str
     search: dict[str, float]
     test: dict[str, TaskResult]
+    during_study: dict[str, float] | None = None  # search scores the study recorded (its engine)
 
     @property
     def test_mean(self) -> float:
@@ -129,12 +130,13 @@ def report(
     best = best_trial(s)
     _atomic_csv(df[df["trial"].isin([t.number for t in fr])], out / "pareto.csv")
 
-    def score(label: str, recipes: list[Recipe], search: dict[str, float] | None) -> Scored:
+    def score(label: str, recipes: list[Recipe], recorded: dict[str, float] | None) -> Scored:
+        # Both splits again with the exact engine: the model mergekit builds from the exported
+        # YAML, not the search engine's (other DARE/DELLA draws; ties broken by index).
         test, _ = searcher.score(recipes, "test")
-        if search is None:
-            res, _ = searcher.score(recipes, "search")
-            search = {k: v.value for k, v in res.items()}
-        return Scored(label, dump_recipes(recipes), search, test)
+        res, _ = searcher.score(recipes, "search")
+        search = {k: v.value for k, v in res.items()}
+        return Scored(label, dump_recipes(recipes), search, test, recorded)
 
     scored: list[Scored] = []
     for t in fr:
@@ -195,6 +197,7 @@ def _row(x: Scored) -> dict[str, Any]:
         "label": x.label,
         "search": x.search,
         "search_mean": x.search_mean,
+        "search_during_study": x.during_study,
         "test": {k: {"value": v.value, "ci95": bootstrap_ci(v), "n": v.n} for k, v in x.test.items()},
         "test_mean": x.test_mean,
         "gap_search_minus_test": x.search_mean - x.test_mean,
@@ -355,7 +358,9 @@ def _markdown(summary: dict, plots: dict[str, str], best, searcher: Searcher) ->
         f"{summary['trials']} trials: {summary['complete']} complete, {summary['pruned']} stopped early "
         f"(multi-fidelity), {summary['failed']} failed. Scores are exact match; the search saw only the "
         "`search` split, every number below in the test columns is on the `test` split it never saw, "
-        "with 95 % bootstrap intervals.",
+        "with 95 % bootstrap intervals. Every number here is of the model mergekit builds from the "
+        "recipe (scored again with the exact engine); the study's own search scores, from the search "
+        "engine's draws, are in trials.csv and test_scores.json (`search_during_study`).",
         "",
     ]
     if "gain" in summary:

@@ -76,7 +76,7 @@ def resolve_model(ref: str, space_path: Path | None) -> Path:
 class Searcher:
     """Everything a trial needs, loaded once: resident inputs, one live model, the tasks."""
 
-    def __init__(self, space: SearchSpace, *, device: str = "cpu") -> None:
+    def __init__(self, space: SearchSpace, *, device: str = "cpu", cache_ranks: bool = False) -> None:
         configure_threads()
         self.space = space
         self.device = device
@@ -84,10 +84,16 @@ class Searcher:
         self.model_paths = [str(resolve_model(m, space.path)) for m in space.models]
         # Task-vector methods only (and no sequential stages): keep τ = x − b resident instead of x.
         gta_only = all(METHODS[m].task_vectors for m in space.methods) and space.order != "sequential"
+        # The search engine (exact=False): task-vector candidates in chunks with shared work,
+        # DARE/DELLA from the bank's fixed draws (common to all candidates and workers). Reports
+        # score the chosen recipes again with the exact engine (mergekit's model).
         self.engine = ResidentEngine(
             list(dict.fromkeys([self.base_path, *self.model_paths])),
             device=device,
             base=self.base_path if gta_only else None,
+            exact=False,
+            seed=MERGE_SEED,
+            cache_ranks=cache_ranks,
         )
         base_ck = self.engine.models[self.base_path]
         self.arch, self.num_layers = base_ck.arch, base_ck.num_layers or 1
@@ -101,8 +107,9 @@ class Searcher:
         self.directions = ["maximize" if t.higher_is_better else "minimize" for t in self.tasks]
 
     def hold_models(self) -> None:
-        """Keep the models themselves resident (instead of task vectors), so any recipe can be
-        scored (the report scores linear and slerp baselines too). Frees the task vectors first."""
+        """Keep the models themselves resident (instead of task vectors) in the exact engine, so any
+        recipe can be scored (the report scores linear and slerp baselines too) and scores are those
+        of the model mergekit builds. Frees the task vectors first."""
         if self.engine.base is not None:
             refs = list(self.engine.models)
             self.engine = None
@@ -250,13 +257,14 @@ def run_search(
     device: str = "cpu",
     progress: bool = True,
     searcher: Searcher | None = None,
+    cache_ranks: bool = False,
 ) -> optuna.Study:
     """Create or resume a study and run trials until the budget is used."""
     study_name = study or space.name
     if trials is not None and trials < 1:
         raise MergeSearchError("--trials must be at least 1 (the study's total budget of trials)")
     seed = space.seed if seed is None else seed
-    searcher = searcher or Searcher(space, device=device)
+    searcher = searcher or Searcher(space, device=device, cache_ranks=cache_ranks)
     multi = space.objective == "pareto" and len(searcher.tasks) > 1
     names = [t.name for t in searcher.tasks] if multi else ["mean score"]
     directions = searcher.directions if multi else ["maximize"]

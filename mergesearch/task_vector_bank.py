@@ -199,6 +199,8 @@ class TaskVectorBank:
             return True
         if sparsification not in ("magnitude", "magnitude_outliers") or rescale:
             return False
+        if any(t.dtype not in (torch.float32, torch.float64) for t in taus):
+            return False  # 16-bit magnitudes tie at nearly every cut: don't look
         return not any(
             c is not None and c.partial for c in self._cuts_for(keys, taus, sparsification, params)
         )

@@ -121,3 +121,28 @@ def test_dare_candidates_share_their_draws(tiny):
     for k in low:
         assert not bool((low[k] & ~high[k]).any()), k
         assert low[k].sum() < high[k].sum(), k
+
+
+def test_linear_is_merged_in_chunks_with_the_same_values(tiny):
+    """The resident engine runs elementwise methods 64K elements at a time (into the live
+    parameter): the values equal the whole-tensor merge, across chunk boundaries."""
+    from mergesearch.engine import _chunked, merge_tensor, plan_merge
+
+    refs = [str(tiny[f"llama/ft{i}"]) for i in range(3)]
+    (recipe,) = parse_recipes(
+        yaml.safe_dump(
+            {
+                "merge_method": "linear",
+                "models": [{"model": r, "parameters": {"weight": w}} for r, w in zip(refs, [0.3, 0.5, 0.9])],
+            }
+        )
+    )
+    plan = plan_merge(recipe)
+    task = plan.tasks[0]
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        task.work_dtype = task.out_dtype = dtype
+        xs = [torch.randn(300, 701, generator=g).to(dtype) for _ in refs]  # 3.2 chunks
+        target = torch.empty(300, 701, dtype=dtype)
+        assert _chunked(plan, task, xs, target) is target
+        assert torch.equal(target, merge_tensor(plan, task, xs))

@@ -108,6 +108,14 @@ def test_export_runs_in_mergekit_and_scores_as_reported(zoo, tmp_path):
     )
     for row in got:
         assert row["value"] == pytest.approx(best["test"][row["task"]]["value"], abs=0), row
+    # The search itself ran on the search engine's DARE draws (recorded apart); the report's
+    # search-split scores are also those of mergekit's model.
+    assert set(best["search_during_study"]) == {"add", "reverse"}
+    got = json.loads(
+        cli(tmp_path, "eval", "mk_out", "--tasks", "add,reverse", "--split", "search", "--json").stdout
+    )
+    for row in got:
+        assert row["value"] == pytest.approx(best["search"][row["task"]], abs=0), row
     # the report's files are there
     for f in (
         "trials.csv",

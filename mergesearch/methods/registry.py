@@ -34,6 +34,7 @@ class Method:
     randomized: bool = False
     fp32_compute: bool = False  # computes in fp32 internally whatever the input dtype
     task_vectors: bool = False  # also accepts task_vectors=, scratch=, out= (see task_arithmetic)
+    elementwise: bool = False  # each output element depends only on the same element of each input
     sparsification: str | None = None  # task-vector family: which sparsifier ...
     consensus: bool = False  # ... and whether signs are elected
 
@@ -118,7 +119,15 @@ def _passthrough(base, models, *, scale):
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("linear", _linear, "input", {"weight": REQUIRED}, {"normalize": True}, fp32_compute=True),
+        Method(
+            "linear",
+            _linear,
+            "input",
+            {"weight": REQUIRED},
+            {"normalize": True},
+            fp32_compute=True,
+            elementwise=True,
+        ),
         Method("slerp", _slerp, "required", {}, {"t": REQUIRED}, 1, 1, fp32_compute=True),
         Method(
             "nuslerp",
