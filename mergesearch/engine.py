@@ -33,7 +33,7 @@ from .checkpoint import (
 from .errors import MergeSearchError
 from .methods.registry import REQUIRED, Method, get_method
 from .recipe import Recipe, Slice, Source, dump_recipes, evaluate_setting, load_recipes
-from .task_vector_bank import TaskVectorBank
+from .task_vector_bank import TaskVectorBank, chunk_for
 
 
 @dataclass
@@ -457,7 +457,6 @@ class ResidentEngine:
         self.device = torch.device(device)
         self.base = base
         self.exact = exact
-        self.bank = TaskVectorBank(seed, cache_ranks=cache_ranks)
         self._position = {ref: i for i, ref in enumerate(recipe_models)}  # names the bank's draws
         _return_freed_memory()
         self.models = {ref: Checkpoint(resolve_path(ref), allow_pickle=allow_pickle) for ref in recipe_models}
@@ -479,6 +478,10 @@ class ResidentEngine:
                     self.tensors[(ref, name)] = x
             ck.close()
         self._scratch: dict[torch.dtype, torch.Tensor] = {}
+        params = sum(t.numel() for (ref, _), t in self.tensors.items() if ref == base) if base else 0
+        self.bank = TaskVectorBank(
+            seed, chunk=chunk_for(params) if base else 1 << 16, cache_ranks=cache_ranks
+        )
 
     def plan(self, recipe: Recipe) -> MergePlan:
         return plan_merge(recipe, models=self.models)

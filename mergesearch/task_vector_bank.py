@@ -29,7 +29,16 @@ import torch
 from .methods import sparsify
 
 CHUNK = 1 << 18  # elements per chunk: few enough to stay in cache, many enough to amortize each op
+
+
+def chunk_for(n_params: int) -> int:
+    """Chunk size for a model: CHUNK, smaller for small models so the workspace (≈ 14 chunks)
+    stays a small fraction of the model's memory."""
+    return max(1 << 12, min(CHUNK, 1 << max(0, (n_params // 512).bit_length() - 1)))
+
+
 _TABLE = 1 << 18  # entries of each uniform table (1 MiB)
+_BLOCK = 1 << 16  # indices per block of draws (each block has its own table offsets)
 _SAMPLE = 4096  # sorted magnitudes kept per (tensor, model) to bracket a rank
 
 
@@ -133,7 +142,9 @@ class TaskVectorBank:
                     todo[r] = math.inf
         return [self._values[(key, r)] for r in ranks]
 
-    def della_ranks(self, key: str, tau: torch.Tensor, start: int, n: int) -> torch.Tensor:
+    def della_ranks(
+        self, key: str, tau: torch.Tensor, start: int, n: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`sparsify.della_ranks(τ)` (per-row magnitude rank in [0, 1], work dtype) for flat
         indices [start, start + n) of a 1-D or 2-D τ. With `cache_ranks`, the integer ranks are
         sorted once per study and kept (int16: 2 bytes per element); otherwise the rows around
@@ -154,35 +165,38 @@ class TaskVectorBank:
                 ranks[r0 : r0 + step] = torch.empty_like(order).scatter_(1, order, positions)
             self._ranks[key] = ranks.view(-1)
         # as sparsify.della_ranks: ranks cast, then + 1; every row's min is 1 and max is cols
+        # (in place, into `out` when given: the same roundings, no allocation per chunk)
         work = sparsify._work_dtype(tau)
-        r = self._ranks[key][start : start + n].to(work) + 1
+        ranks = self._ranks[key][start : start + n]
+        r = ranks.to(work) if out is None else out[:n].copy_(ranks)
         lo = torch.zeros((), dtype=work, device=tau.device) + 1
         hi = torch.full((), cols - 1, dtype=work, device=tau.device) + 1
-        return ((r - lo) / (hi - lo)).clamp(0, 1)
+        return r.add_(1).sub_(lo).div_(hi - lo).clamp_(0, 1)
 
     def uniforms(self, key: str, start: int, n: int, out: torch.Tensor) -> torch.Tensor:
-        """Uniform draws in [0, 1) for flat indices [start, start + n) of one task vector, n ≤ chunk,
-        written into `out` (fp32): per chunk, the fractional part of the sum of two windows of
-        two fixed uniform tables at offsets drawn for that chunk. Same key, same draws."""
+        """Uniform draws in [0, 1) for flat indices [start, start + n) of one task vector, written
+        into `out` (fp32): per block of 64K indices, the fractional part of the sum of windows of
+        two fixed uniform tables at offsets hashed from (seed, key, block). Same key, same draws,
+        whatever the chunk size."""
         device = out.device
         if device not in self._tables:
             g = torch.Generator().manual_seed(self.seed)
             self._tables[device] = tuple(  # type: ignore[assignment]
-                torch.rand(_TABLE + self.chunk, generator=g).to(device) for _ in range(2)
+                torch.rand(_TABLE + _BLOCK, generator=g).to(device) for _ in range(2)
             )
         t1, t2 = self._tables[device]
         u = out[:n]
         done = 0
-        while done < n:  # a range can straddle two chunks (DELLA's rows)
-            c, lo = divmod(start + done, self.chunk)
-            m = min(n - done, self.chunk - lo)
-            o1, o2 = self._chunk_offset(key, c)
+        while done < n:
+            block, lo = divmod(start + done, _BLOCK)
+            m = min(n - done, _BLOCK - lo)
+            o1, o2 = self._block_offsets(key, block)
             torch.add(t1[o1 + lo : o1 + lo + m], t2[o2 + lo : o2 + lo + m], out=u[done : done + m])
             done += m
         return u.frac_()
 
-    def _chunk_offset(self, key: str, c: int) -> tuple[int, int]:
-        """Table offsets of chunk c of one task vector: a hash of (seed, key, c), cached."""
+    def _block_offsets(self, key: str, c: int) -> tuple[int, int]:
+        """Table offsets of block c of one task vector: a hash of (seed, key, c), cached."""
         offs = self._offsets.setdefault(key, [])
         while len(offs) <= c:
             tag = f"{self.seed}:{key}:{len(offs)}".encode()
@@ -468,9 +482,12 @@ class _DellaMask:
             out.zero_()
             return
         if self.whole is not None:
-            ranks = self.whole[start : start + n]
+            ranks = self.whole[start : start + n].clone()
         else:
-            ranks = self.bank.della_ranks(self.tkey, self.tau, start, n)
-        p = (self.d - self.eps) + ranks * 2 * self.eps  # mergekit's expression, its roundings
+            ranks = self.bank.della_ranks(
+                self.tkey, self.tau, start, n, out=ws.u if ws.u.dtype == t.dtype else None
+            )
+        # mergekit's (d − ε) + ranks·2·ε, in place: the same operations and roundings
+        p = ranks.mul_(2).mul_(self.eps).add_(self.d - self.eps)
         u = self.bank.uniforms(self.tkey, start, n, ws.r)
         _masked(t, torch.lt(u, ws.g[:n].copy_(p), out=ws.acc[:n]), ws, out)

@@ -143,13 +143,14 @@ def test_draws_are_common_random_numbers_with_the_right_rates():
             assert abs(float(m.mean()) - d) < 5 * (d * (1 - d) / n) ** 0.5, (kind, d)
         assert not bool((low > high).any()), kind  # nested: a lower density keeps a subset
         assert not torch.equal(low, bank.mask("1:w", tau, kind, 0.3, **extra))  # other models, other draws
-    # a fresh bank with the same seed draws the same (another worker process, say) ...
-    assert torch.equal(
-        TaskVectorBank(seed=0, chunk=256).mask("0:w", tau, "random", 0.5),
-        bank.mask("0:w", tau, "random", 0.5),
-    )
-    # ... and the draws are defined per chunk size, which is a constant of the engine
-    assert again.chunk != bank.chunk
+    # a fresh bank with the same seed draws the same (another worker process, say), whatever
+    # its chunk size; another seed draws otherwise
+    for kind, extra in (("random", {}), ("della", {"epsilon": 0.15})):
+        assert torch.equal(
+            again.mask("0:w", tau, kind, 0.5, **extra), bank.mask("0:w", tau, kind, 0.5, **extra)
+        )
+    other_seed = TaskVectorBank(seed=1).mask("0:w", tau, "random", 0.5)
+    assert not torch.equal(other_seed, bank.mask("0:w", tau, "random", 0.5))
     # DELLA keeps large magnitudes more often: p runs from d − ε (smallest) to d + ε (largest)
     m = bank.mask("0:w", tau, "della", 0.5, epsilon=0.2)
     ranks = sparsify.della_ranks(tau)
@@ -196,3 +197,8 @@ def test_cached_della_ranks_equal_mergekits(dtype):
             n = tau.numel()
             got = torch.cat([bank.della_ranks("0:w", tau, s, min(256, n - s)) for s in range(0, n, 256)])
             assert torch.equal(got, expected), (shape, cache)
+            buf = torch.empty(256, dtype=dtype)  # in place into a buffer, as candidates do
+            got = torch.cat(
+                [bank.della_ranks("0:w", tau, s, min(256, n - s), out=buf).clone() for s in range(0, n, 256)]
+            )
+            assert torch.equal(got, expected), (shape, cache, "out=")
