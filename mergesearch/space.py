@@ -61,6 +61,7 @@ class Range:
     low: float
     high: float
     log: bool = False
+    step: float | None = None  # a grid: repeated values let the engine reuse cuts and norms
 
     def contains(self, v: float) -> bool:
         return self.low - 1e-12 <= v <= self.high + 1e-12
@@ -131,12 +132,14 @@ class SearchSpace:
                         for c in self.components:
                             for g in range(len(groups)):
                                 key = f"{sp}{name}.{i}.{c}.{g}"
-                                p[key] = trial.suggest_float(key, rng.low, rng.high, log=rng.log)
+                                p[key] = trial.suggest_float(
+                                    key, rng.low, rng.high, log=rng.log, step=rng.step
+                                )
                 elif name in m.shared_params:  # t and lambda: one value per group and component too
                     for c in self.components:
                         for g in range(len(groups)):
                             key = f"{sp}{name}.{c}.{g}"
-                            p[key] = trial.suggest_float(key, rng.low, rng.high, log=rng.log)
+                            p[key] = trial.suggest_float(key, rng.low, rng.high, log=rng.log, step=rng.step)
         p["method"] = method
         return p
 
@@ -286,12 +289,15 @@ def _range(v: Any, where: str) -> Range:
         v = {"low": v[0], "high": v[1]}
     if not isinstance(v, dict) or "low" not in v or "high" not in v:
         raise MergeSearchError(f"{where}: expected [low, high] or {{low, high}}")
-    extra = set(v) - {"low", "high", "log"}
+    extra = set(v) - {"low", "high", "log", "step"}
     if extra:
         raise MergeSearchError(f"{where}: unknown key {sorted(extra)[0]!r}")
-    r = Range(float(v["low"]), float(v["high"]), bool(v.get("log", False)))
+    step = float(v["step"]) if v.get("step") is not None else None
+    r = Range(float(v["low"]), float(v["high"]), bool(v.get("log", False)), step)
     if r.low > r.high:
         raise MergeSearchError(f"{where}: inverted range (low {r.low} > high {r.high})")
+    if step is not None and (step <= 0 or r.log):
+        raise MergeSearchError(f"{where}: step must be positive and cannot be combined with log")
     return r
 
 

@@ -101,20 +101,25 @@ class TaskVectorBank:
     def _values_at(self, key: str, tau: torch.Tensor, ranks: list[int]) -> list[tuple[float, int, int]]:
         """(v, #{|τ| < v}, #{|τ| = v}) for the value v at each ascending rank r of |τ|.
 
-        A sorted strided sample of |τ| (kept per task vector, 1/256 of its size) brackets v;
+        A sorted random sample of |τ| (kept per task vector, 1/256 of its size) brackets v;
         one pass of comparisons counts what lies below the bracket and gathers what lies inside
         (a few percent of τ); a selection in that small set gives v. No sort of τ."""
         n, flat = tau.numel(), tau.reshape(-1)
-        if key not in self._sample:
-            step = max(1, n // max(_SAMPLE, n // 256))
-            self._sample[key] = flat[::step].abs().float().sort().values
+        if key not in self._sample:  # random positions: a stride could alias with rows and heads
+            g = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+            idx = torch.randint(0, n, (min(n, max(_SAMPLE, n // 256)),), generator=g).to(tau.device)
+            self._sample[key] = flat[idx].abs().float().sort().values
         sample = self._sample[key]
         s = sample.numel()
         todo = {r: 2 * math.sqrt(s) + 2 for r in ranks if (key, r) not in self._values}  # ≥ 4σ
         while todo:  # one pass for every rank still open
             brackets = {}
             for r, margin in todo.items():
-                i, j = math.floor(r / n * s - margin), math.ceil(r / n * s + margin)
+                i, j = (
+                    (-1, s)
+                    if margin == math.inf
+                    else (math.floor(r / n * s - margin), math.ceil(r / n * s + margin))
+                )
                 brackets[r] = (
                     sample[i].item() if i >= 0 else -math.inf,
                     sample[j].item() if j < s else math.inf,

@@ -264,6 +264,12 @@ def test_bad_search_input(zoo, tmp_path, results):
         load_space(write_space(tmp_path, wieght=1))
     with pytest.raises(MergeSearchError, match="inverted range"):
         load_space(write_space(tmp_path, parameters={"weight": [1.0, 0.2], "density": [0.3, 1.0]}))
+    with pytest.raises(MergeSearchError, match="step must be positive"):
+        load_space(
+            write_space(
+                tmp_path, parameters={"weight": [0.2, 1.0], "density": {"low": 0.3, "high": 1, "step": 0}}
+            )
+        )
     with pytest.raises(MergeSearchError, match="nowhere.*does not exist"):
         run_search(load_space(write_space(tmp_path, models=["zoo:add", "nowhere"])), progress=False)
     with pytest.raises(MergeSearchError, match="cannot be opened"):
@@ -352,3 +358,25 @@ def test_postgres_study_with_a_worker(zoo, tmp_path, postgres):
     assert len(ts) >= 8 and all(t.state.is_finished() for t in ts)
     assert sorted(t.number for t in ts) == list(range(len(ts)))
     assert len({t.user_attrs.get("worker") for t in ts}) == 2
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[1] / "search_spaces").glob("*.yaml")), ids=lambda p: p.stem
+)
+def test_every_shipped_space_runs(zoo, results, path):
+    """Each space in search_spaces/ searches the zoo for real (baselines, then sampled trials),
+    through the search engine; stepped ranges give values on their grid."""
+    from mergesearch.study import run_search
+
+    space = load_space(path)
+    s = run_search(space, trials=8, progress=False)
+    done = [
+        t for t in s.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    ]
+    assert len(done) == 8, [t.state for t in s.trials]
+    for name, rng in space.parameters.items():
+        if rng.step:
+            values = [v for t in done for k, v in t.params.items() if name in k.split(".")[:2]]
+            assert values and all(
+                abs((v - rng.low) / rng.step - round((v - rng.low) / rng.step)) < 1e-6 for v in values
+            ), name

@@ -105,6 +105,24 @@ def test_ties_between_equal_magnitudes_go_to_the_lower_index():
         assert torch.equal(bank.mask(key, t, "magnitude", di), _index_order_mask(t, "magnitude", di, 0.0))
 
 
+def test_cuts_are_exact_on_structured_tensors_and_when_the_sample_misleads():
+    """Columns of very different scales (as attention heads can be), and a sample that brackets
+    the wrong values (the pass notices and brackets with the whole tensor): cuts stay exact."""
+    scale = torch.tensor([1.0, 10.0, 100.0, 1000.0]).repeat(64)
+    tau = 0.01 * torch.randn(300, 256, generator=torch.Generator().manual_seed(7)) * scale
+    for trust_sample in (True, False):
+        bank = TaskVectorBank(chunk=1000)
+        for d in (0.2, 0.5, 0.9):
+            if not trust_sample:
+                bank._sample["0:w"] = torch.linspace(5.0, 6.0, 4096)  # nothing there
+                bank._values.clear()
+            assert torch.equal(
+                bank.mask("0:w", tau, "magnitude", d), _index_order_mask(tau, "magnitude", d, 0.0)
+            )
+            got = bank.mask("0:w", tau, "magnitude_outliers", d, gamma=0.03)
+            assert torch.equal(got, _index_order_mask(tau, "magnitude_outliers", d, 0.03))
+
+
 @pytest.mark.parametrize("sparsification,consensus", [("random", True), ("random", False), ("della", True)])
 def test_dare_and_della_follow_their_definition_with_the_banks_draws(sparsification, consensus):
     """Same formula as mergekit (mask, L1 rescale, weights, election), with the bank's masks:
