@@ -86,12 +86,13 @@ def memory(paths: list[str], dtype_name: str, cache_ranks: bool = False) -> None
     """Resident memory of a search-like process (task-vector engine + one live model, a candidate
     of every task-vector method) above the RSS after imports, in model sizes."""
 
-    from mergesearch.engine import ResidentEngine
+    from mergesearch.engine import ResidentEngine, return_freed_memory
 
     floor = _vm("VmHWM")
     # what a search over task-vector methods holds
     engine = ResidentEngine(paths, base=paths[0], exact=False, cache_ranks=cache_ranks)
     model = _live(paths[0], engine)
+    return_freed_memory()  # as Searcher does after building the live model
     model_bytes = sum(
         v.numel() * v.element_size() for (ref, _), v in engine.tensors.items() if ref == paths[0]
     )
@@ -136,16 +137,18 @@ def candidate(method: str, paths: list[str], rep: int = 0):
     return Recipe(method, base_model=paths[0], models=models)
 
 
-def _time_candidates(engine, model, method: str, paths: list[str], repeat: int) -> float:
-    """Best time of `repeat` candidates, each with new densities, after one untimed candidate
-    (which also builds what the engine keeps per study: samples, norms, tables, rank cache)."""
+def _time_candidates(engine, model, method: str, paths: list[str], repeat: int) -> tuple[float, float]:
+    """Best times of `repeat` candidates with new densities and of `repeat` candidates with a
+    density seen before (a stepped search space), after one untimed candidate (which also builds
+    what the engine keeps per study: samples, norms, tables, rank cache)."""
     engine.write_into(model, candidate(method, paths, 0), seed=0)
-    times = []
+    new, seen = [], []
     for rep in range(1, repeat + 1):
-        t0 = time.perf_counter()
-        engine.write_into(model, candidate(method, paths, rep), seed=0)
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        for times, r in ((new, rep), (seen, 0)):
+            t0 = time.perf_counter()
+            engine.write_into(model, candidate(method, paths, r), seed=0)
+            times.append(time.perf_counter() - t0)
+    return min(new), min(seen)
 
 
 def main() -> None:
@@ -160,6 +163,11 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="timed candidates per engine and method")
     ap.add_argument("--mergekit-repeat", type=int, default=1, help="timed mergekit runs per method")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument(
+        "--engines",
+        default="search,exact",
+        help="which of our engines to time (the exact one is slow on big models)",
+    )
     ap.add_argument(
         "--memory",
         action="store_true",
@@ -189,10 +197,11 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, memcpy {bw:.2f} GB/s (read+write)\n"
     )
     print(
-        "| size | dtype | method | search engine s | exact engine s | bytes touched | GB/s | % of memcpy | "
-        "mergekit s | mergekit / search | mergekit / exact |"
+        "| size | dtype | method | search engine s | seen density s | exact engine s | bytes touched | GB/s | "
+        "% of memcpy | mergekit s | mergekit / search | mergekit / exact |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    engines = args.engines.split(",")
     methods = args.methods.split(",")
     for size in args.sizes.split(","):
         for dname in args.dtypes.split(","):
@@ -207,9 +216,8 @@ def main() -> None:
                 model_bytes = sum(v.numel() * v.element_size() for v in sds[0].values())
                 for method in methods:
                     if method == "linear":
-                        rows[method]["search"] = rows[method]["exact"] = _time_candidates(
-                            plain, model, method, paths, args.repeat
-                        )
+                        t, _ = _time_candidates(plain, model, method, paths, args.repeat)
+                        rows[method].update(search=t, seen=t, exact=t)
                         mk = ({1: sds[1], 2: sds[2]}, method)
                         kw = {"parameters": {"weight": {1: 0.5, 2: 0.5}}}
                     else:
@@ -224,21 +232,20 @@ def main() -> None:
                     rows[method]["mergekit"] = best
                 del plain, sds, model
                 # task-vector engines: the search's (exact=False) and the exact one
-                for mode, kw in (("search", {"exact": False}), ("exact", {"exact": True})):
-                    engine = ResidentEngine(paths, base=paths[0], **kw)
+                for mode in engines:
+                    engine = ResidentEngine(paths, base=paths[0], exact=mode == "exact")
                     model = _live(paths[0], engine)
                     for method in methods:
                         if method != "linear":
-                            rows[method][mode] = _time_candidates(engine, model, method, paths, args.repeat)
+                            new, seen = _time_candidates(engine, model, method, paths, args.repeat)
+                            rows[method][mode] = new
+                            rows[method].setdefault("seen", seen)
                     del engine, model
                 if "della" in methods:  # the search engine with DELLA's rank cache
                     engine = ResidentEngine(paths, base=paths[0], exact=False, cache_ranks=True)
                     model = _live(paths[0], engine)
-                    rows["della (rank cache)"] = {
-                        "search": _time_candidates(engine, model, "della", paths, args.repeat),
-                        "exact": rows["della"]["exact"],
-                        "mergekit": rows["della"]["mergekit"],
-                    }
+                    new, seen = _time_candidates(engine, model, "della", paths, args.repeat)
+                    rows["della (rank cache)"] = dict(rows["della"], search=new, seen=seen)
                     del engine, model
                 for method, r in rows.items():
                     k = 2
@@ -246,10 +253,11 @@ def main() -> None:
                         k + (0 if method == "linear" else 1) + 1
                     ) * model_bytes  # read inputs, write one
                     gbps = touched / r["search"] / 1e9
+                    exact = r.get("exact", float("nan"))
                     print(
-                        f"| {size} | {dname} | {method} | {r['search']:.3f} | {r['exact']:.3f} | "
+                        f"| {size} | {dname} | {method} | {r['search']:.3f} | {r['seen']:.3f} | {exact:.3f} | "
                         f"{touched / 1e6:.0f} MB | {gbps:.2f} | {100 * gbps / bw:.0f}% | {r['mergekit']:.3f} | "
-                        f"{r['mergekit'] / r['search']:.1f}× | {r['mergekit'] / r['exact']:.1f}× |",
+                        f"{r['mergekit'] / r['search']:.1f}× | {r['mergekit'] / exact:.1f}× |",
                         flush=True,
                     )
     print(f"\npeak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")

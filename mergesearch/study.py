@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import optuna
 
-from .engine import ResidentEngine
+from .engine import ResidentEngine, return_freed_memory
 from .errors import MergeSearchError
 from .evaluation import NativeEvaluator, configure_threads, find_task
 from .methods import METHODS
@@ -99,6 +99,7 @@ class Searcher:
         self.arch, self.num_layers = base_ck.arch, base_ck.num_layers or 1
         base_weights = {name: t for (ref, name), t in self.engine.tensors.items() if ref == self.base_path}
         self.model = live_model(self.base_path, base_weights, device=device)
+        return_freed_memory()
         self.tok = load_tokenizer(self.base_path)
         self.evaluator = NativeEvaluator(self.model, self.tok)
         self.tasks = [find_task(t) for t in space.tasks]

@@ -80,9 +80,15 @@ class TaskVectorBank:
     # -- what candidates share ------------------------------------------------------------
 
     def l1(self, key: str, tau: torch.Tensor) -> torch.Tensor:
-        """‖τ‖₁ in τ's work dtype, as mergekit computes it (one whole-tensor sum)."""
+        """‖τ‖₁ in τ's work dtype, summed chunk by chunk like ‖τ⊙m‖₁ (`_rescale`): a whole-tensor
+        `abs()` would be a transient copy of the largest tensor."""
         if key not in self._l1:
-            self._l1[key] = tau.to(sparsify._work_dtype(tau)).abs().sum()
+            flat, total = tau.reshape(-1), torch.zeros((), dtype=torch.float64, device=tau.device)
+            buf = self._workspace(1, tau.dtype, tau.device).d[0]
+            for start in range(0, flat.numel(), self.chunk):
+                part = flat[start : start + self.chunk]
+                total += torch.abs(part, out=buf[: part.numel()]).sum()
+            self._l1[key] = total.to(sparsify._work_dtype(tau))
         return self._l1[key]
 
     def cut(self, key: str, tau: torch.Tensor, r0: int, r1: int) -> Cut:
