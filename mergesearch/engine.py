@@ -600,6 +600,7 @@ class ResidentEngine:
                 raise MergeSearchError(f"tensor {name}: the live model has no such parameter")
             if value is not target:
                 target.copy_(value)
+        return_freed_memory()  # ~1 ms: what the candidate freed goes back to the OS
 
 
 def _chunked(plan: MergePlan, task: TensorTask, tensors: list[torch.Tensor], target: torch.Tensor | None):

@@ -5,8 +5,9 @@ done once and cached here: ‖τ‖₁; the magnitude cut of each rank window (T
 after which a new density is a comparison, not a sort; and the uniform draws of DARE and DELLA,
 a fixed function of (seed, tensor name, model position), so that two candidates differ by their
 coefficients, never by noise (a lower density keeps a subset of a higher one). A candidate is
-built in chunks of `chunk` elements through the same `combine` as the exact path: temporaries stay
-in cache, and memory above the resident tensors is O(K·chunk), not K copies of a tensor.
+built in chunks of `chunk` elements through a workspace allocated once (`_combine` is
+`task_arithmetic.combine` step for step): temporaries stay in cache, and memory above the resident
+tensors is O(K·chunk), not K copies of a tensor.
 
 How this relates to mergekit 0.1.5 (NOTES.md, "Shared work"):
 - task_arithmetic, and ties / breadcrumbs(_ties) without `rescale`, equal mergekit bit for bit,
@@ -75,7 +76,7 @@ class TaskVectorBank:
         self._kept_l1: dict[tuple, torch.Tensor] = {}
         self._offsets: dict[str, list[tuple[int, int]]] = {}
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._scratch: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        self._scratch: dict[tuple[torch.dtype, torch.device], _Workspace] = {}
 
     # -- what candidates share ------------------------------------------------------------
 
@@ -117,7 +118,8 @@ class TaskVectorBank:
             self._sample[key] = flat[idx].abs().float().sort().values
         sample = self._sample[key]
         s = sample.numel()
-        todo = {r: 2 * math.sqrt(s) + 2 for r in ranks if (key, r) not in self._values}  # ≥ 4σ
+        found = {r: self._values[(key, r)] for r in ranks if (key, r) in self._values}
+        todo = {r: 2 * math.sqrt(s) + 2 for r in ranks if r not in found}  # ≥ 4σ
         while todo:  # one pass for every rank still open
             brackets = {}
             for r, margin in todo.items():
@@ -143,15 +145,15 @@ class TaskVectorBank:
                 cand = torch.cat(inside[r])
                 if below[r] <= r < below[r] + cand.numel():
                     v = cand.kthvalue(r - below[r] + 1).values
-                    _bounded(self._values)[(key, r)] = (
+                    found[r] = _bounded(self._values)[(key, r)] = (
                         v.item(),
                         below[r] + int((cand < v).sum()),
                         int((cand == v).sum()),
                     )
                     del todo[r]
-                else:  # the sample misled (heavy ties): bracket with the whole tensor
-                    todo[r] = math.inf
-        return [self._values[(key, r)] for r in ranks]
+                else:  # the sample misled: a wider bracket (at worst the whole tensor)
+                    todo[r] = todo[r] * 4 if todo[r] < s else math.inf
+        return [found[r] for r in ranks]
 
     def della_ranks(
         self, key: str, tau: torch.Tensor, start: int, n: int, out: torch.Tensor | None = None
