@@ -132,7 +132,9 @@ def candidate(method: str, paths: list[str], rep: int = 0):
 
     if method == "linear":
         return Recipe("linear", models=[Source(p, {"weight": 0.5}) for p in paths[1:]])
-    params = {k: [x + 0.01 * rep for x in v] if k == "density" else v for k, v in METHODS[method].items()}
+    # and densities differ between methods too: DARE methods share their draws and norms
+    shift = 0.01 * rep + 0.001 * list(METHODS).index(method)
+    params = {k: [x + shift for x in v] if k == "density" else v for k, v in METHODS[method].items()}
     models = [Source(p, {k: v[i] for k, v in params.items()}) for i, p in enumerate(paths[1:])]
     return Recipe(method, base_model=paths[0], models=models)
 
