@@ -134,13 +134,13 @@ class TaskVectorBank:
                     sample[j].item() if j < s else math.inf,
                 )
             below, inside = dict.fromkeys(todo, 0), {r: [] for r in todo}
-            ws = self._workspace(1, torch.float32, tau.device)
+            ws = self._workspace(1, tau.dtype, tau.device)  # its fp32 buffers only
             for start in range(0, n, self.chunk):
                 m = min(self.chunk, n - start)
                 a = ws.g[:m].copy_(flat[start : start + m]).abs_()
                 for r, (blo, bhi) in brackets.items():
-                    below[r] += int(torch.lt(a, blo, out=ws.f[:m]).sum())
-                    band = torch.ge(a, blo, out=ws.f[:m]).mul_(torch.le(a, bhi, out=ws.u[:m]))
+                    below[r] += int(torch.lt(a, blo, out=ws.r[:m]).sum())
+                    band = torch.ge(a, blo, out=ws.r[:m]).mul_(torch.le(a, bhi, out=ws.acc[:m]))
                     inside[r].append(a[band.bool()])
             for r in list(todo):
                 cand = torch.cat(inside[r])

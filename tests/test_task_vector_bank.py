@@ -207,3 +207,24 @@ def test_engine_in_search_mode_is_reproducible_and_exact_where_it_can_be(tiny, t
         merge(recipe(method), tmp_path / method, seed=0)
         disk = load_weights(tmp_path / method)
         assert any(not torch.equal(a[k], disk[k]) for k in a), method  # other draws than torch's RNG
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cached_della_ranks_equal_mergekits(dtype):
+    """With `cache_ranks`, integer ranks are sorted once and normalized per candidate with
+    mergekit's casts and roundings (bf16 rounds ranks above 256): the same values, with or without
+    the cache, returned or written in place into a buffer as candidates do."""
+    g = torch.Generator().manual_seed(5)
+    for shape in [(40, 700), (900,)]:
+        tau = (0.01 * torch.randn(shape, generator=g)).to(dtype)
+        expected = sparsify.della_ranks(tau).reshape(-1)
+        n = tau.numel()
+        for cache in (True, False):
+            bank = TaskVectorBank(chunk=256, cache_ranks=cache)
+            got = torch.cat([bank.della_ranks("0:w", tau, s, min(256, n - s)) for s in range(0, n, 256)])
+            assert torch.equal(got, expected), (shape, cache)
+            buf = torch.empty(256, dtype=dtype)
+            parts = [
+                bank.della_ranks("0:w", tau, s, min(256, n - s), out=buf).clone() for s in range(0, n, 256)
+            ]
+            assert torch.equal(torch.cat(parts), expected), (shape, cache, "out=")
