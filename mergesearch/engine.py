@@ -8,6 +8,7 @@ draws) and writes through `StreamingWriter`: peak memory is one tensor per input
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import shutil
@@ -621,19 +622,28 @@ def _chunked(plan: MergePlan, task: TensorTask, tensors: list[torch.Tensor], tar
     return out
 
 
-def return_freed_memory() -> None:
-    """Give memory freed so far back to the OS (glibc keeps small freed blocks in its heap: after
-    loading a model that is ~0.3× the model), and from now on mmap every allocation above 1 MiB,
-    so freed candidate temporaries go back too. The memory bound is about resident bytes."""
+@functools.cache
+def _glibc():
     import ctypes
     import sys
 
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-        except OSError:  # not glibc
-            return
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return None
+    libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: mmap every allocation above 1 MiB
+    return libc
+
+
+def return_freed_memory() -> None:
+    """Give memory freed so far back to the OS (glibc keeps small freed blocks in its heap: after
+    loading a model that is ~0.3× the model), and mmap every allocation above 1 MiB from the first
+    call on, so freed candidate temporaries go back too. The memory bound is about resident bytes.
+    Called after every candidate: the library is opened once."""
+    libc = _glibc()
+    if libc is not None:
         libc.malloc_trim(0)
 
 

@@ -82,16 +82,25 @@ class TaskVectorBank:
     # -- what candidates share ------------------------------------------------------------
 
     def l1(self, key: str, tau: torch.Tensor) -> torch.Tensor:
-        """‖τ‖₁ in τ's work dtype, summed chunk by chunk like ‖τ⊙m‖₁ (`_rescale`): a whole-tensor
-        `abs()` would be a transient copy of the largest tensor."""
+        """‖τ‖₁ in τ's work dtype (cached), summed as ‖τ⊙m‖₁ is (`_chunked_l1`)."""
         if key not in self._l1:
-            flat, total = tau.reshape(-1), torch.zeros((), dtype=torch.float64, device=tau.device)
-            buf = self._workspace(1, tau.dtype, tau.device).d[0]
-            for start in range(0, flat.numel(), self.chunk):
-                part = flat[start : start + self.chunk]
-                total += torch.abs(part, out=buf[: part.numel()]).sum()
-            self._l1[key] = total.to(sparsify._work_dtype(tau))
+            self._l1[key] = self._chunked_l1(tau)
         return self._l1[key]
+
+    def _chunked_l1(self, tau: torch.Tensor, mask=None) -> torch.Tensor:
+        """‖τ⊙m‖₁ (‖τ‖₁ without a mask) in τ's work dtype, chunk by chunk through the workspace:
+        fp32 sums per chunk, fp64 across (a whole-tensor `abs()` would copy the largest tensor)."""
+        flat, total = tau.reshape(-1), torch.zeros((), dtype=torch.float64, device=tau.device)
+        ws = self._workspace(1, tau.dtype, tau.device)
+        for start in range(0, flat.numel(), self.chunk):
+            t = flat[start : start + self.chunk]
+            kept = ws.d[0, : t.numel()]
+            if mask is None:
+                kept.copy_(t)
+            else:
+                mask.apply(t, start, ws, out=kept)
+            total += kept.abs_().sum()
+        return total.to(sparsify.work_dtype(tau))
 
     def cut(self, key: str, tau: torch.Tensor, r0: int, r1: int) -> Cut:
         """The cut keeping ascending |τ| ranks [r0, r1), 0 ≤ r0 < r1 ≤ N."""
@@ -173,14 +182,11 @@ class TaskVectorBank:
             ranks = torch.empty(tau.numel(), dtype=torch.int16, device=tau.device).view(-1, cols)
             step = max(1, self.chunk // cols)
             for r0 in range(0, rows.shape[0], step):  # a row block at a time: bounded temporaries
-                block = rows[r0 : r0 + step]
-                order = torch.argsort(block.abs(), dim=1)
-                positions = torch.arange(cols, device=tau.device).expand_as(order)
-                ranks[r0 : r0 + step] = torch.empty_like(order).scatter_(1, order, positions)
+                ranks[r0 : r0 + step] = sparsify.magnitude_ranks(rows[r0 : r0 + step])
             self._ranks[key] = ranks.view(-1)
         # as sparsify.della_ranks: ranks cast, then + 1; every row's min is 1 and max is cols
         # (in place, into `out` when given: the same roundings, no allocation per chunk)
-        work = sparsify._work_dtype(tau)
+        work = sparsify.work_dtype(tau)
         ranks = self._ranks[key][start : start + n]
         r = ranks.to(work) if out is None else out[:n].copy_(ranks)
         lo = torch.zeros((), dtype=work, device=tau.device) + 1
@@ -331,15 +337,7 @@ class TaskVectorBank:
         """‖τ‖₁ / ‖τ⊙m‖₁ in the work dtype (None when either is below 1e-7, as in mergekit)."""
         kk = (key, mask.key)
         if kk not in self._kept_l1:
-            total = torch.zeros((), dtype=torch.float64, device=tau.device)
-            flat = tau.reshape(-1)
-            ws = self._workspace(1, tau.dtype, tau.device)
-            for start in range(0, flat.numel(), self.chunk):
-                t = flat[start : start + self.chunk]
-                kept = ws.d[0, : t.numel()]
-                mask.apply(t, start, ws, out=kept)
-                total += kept.abs_().sum()  # fp32 per chunk (pairwise inside), fp64 across
-            _bounded(self._kept_l1)[kk] = total.to(sparsify._work_dtype(tau))
+            _bounded(self._kept_l1)[kk] = self._chunked_l1(tau, mask)
         before, after = self.l1(key, tau), self._kept_l1[kk]
         if before < 1e-7 or after < 1e-7:
             return None
@@ -433,7 +431,7 @@ class _CutMask:
     """Keeps the cut's window of |τ|; tie positions carry over from chunk to chunk."""
 
     def __init__(self, cut: Cut) -> None:
-        self.cut, self.key = cut, (cut.lo, cut.hi, cut.skip_lo, cut.keep_hi)
+        self.cut = self.key = cut  # a frozen dataclass: it names its own cached norm
         self.seen: dict[float, int] = {}
 
     def apply(self, t, start, ws: _Workspace, out, magnitudes=None) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 
-def _work_dtype(t: torch.Tensor) -> torch.dtype:
+def work_dtype(t: torch.Tensor) -> torch.dtype:
     # torch.bernoulli has no fp16 kernel on CPU; mergekit upcasts to fp32 there.
     return t.dtype if t.device.type != "cpu" or t.dtype == torch.bfloat16 else torch.float32
 
@@ -87,20 +87,24 @@ def bernoulli(
     """τ⊙m with m ~ Bernoulli(d) elementwise (DARE); one draw per element from the RNG."""
     if density >= 1:
         return tau
-    work = _work_dtype(tau)
+    work = work_dtype(tau)
     mask = torch.bernoulli(torch.full_like(tau, density, dtype=work), generator=generator)
     return rescale_l1(tau.to(work), mask, rescale).to(tau.dtype)
 
 
-def della_ranks(tau: torch.Tensor) -> torch.Tensor:
-    """Per-row normalized magnitude rank in [0, 1] (rows along dim 1; 1-D is one row)."""
-    work = _work_dtype(tau)
-    t = tau.unsqueeze(0) if tau.dim() < 2 else tau
-    # mergekit takes argsort(argsort(|τ|)); scattering positions through the first argsort
-    # gives the same inverse permutation with one sort
+def magnitude_ranks(t: torch.Tensor) -> torch.Tensor:
+    """0-based rank of |t| along dim 1 (int64). mergekit takes argsort(argsort(|t|)); scattering
+    positions through the first argsort gives the same inverse permutation with one sort."""
     order = torch.argsort(t.abs(), dim=1, descending=False)
     positions = torch.arange(t.shape[1], device=t.device).view([1, -1] + [1] * (t.dim() - 2))
-    ranks = torch.empty_like(order).scatter_(1, order, positions.expand_as(order)).to(work) + 1
+    return torch.empty_like(order).scatter_(1, order, positions.expand_as(order))
+
+
+def della_ranks(tau: torch.Tensor) -> torch.Tensor:
+    """Per-row normalized magnitude rank in [0, 1] (rows along dim 1; 1-D is one row)."""
+    work = work_dtype(tau)
+    t = tau.unsqueeze(0) if tau.dim() < 2 else tau
+    ranks = magnitude_ranks(t).to(work) + 1
     lo = ranks.min(dim=1, keepdim=True).values
     hi = ranks.max(dim=1, keepdim=True).values
     return ((ranks - lo) / (hi - lo)).clamp(0, 1)
@@ -122,7 +126,7 @@ def della(
         raise ValueError(
             f"della: density ± epsilon must lie in (0, 1); got density={density}, epsilon={epsilon}"
         )
-    work = _work_dtype(tau)
+    work = work_dtype(tau)
     t = tau.unsqueeze(0) if tau.dim() < 2 else tau
     probs = (density - epsilon) + della_ranks(tau) * 2 * epsilon
     mask = torch.bernoulli(probs, generator=generator).to(work)
