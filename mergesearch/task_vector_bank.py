@@ -25,9 +25,15 @@ import math
 import zlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .methods import sparsify
+
+try:  # numba: the one-pass CPU kernels; without it every candidate takes the eager path
+    from . import fused_kernels
+except ImportError:  # pragma: no cover - numba is a dependency, but not on every platform
+    fused_kernels = None
 
 CHUNK = 1 << 18  # elements per chunk: few enough to stay in cache, many enough to amortize each op
 
@@ -67,8 +73,11 @@ class TaskVectorBank:
     """Cached norms, cuts and draws per task vector, each named by a key such as
     "1:model.layers.0.mlp.up_proj.weight" (the model's position and the tensor's name)."""
 
-    def __init__(self, seed: int = 0, chunk: int = CHUNK, cache_ranks: bool = False) -> None:
+    def __init__(
+        self, seed: int = 0, chunk: int = CHUNK, cache_ranks: bool = False, fused: bool = True
+    ) -> None:
         self.seed, self.chunk, self.cache_ranks = seed, chunk, cache_ranks
+        self.fused = fused and fused_kernels is not None  # same bits either way (tested)
         self._ranks: dict[str, torch.Tensor] = {}
         self._l1: dict[str, torch.Tensor] = {}
         self._sample: dict[str, torch.Tensor] = {}
@@ -76,6 +85,8 @@ class TaskVectorBank:
         self._values: dict[tuple[str, int], tuple[float, int, int]] = {}
         self._kept_l1: dict[tuple, torch.Tensor] = {}
         self._offsets: dict[str, list[tuple[int, int]]] = {}
+        self._offset_arrays: dict[str, np.ndarray] = {}
+        self._tie_counts: dict[tuple, np.ndarray] = {}
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._scratch: dict[tuple[torch.dtype, torch.device], _Workspace] = {}
 
@@ -142,17 +153,9 @@ class TaskVectorBank:
                     sample[i].item() if i >= 0 else -math.inf,
                     sample[j].item() if j < s else math.inf,
                 )
-            below, inside = dict.fromkeys(todo, 0), {r: [] for r in todo}
-            ws = self._workspace(1, tau.dtype, tau.device)  # its fp32 buffers only
-            for start in range(0, n, self.chunk):
-                m = min(self.chunk, n - start)
-                a = ws.g[:m].copy_(flat[start : start + m]).abs_()
-                for r, (blo, bhi) in brackets.items():
-                    below[r] += int(torch.lt(a, blo, out=ws.r[:m]).sum())
-                    band = torch.ge(a, blo, out=ws.r[:m]).mul_(torch.le(a, bhi, out=ws.acc[:m]))
-                    inside[r].append(a[band.bool()])
+            below, inside = self._bracket(tau, brackets)
             for r in list(todo):
-                cand = torch.cat(inside[r])
+                cand = inside[r]
                 if below[r] <= r < below[r] + cand.numel():
                     v = cand.kthvalue(r - below[r] + 1).values
                     found[r] = _bounded(self._values)[(key, r)] = (
@@ -165,6 +168,28 @@ class TaskVectorBank:
                     todo[r] = todo[r] * 4 if todo[r] < s else math.inf
         return [found[r] for r in ranks]
 
+    def _bracket(self, tau: torch.Tensor, brackets: dict) -> tuple[dict, dict]:
+        """For each rank's bracket (lo, hi) of |τ|: #{|τ| < lo} and the |τ| in [lo, hi] (fp32)."""
+        if fused_kernels is not None and _fusable(tau):
+            lo, hi = (np.array(v, np.float32) for v in zip(*brackets.values()))
+            counts, values, starts = fused_kernels.bracket(_bits(tau), lo, hi)
+            values = torch.from_numpy(values)
+            return (
+                {r: int(c) for r, c in zip(brackets, counts)},
+                {r: values[starts[i] : starts[i + 1]] for i, r in enumerate(brackets)},
+            )
+        flat = tau.reshape(-1)
+        below, inside = dict.fromkeys(brackets, 0), {r: [] for r in brackets}
+        ws = self._workspace(1, tau.dtype, tau.device)  # its fp32 buffers only
+        for start in range(0, flat.numel(), self.chunk):
+            m = min(self.chunk, flat.numel() - start)
+            a = ws.g[:m].copy_(flat[start : start + m]).abs_()
+            for r, (blo, bhi) in brackets.items():
+                below[r] += int(torch.lt(a, blo, out=ws.r[:m]).sum())
+                band = torch.ge(a, blo, out=ws.r[:m]).mul_(torch.le(a, bhi, out=ws.acc[:m]))
+                inside[r].append(a[band.bool()])
+        return below, {r: torch.cat(v) for r, v in inside.items()}
+
     def della_ranks(
         self, key: str, tau: torch.Tensor, start: int, n: int, out: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -172,39 +197,42 @@ class TaskVectorBank:
         indices [start, start + n) of a 1-D or 2-D τ. With `cache_ranks`, the integer ranks are
         sorted once per study and kept (int16: 2 bytes per element); otherwise the rows around
         the range are sorted each time."""
-        cols = tau.shape[1] if tau.dim() == 2 else tau.numel()
-        rows = tau.reshape(-1, cols)
-        if not (self.cache_ranks and cols <= 1 << 15):
+        cols = _row_length(tau)
+        if not self._caches_ranks(tau):
+            rows = tau.reshape(-1, cols)
             r0, r1 = start // cols, (start + n - 1) // cols + 1
             off = start - r0 * cols
             return sparsify.della_ranks(rows[r0:r1]).reshape(-1)[off : off + n]
+        # as sparsify.della_ranks: ranks cast, then + 1; every row's min is 1 and max is cols
+        # (in place, into `out` when given: the same roundings, no allocation per chunk)
+        work = sparsify.work_dtype(tau)
+        ranks = self._cached_ranks(key, tau)[start : start + n]
+        r = ranks.to(work) if out is None else out[:n].copy_(ranks)
+        lo = torch.zeros((), dtype=work, device=tau.device) + 1
+        hi = torch.full((), cols - 1, dtype=work, device=tau.device) + 1
+        return r.add_(1).sub_(lo).div_(hi - lo).clamp_(0, 1)
+
+    def _caches_ranks(self, tau: torch.Tensor) -> bool:
+        return self.cache_ranks and tau.dim() <= 2 and _row_length(tau) <= 1 << 15  # int16 ranks
+
+    def _cached_ranks(self, key: str, tau: torch.Tensor) -> torch.Tensor:
+        """Per-row 0-based magnitude ranks of τ, flat int16, sorted once per study."""
         if key not in self._ranks:
+            cols = _row_length(tau)
+            rows = tau.reshape(-1, cols)
             ranks = torch.empty(tau.numel(), dtype=torch.int16, device=tau.device).view(-1, cols)
             step = max(1, self.chunk // cols)
             for r0 in range(0, rows.shape[0], step):  # a row block at a time: bounded temporaries
                 ranks[r0 : r0 + step] = sparsify.magnitude_ranks(rows[r0 : r0 + step])
             self._ranks[key] = ranks.view(-1)
-        # as sparsify.della_ranks: ranks cast, then + 1; every row's min is 1 and max is cols
-        # (in place, into `out` when given: the same roundings, no allocation per chunk)
-        work = sparsify.work_dtype(tau)
-        ranks = self._ranks[key][start : start + n]
-        r = ranks.to(work) if out is None else out[:n].copy_(ranks)
-        lo = torch.zeros((), dtype=work, device=tau.device) + 1
-        hi = torch.full((), cols - 1, dtype=work, device=tau.device) + 1
-        return r.add_(1).sub_(lo).div_(hi - lo).clamp_(0, 1)
+        return self._ranks[key]
 
     def uniforms(self, key: str, start: int, n: int, out: torch.Tensor) -> torch.Tensor:
         """Uniform draws in [0, 1) for flat indices [start, start + n) of one task vector, written
         into `out` (fp32): per block of 64K indices, the fractional part of the sum of windows of
         two fixed uniform tables at offsets hashed from (seed, key, block). Same key, same draws,
         whatever the chunk size."""
-        device = out.device
-        if device not in self._tables:
-            g = torch.Generator().manual_seed(self.seed)
-            self._tables[device] = tuple(  # type: ignore[assignment]
-                torch.rand(_TABLE + _BLOCK, generator=g).to(device) for _ in range(2)
-            )
-        t1, t2 = self._tables[device]
+        t1, t2 = self._draw_tables(out.device)
         u = out[:n]
         done = 0
         while done < n:
@@ -214,6 +242,14 @@ class TaskVectorBank:
             torch.add(t1[o1 + lo : o1 + lo + m], t2[o2 + lo : o2 + lo + m], out=u[done : done + m])
             done += m
         return u.frac_()
+
+    def _draw_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._tables:
+            g = torch.Generator().manual_seed(self.seed)
+            self._tables[device] = tuple(  # type: ignore[assignment]
+                torch.rand(_TABLE + _BLOCK, generator=g).to(device) for _ in range(2)
+            )
+        return self._tables[device]
 
     def _block_offsets(self, key: str, c: int) -> tuple[int, int]:
         """Table offsets of block c of one task vector: a hash of (seed, key, c), cached."""
@@ -276,6 +312,8 @@ class TaskVectorBank:
             for key, t, m in zip(keys, taus, masks)
         ]
         w = torch.tensor(list(weight), dtype=base.dtype, device=base.device).reshape(-1, 1)
+        if self._fused_merge(keys, b, flat, masks, scale, w, consensus, normalize, lambda_, o):
+            return out
         ws = self._workspace(k, base.dtype, base.device)
         for start in range(0, n, self.chunk):
             stop = min(n, start + self.chunk)
@@ -289,6 +327,94 @@ class TaskVectorBank:
                     d[i].mul_(scale[i])
             _combine(b[start:stop], d, w, ws, consensus, normalize, lambda_, o[start:stop])
         return out
+
+    def _fused_merge(self, keys, b, taus, masks, scale, w, consensus, normalize, lambda_, o) -> bool:
+        """`merge`'s chunk loop as one `fused_kernels.merge` call (same bits), where it applies:
+        numba present, CPU, fp32 or bf16, contiguous, DELLA only with cached ranks."""
+        if not (self.fused and all(x.dtype == b.dtype for x in [o, *taus]) and _fusable(b, o, *taus)):
+            return False
+        spec = self._fused_spec(keys, taus, masks)
+        if spec is None:
+            return False
+        kind, fp, ties, seen, offsets, ranks = spec
+        fp[:, 0] = w.float().reshape(-1).numpy()
+        fp[:, 1] = [1.0 if x is None else float(x) for x in scale]
+        divisor = w.sum(0)
+        divisor[divisor.abs() < 1e-8] = 1
+        t1, t2 = (t.numpy() for t in self._draw_tables(b.device))
+        fused_kernels.merge(
+            _bits(o), _bits(b), tuple(_bits(t) for t in taus), ranks, kind, fp, ties, seen,
+            offsets, t1, t2, consensus, normalize, np.float32(divisor.item()), np.float32(lambda_),
+            lambda_ != 1,
+        )  # fmt: skip
+        return True
+
+    def _fused_spec(self, keys, taus, masks) -> tuple | None:
+        """The masks as `fused_kernels.merge` takes them (weights and rescales left at 1), or None
+        where a mask has no kernel (DELLA without cached ranks, or on more than 2 dimensions)."""
+        k, nblk = len(taus), -(-taus[0].numel() // _BLOCK)
+        kind = np.zeros(k, np.int64)
+        fp = np.ones((k, 9), np.float32)
+        ties = np.full((k, 2, 3), np.nan)
+        seen = np.zeros((k, 2, nblk), np.int64)
+        offsets = np.zeros((k, nblk, 2), np.int64)
+        ranks = [np.zeros(0, np.int16)] * k
+        for i, (key, tau, m) in enumerate(zip(keys, taus, masks)):
+            if m is None:
+                kind[i] = fused_kernels.NONE
+            elif isinstance(m, _CutMask):
+                c = m.cut
+                fp[i, 2:5] = c.lo, c.hi, c.top
+                if c.lo > c.hi:
+                    kind[i] = fused_kernels.ZERO
+                elif not c.partial:
+                    kind[i] = fused_kernels.CUT
+                else:
+                    kind[i] = fused_kernels.TIES
+                    groups = c.tie_groups()
+                    ties[i, : len(groups)] = groups
+                    counts = self._block_tie_counts(key, tau, [v for v, _, _ in groups])
+                    seen[i] = np.cumsum(counts, axis=1) - counts
+            elif isinstance(m, _DrawMask):
+                kind[i], fp[i, 5] = fused_kernels.DRAW, m.d
+                offsets[i] = self._offset_array(key, nblk)
+            elif m.d <= 0:
+                kind[i] = fused_kernels.ZERO
+            elif m.whole is None and self._caches_ranks(m.tau):
+                kind[i] = fused_kernels.DELLA
+                fp[i, 5:9] = m.d, m.eps, _row_length(m.tau), m.d - m.eps
+                offsets[i] = self._offset_array(key, nblk)
+                ranks[i] = self._cached_ranks(key, m.tau).numpy()
+            else:
+                return None
+        return kind, fp, ties, seen, offsets, tuple(ranks)
+
+    def _masked_l1(self, key: str, tau: torch.Tensor, mask) -> torch.Tensor:
+        """‖τ⊙m‖₁ in τ's work dtype: one `fused_kernels.masked_l1` pass where numba is present
+        (whatever `fused` says, so both paths rescale alike), else `_chunked_l1`."""
+        spec = self._fused_spec([key], [tau], [mask]) if fused_kernels and _fusable(tau) else None
+        if spec is None:
+            return self._chunked_l1(tau, mask)
+        kind, fp, ties, seen, offsets, ranks = spec
+        t1, t2 = (t.numpy() for t in self._draw_tables(tau.device))
+        total = fused_kernels.masked_l1(
+            _bits(tau), ranks[0], kind[0], fp[0], ties[0], seen[0], offsets[0], t1, t2
+        )
+        return torch.tensor(total, dtype=torch.float64).to(sparsify.work_dtype(tau))
+
+    def _offset_array(self, key: str, nblk: int) -> np.ndarray:
+        if key not in self._offset_arrays:
+            self._offset_arrays[key] = np.array([self._block_offsets(key, c) for c in range(nblk)])
+        return self._offset_arrays[key]
+
+    def _block_tie_counts(self, key: str, tau: torch.Tensor, values: list[float]) -> np.ndarray:
+        """Occurrences of each tie value in |τ| per 64K block (cached: a density grid reuses them)."""
+        ck = (key, *values)
+        if ck not in self._tie_counts:
+            v0, v1 = (*values, math.nan)[:2]
+            counts = fused_kernels.count_equal(_bits(tau), np.float32(v0), np.float32(v1))[: len(values)]
+            _bounded(self._tie_counts)[ck] = counts
+        return self._tie_counts[ck]
 
     def mask(
         self,
@@ -337,7 +463,7 @@ class TaskVectorBank:
         """‖τ‖₁ / ‖τ⊙m‖₁ in the work dtype (None when either is below 1e-7, as in mergekit)."""
         kk = (key, mask.key)
         if kk not in self._kept_l1:
-            _bounded(self._kept_l1)[kk] = self._chunked_l1(tau, mask)
+            _bounded(self._kept_l1)[kk] = self._masked_l1(key, tau, mask)
         before, after = self.l1(key, tau), self._kept_l1[kk]
         if before < 1e-7 or after < 1e-7:
             return None
@@ -400,6 +526,26 @@ def _combine(b, d, w, ws: _Workspace, consensus: bool, normalize: bool, lambda_:
     if lambda_ != 1:
         mixed.mul_(lambda_)
     torch.add(b, mixed, out=out)
+
+
+def _row_length(tau: torch.Tensor) -> int:
+    """DELLA's rows: along dim 1 of a 2-D τ; a 1-D τ is one row."""
+    return tau.shape[1] if tau.dim() == 2 else tau.numel()
+
+
+def _fusable(*tensors: torch.Tensor) -> bool:
+    t = tensors[0]
+    return (
+        t.device.type == "cpu"
+        and t.dtype in (torch.float32, torch.bfloat16)
+        and all(x.is_contiguous() for x in tensors)
+    )
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's memory as a numpy array (bf16 as its int16 bit pattern), shared, flat."""
+    t = t.detach().reshape(-1)
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
 def _bounded(cache: dict, size: int = 1 << 16) -> dict:

@@ -1,0 +1,422 @@
+"""One pass per candidate tensor on the CPU: sparsify, weight, elect, sum and add in one loop.
+
+`TaskVectorBank.merge` in eager torch makes every operation a pass over a chunk (DARE ~12 per
+model and element, TIES ~15), so a candidate runs at a fraction of memory bandwidth. These numba
+kernels do the same arithmetic, in the same order and with the same roundings, block by block:
+each 64K-element block (one block of DARE draws) is read once, its temporaries stay in L1, and
+blocks run in parallel. Same inputs, same bits as the eager path (tests/test_fused_kernels.py):
+fp32 ops are IEEE ops (numba does not contract a·b + c into an FMA without fastmath), and bf16
+steps are computed in fp32 and rounded to nearest even after each torch op, as torch's CPU kernels
+do. Which parameters a mask needs is `TaskVectorBank._fused_spec`'s business; here they are arrays.
+
+A bf16 tensor arrives as its int16 bit pattern (numpy has no bf16), an fp32 one as float32: numba
+compiles one specialization per dtype, and `_load`/`_round`/`_store` dispatch on it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
+
+# Float division without Python's zero check: the check is a branch that keeps loops scalar.
+jit = functools.partial(njit, error_model="numpy")
+
+BLOCK = 1 << 16  # elements per parallel block; must equal task_vector_bank._BLOCK (draw offsets)
+SUB = 1 << 11  # elements per inner step: K+4 buffers of 8 KiB stay in L1
+
+NONE, ZERO, CUT, TIES, DRAW, DELLA = range(6)  # mask kinds (TIES: a cut that splits tie groups)
+
+
+@intrinsic
+def _f32_from_bits(typingctx, bits):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def _bits_from_f32(typingctx, x):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+def _load(x):  # the element as fp32 (a stub: the overloads below are the implementation)
+    raise NotImplementedError
+
+
+def _round(x, like):  # x rounded to the dtype of the scalar `like` (int16: bf16 bits), as fp32
+    raise NotImplementedError
+
+
+def _store(x, like):  # x as a value of `like`'s dtype
+    raise NotImplementedError
+
+
+def _bf16_bits(x):
+    """torch's fp32 → bf16 rounding (c10 round_to_nearest_even), as the 16 high bits."""
+    if x != x:
+        return np.uint32(0x7FC0)
+    u = _bits_from_f32(x)
+    return (u + (((u >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF))) >> np.uint32(16)
+
+
+_bf16_bits = jit(inline="always")(_bf16_bits)
+
+
+@overload(_load)
+def _ov_load(x):
+    if x == types.int16:
+
+        def widen(x):
+            return _f32_from_bits((np.uint32(x) & np.uint32(0xFFFF)) << np.uint32(16))
+
+        return widen
+
+    def same(x):
+        return np.float32(x)
+
+    return same
+
+
+@overload(_round)
+def _ov_round(x, like):
+    if like == types.int16:
+
+        def to_bf16(x, like):
+            return _f32_from_bits(_bf16_bits(x) << np.uint32(16))
+
+        return to_bf16
+
+    def same(x, like):
+        return x
+
+    return same
+
+
+@overload(_store)
+def _ov_store(x, like):
+    if like == types.int16:
+
+        def to_bf16(x, like):
+            return np.int16(np.uint16(_bf16_bits(x)))
+
+        return to_bf16
+
+    def same(x, like):
+        return x
+
+    return same
+
+
+@jit(parallel=True, cache=True)
+def count_equal(mags: np.ndarray, v0: float, v1: float) -> np.ndarray:
+    """Occurrences of v0 and of v1 in |τ| (fp32 compare) per block: counts[g, block]."""
+    n = mags.size
+    nblk = (n + BLOCK - 1) // BLOCK
+    counts = np.zeros((2, nblk), np.int64)
+    for blk in prange(nblk):
+        c0 = c1 = 0
+        for i in range(blk * BLOCK, min(n, (blk + 1) * BLOCK)):
+            a = abs(_load(mags[i]))
+            c0 += a == v0
+            c1 += a == v1
+        counts[0, blk], counts[1, blk] = c0, c1
+    return counts
+
+
+@jit(parallel=True, cache=True)
+def bracket(mags, lo: np.ndarray, hi: np.ndarray):
+    """For brackets [lo[r], hi[r]] of |τ| (fp32 compare): #{|τ| < lo[r]} and the |τ| inside, in
+    flat order, concatenated (`starts[r]` to `starts[r + 1]`). Two passes: count, then gather."""
+    n, nr = mags.size, lo.size
+    nblk = (n + BLOCK - 1) // BLOCK
+    below = np.zeros((nr, nblk), np.int64)
+    inside = np.zeros((nr, nblk), np.int64)
+    for blk in prange(nblk):
+        block = mags[blk * BLOCK : min(n, (blk + 1) * BLOCK)]
+        for r in range(nr):  # scalars and a 1-D loop per bracket: vectorized counts
+            below[r, blk], inside[r, blk] = _count_bracket(block, lo[r], hi[r])
+    # gather without a branch (write every |τ|, advance when inside): each (rank, block) region
+    # has one spare slot at its end for the last write, then the regions are packed
+    room = inside.reshape(-1) + 1
+    at = np.cumsum(room) - room
+    spread = np.empty(room.sum(), np.float32)
+    for blk in prange(nblk):
+        block = mags[blk * BLOCK : min(n, (blk + 1) * BLOCK)]
+        for r in range(nr):
+            _gather_bracket(block, lo[r], hi[r], spread, at[r * nblk + blk])
+    values = np.empty(inside.sum(), np.float32)
+    j = 0
+    for g in range(nr * nblk):
+        values[j : j + room[g] - 1] = spread[at[g] : at[g] + room[g] - 1]
+        j += room[g] - 1
+    starts = np.zeros(nr + 1, np.int64)
+    starts[1:] = np.cumsum(inside.sum(axis=1))
+    return below.sum(axis=1), values, starts
+
+
+@jit
+def _count_bracket(block, lo, hi):
+    c_below = c_inside = 0
+    for i in range(block.size):
+        a = abs(_load(block[i]))
+        c_below += a < lo
+        c_inside += (a >= lo) & (a <= hi)
+    return c_below, c_inside
+
+
+@jit
+def _gather_bracket(block, lo, hi, values, at):
+    for i in range(block.size):
+        a = abs(_load(block[i]))
+        values[at] = a
+        at += (a >= lo) & (a <= hi)
+
+
+@jit(parallel=True, cache=True)
+def masked_l1(tau, rank, kind, fp, ties, tie_seen, offsets, t1, t2) -> float:
+    """‖τ⊙m‖₁ for one task vector and mask (as `merge` applies it, rescale and weight 1):
+    fp64 per block, blocks summed in order: the same value whatever the thread count."""
+    n = tau.size
+    nblk = (n + BLOCK - 1) // BLOCK
+    sums = np.zeros(nblk)
+    for blk in prange(nblk):
+        dk = np.empty(SUB, np.float32)
+        seen = tie_seen[:, blk].copy()
+        b0 = blk * BLOCK
+        b1 = min(n, b0 + BLOCK)
+        total = 0.0
+        for s in range(b0, b1, SUB):
+            m = min(SUB, b1 - s)
+            _sparsify(
+                tau,
+                rank,
+                kind,
+                fp,
+                ties,
+                seen,
+                offsets[blk],
+                t1,
+                t2,
+                s,
+                s - b0,
+                dk[:m],
+                np.float32(1),
+                tau[0],
+            )
+            for j in range(m):
+                total += abs(dk[j])
+        sums[blk] = total
+    total = 0.0
+    for blk in range(nblk):
+        total += sums[blk]
+    return total
+
+
+@jit(parallel=True, cache=True)
+def merge(
+    out,
+    base,
+    taus,
+    ranks,
+    kind,
+    fparams,
+    ties,
+    tie_seen,
+    offsets,
+    t1,
+    t2,
+    consensus,
+    normalize,
+    divisor,
+    lam,
+    scale_lambda,
+):
+    """out = b + λ·combine(sparsify(τ_k)·s_k·w_k) for one tensor, as `task_vector_bank._combine`.
+
+    Per model k: kind[k]; fparams[k] = (w, s (rescale, 1 = none), lo, hi, top, d, ε, cols, d − ε);
+    ties[k, g] = (value, first kept position, end) of ≤ 2 tie groups and tie_seen[k, g, block]
+    the occurrences before each block (TIES); offsets[k, block] = the draw tables' offsets (DRAW,
+    DELLA); ranks[k] = per-row int16 magnitude ranks (DELLA). `divisor` is Σw when not electing.
+    Loops take 1-D slices and scalars: numba vectorizes those, not 2-D or tuple indexing."""
+    n = base.size
+    nk = len(taus)
+    nblk = (n + BLOCK - 1) // BLOCK
+    for blk in prange(nblk):
+        d = np.empty((nk, SUB), np.float32)
+        e = np.empty((nk, SUB), np.float32)
+        acc = np.empty(SUB, np.float32)
+        div = np.empty(SUB, np.float32)
+        seen = tie_seen[:, :, blk].copy()
+        like = base[0]  # its type says how to round (a scalar: arrays passed per element cost refcounts)
+        b0 = blk * BLOCK
+        b1 = min(n, b0 + BLOCK)
+        for s in range(b0, b1, SUB):
+            m = min(SUB, b1 - s)
+            for k in range(nk):
+                fp = fparams[k]
+                _sparsify(taus[k], ranks[k], kind[k], fp, ties[k], seen[k], offsets[k, blk], t1, t2,
+                          s, s - b0, d[k, :m], fp[0], like)  # fmt: skip
+            if consensus:
+                _elect(d, e, acc, div, fparams[:, 0], m, nk, like)
+            else:
+                _sum(d, acc, m, nk, like)
+                div[:m] = divisor
+            _finish(out[s : s + m], base[s : s + m], acc[:m], div[:m], normalize, lam, scale_lambda)
+
+
+@jit
+def _sparsify(tau, rank, kind, fp, ties, seen, offs, t1, t2, s, i, dk, w, like):
+    """dk = R(R(τ⊙mask · s) · w) for elements [s, s + dk.size) of τ, at position i of its block
+    of draws. fp = (w, s, lo, hi, top, d, ε, cols, d − ε) as `merge` documents."""
+    m = dk.size
+    tau, scale = tau[s : s + m], fp[1]
+    if kind == NONE:
+        _copy(tau, dk, scale, w, like)
+    elif kind == ZERO:
+        _copy(tau[:0], dk, scale, w, like)
+    elif kind == CUT:
+        _cut(tau, dk, fp[2], fp[3], fp[4] != 0, scale, w, like)
+    elif kind == TIES:
+        _cut_ties(tau, dk, fp[2], fp[3], ties, seen, scale, w, like)
+    else:
+        u1, u2 = t1[offs[0] + i : offs[0] + i + m], t2[offs[1] + i : offs[1] + i + m]
+        if kind == DRAW:
+            _draw(tau, dk, u1, u2, fp[5], scale, w, like)
+        else:
+            _della(tau, dk, u1, u2, rank[s : s + m], fp[6], fp[7], fp[8], scale, w, like)
+
+
+@jit(inline="always")
+def _weigh(x, scale, w, like):
+    return _round(_round(x * scale, like) * w, like)
+
+
+@jit
+def _copy(tau, dk, scale, w, like):
+    """No mask (an empty `tau`: a zero mask, +0 as eager's zero_())."""
+    if tau.size == 0:
+        for j in range(dk.size):
+            dk[j] = _weigh(np.float32(0), scale, w, like)
+        return
+    for j in range(dk.size):
+        dk[j] = _weigh(_load(tau[j]), scale, w, like)
+
+
+@jit
+def _cut(tau, dk, lo, hi, top, scale, w, like):
+    """Keep lo ≤ |τ| (≤ hi unless the window reaches the top), on fp32 magnitudes as mergekit ranks.
+    Masks combine with `&`: `and` and chained comparisons branch, and at a cut they mispredict."""
+    for j in range(dk.size):
+        t = _load(tau[j])
+        a = abs(t)
+        dk[j] = _weigh(t * np.float32((a >= lo) & (top | (a <= hi))), scale, w, like)
+
+
+@jit
+def _cut_ties(tau, dk, lo, hi, ties, seen, scale, w, like):
+    """Keep lo < |τ| < hi, and the tie positions [first, end) of each group at a bound (flat order)."""
+    for j in range(dk.size):  # the strict window: vectorized
+        t = _load(tau[j])
+        a = abs(t)
+        dk[j] = _weigh(t * np.float32((a > lo) & (a < hi)), scale, w, like)
+    for j in range(dk.size):  # then the few elements at a bound, in order
+        t = _load(tau[j])
+        a = abs(t)
+        for g in range(2):
+            if a == ties[g, 0]:
+                dk[j] = _weigh(t * np.float32(1 if ties[g, 1] <= seen[g] < ties[g, 2] else 0), scale, w, like)
+                seen[g] += 1
+
+
+@jit(inline="always")
+def _uniform(a, b):
+    u = a + b  # frac(T1 + T2): both in [0, 1), so one subtraction
+    return u - np.float32(1) if u >= 1 else u
+
+
+@jit
+def _draw(tau, dk, u1, u2, dens, scale, w, like):
+    for j in range(dk.size):
+        keep = np.float32(1 if _uniform(u1[j], u2[j]) < dens else 0)
+        dk[j] = _weigh(_load(tau[j]) * keep, scale, w, like)
+
+
+@jit
+def _della(tau, dk, u1, u2, rank, eps, cols, shift, scale, w, like):
+    """Keep where u < p = (d − ε) + 2ε·rank, rank normalized per row as TaskVectorBank.della_ranks:
+    every step rounded to the work dtype; torch's add_ rounds its Python scalar too, mul_ doesn't."""
+    span = _round(_round(_round(cols - np.float32(1), like) + np.float32(1), like) - np.float32(1), like)
+    shift = _round(shift, like)
+    for j in range(dk.size):
+        r = _round(_round(_round(np.float32(rank[j]), like) + np.float32(1), like) - np.float32(1), like)
+        r = min(max(_round(r / span, like), np.float32(0)), np.float32(1))
+        p = _round(_round(_round(r * np.float32(2), like) * eps, like) + shift, like)
+        keep = np.float32(1 if _uniform(u1[j], u2[j]) < p else 0)
+        dk[j] = _weigh(_load(tau[j]) * keep, scale, w, like)
+
+
+@jit
+def _sum(d, acc, m, nk, like):
+    """acc = R(Σ_k δ_k), in order from δ_0, in fp32 (task_vector_bank._sum_models)."""
+    _add_rows(d, acc, m, nk)
+    for j in range(m):
+        acc[j] = _round(acc[j], like)
+
+
+@jit
+def _add_rows(d, acc, m, nk):
+    acc[:m] = d[0, :m]
+    for k in range(1, nk):
+        _add_to(acc[:m], d[k, :m])
+
+
+@jit
+def _add_to(acc, x):
+    for j in range(acc.size):
+        acc[j] += x[j]
+
+
+@jit
+def _elect(d, e, acc, div, w, m, nk, like):
+    """TIES: majority = sign(R(Σδ)) (0 counts +); m_k = [δ_k·majority > 0]; acc = R(Σ m_k δ_k),
+    div = R(Σ m_k w_k), 1 where that is 0. Overwrites the δ_k with m_k δ_k and m_k w_k."""
+    _sum(d, acc, m, nk, like)
+    for j in range(m):
+        acc[j] = np.float32(1) if acc[j] >= 0 else np.float32(-1)
+    for k in range(nk):
+        _keep_agreeing(d[k, :m], e[k, :m], acc[:m], w[k])
+    _add_rows(e, div, m, nk)  # Σ m_k w_k
+    _add_rows(d, acc, m, nk)  # Σ m_k δ_k
+    for j in range(m):
+        q = _round(div[j], like)
+        div[j] = q + np.float32(1) if q == 0 else q
+        acc[j] = _round(acc[j], like)
+
+
+@jit
+def _keep_agreeing(dk, ek, majority, w):
+    for j in range(dk.size):
+        keep = np.float32(1 if dk[j] * majority[j] > 0 else 0)
+        ek[j] = keep * w
+        dk[j] = keep * dk[j]
+
+
+@jit
+def _finish(out, base, acc, div, normalize, lam, scale_lambda):
+    """out = R(b + x), x = R(R(acc / div) · λ) (each step only when asked)."""
+    if normalize:  # branches outside the loops: a branch inside keeps LLVM from vectorizing
+        for j in range(out.size):
+            acc[j] = _round(acc[j] / div[j], base[0])
+    if scale_lambda:
+        for j in range(out.size):
+            acc[j] = _round(acc[j] * lam, base[0])
+    for j in range(out.size):
+        out[j] = _store(_load(base[j]) + acc[j], base[0])

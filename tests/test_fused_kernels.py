@@ -1,0 +1,127 @@
+"""The numba kernels (mergesearch/fused_kernels.py) against the bank's eager torch path.
+
+Same bank parameters, same inputs: the fused candidate must be the eager one bit for bit, for
+every sparsifier, with and without sign election, rescale, normalize and λ, in fp32 and bf16.
+The large shape spans three 64K-element blocks (parallel blocks, draw blocks and tie counts
+crossing them); its rounded task vectors make tie groups straddle the cuts."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from mergesearch import fused_kernels, task_vector_bank
+from mergesearch.task_vector_bank import TaskVectorBank
+
+SPARSIFIERS = [None, "magnitude", "magnitude_outliers", "random", "della"]
+
+
+def _inputs(shape, dtype, k=3, seed=0, ties=False):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g).to(dtype)
+    taus = [0.01 * torch.randn(shape, generator=g) for _ in range(k)]
+    if ties:  # few distinct magnitudes: tie groups at every cut
+        taus = [(t * 300).round() / 300 for t in taus]
+    return base, [t.to(dtype) for t in taus]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16 if t.dtype == torch.bfloat16 else torch.int32)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts `fused_kernels.merge` calls: the equality tests must exercise the kernel."""
+    calls = []
+    real = fused_kernels.merge
+
+    def spy(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(fused_kernels, "merge", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,ties", [((300, 517), True), ((300, 517), False), ((3, 5), False)])
+def test_fused_equals_eager_bit_for_bit(dtype, shape, ties, fused_calls):
+    base, taus = _inputs(shape, dtype, ties=ties)
+    keys = [f"{i}:w" for i in range(len(taus))]
+    rng = random.Random(f"{dtype}{shape}{ties}")
+    cases = list(itertools.product(SPARSIFIERS, [False, True], [False, True]))
+    for sparsification, consensus, rescale in cases:
+        k = len(taus)
+        density = [rng.choice([0.0, 1.0, round(rng.uniform(0.3, 0.8), 3)]) for _ in range(k)]
+        density[rng.randrange(k)] = round(rng.uniform(0.3, 0.8), 3)  # at least one real mask
+        kw = dict(
+            weight=[round(rng.uniform(-0.3, 1.2), 3) for _ in range(k)],
+            density=density,
+            sparsification=sparsification,
+            consensus=consensus,
+            normalize=rng.random() < 0.5,
+            rescale=rescale,
+            lambda_=rng.choice([1.0, 0.7]),
+            gamma=[0.01] * k,
+            epsilon=[0.1] * k,
+        )
+        outs = [
+            TaskVectorBank(seed=5, chunk=4096, cache_ranks=True, fused=fused).merge(keys, base, taus, **kw)
+            for fused in (False, True)
+        ]
+        assert torch.equal(_bits(outs[0]), _bits(outs[1])), (sparsification, consensus, rescale, kw)
+    assert len(fused_calls) == len(cases)
+
+
+def test_della_without_cached_ranks_takes_the_eager_path(fused_calls):
+    base, taus = _inputs((40, 70), torch.float32, k=2)
+    bank = TaskVectorBank(cache_ranks=False)
+    kw = dict(weight=[0.5, 0.5], density=[0.5, 0.5], consensus=False, normalize=True, rescale=True)
+    out = bank.merge(["0:w", "1:w"], base, taus, sparsification="della", epsilon=[0.1, 0.1], **kw)
+    assert not fused_calls and torch.isfinite(out).all()
+    bank.merge(["0:w", "1:w"], base, taus, sparsification="random", **kw)
+    assert len(fused_calls) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bracket_and_masked_l1_equal_the_torch_passes(dtype, monkeypatch):
+    """The cut's bracket pass finds what torch's finds; ‖τ⊙m‖₁ agrees to the sum's rounding."""
+    _, (tau,) = _inputs((300, 517), dtype, k=1, ties=True)
+    bank = TaskVectorBank(chunk=4096, cache_ranks=True)
+    mags = tau.float().abs().reshape(-1).sort().values
+    brackets = {
+        10: (-np.inf, mags[5000].item()),
+        9000: (mags[8000].item(), mags[12000].item()),
+        155099: (mags[-10].item(), np.inf),
+    }
+    fused = bank._bracket(tau, brackets)
+    l1 = {
+        s: bank._masked_l1("0:w", tau, bank._masks(["0:w"], [tau], s, [0.4], [0.01], [0.1])[0])
+        for s in ("magnitude", "magnitude_outliers", "random", "della")
+    }
+    monkeypatch.setattr(task_vector_bank, "fused_kernels", None)
+    eager = bank._bracket(tau, brackets)
+    assert fused[0] == eager[0]
+    for r in brackets:
+        assert torch.equal(fused[1][r], eager[1][r])  # both in flat order
+    for s, value in l1.items():
+        mask = bank._masks(["0:w"], [tau], s, [0.4], [0.01], [0.1])[0]
+        expected = bank._masked_l1("0:w", tau, mask)
+        assert value.dtype == expected.dtype == (torch.float32 if dtype == torch.float32 else torch.bfloat16)
+        torch.testing.assert_close(value, expected, rtol=2e-6 if dtype == torch.float32 else 8e-3, atol=0)
+
+
+def test_without_numba_the_bank_gives_the_same_candidate(monkeypatch):
+    base, taus = _inputs((300, 517), torch.float32, k=2, ties=True)
+    kw = dict(
+        weight=[0.7, 0.4], density=[0.35, 0.6], sparsification="magnitude", consensus=True,
+        normalize=True, rescale=False,
+    )  # fmt: skip
+    fused = TaskVectorBank(chunk=4096).merge(["0:w", "1:w"], base, taus, **kw)
+    monkeypatch.setattr(task_vector_bank, "fused_kernels", None)
+    eager = TaskVectorBank(chunk=4096).merge(["0:w", "1:w"], base, taus, **kw)
+    assert torch.equal(fused, eager)
