@@ -164,7 +164,9 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS), help="merge methods to time")
     ap.add_argument("--repeat", type=int, default=3, help="timed candidates per engine and method")
     ap.add_argument("--mergekit-repeat", type=int, default=1, help="timed mergekit runs per method")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch and numba threads (default: theirs, the cores)"
+    )
     ap.add_argument(
         "--engines",
         default="search,exact",
@@ -192,11 +194,15 @@ def main() -> None:
                         cmd = [sys.executable, __file__, "--_memory-one", dname, ranks, *paths]
                         subprocess.run(cmd, check=True)
         return
+    import numba
+
     if args.threads:
         torch.set_num_threads(args.threads)
+        numba.set_num_threads(args.threads)
     bw = memcpy_gbps()
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, memcpy {bw:.2f} GB/s (read+write)\n"
+        f"torch {torch.__version__}, numba {numba.__version__}, {torch.get_num_threads()} threads, "
+        f"memcpy {bw:.2f} GB/s (read+write)\n"
     )
     print(
         "| size | dtype | method | search engine s | seen density s | exact engine s | bytes touched | GB/s | "

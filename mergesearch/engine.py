@@ -34,7 +34,7 @@ from .checkpoint import (
 from .errors import MergeSearchError
 from .methods.registry import REQUIRED, Method, get_method
 from .recipe import Recipe, Slice, Source, dump_recipes, evaluate_setting, load_recipes
-from .task_vector_bank import TaskVectorBank, chunk_for
+from .task_vector_bank import TaskVectorBank, chunk_for, fused_kernels
 
 
 @dataclass
@@ -615,11 +615,35 @@ def _chunked(plan: MergePlan, task: TensorTask, tensors: list[torch.Tensor], tar
         or out.device != tensors[0].device
     ):
         out = torch.empty(tensors[0].shape, dtype=task.out_dtype, device=tensors[0].device)
+    if plan.method.name == "linear" and _fused_linear(task, tensors, out):
+        return out
     flat, o = [x.reshape(-1) for x in tensors], out.view(-1)
     for start in range(0, o.numel(), 1 << 16):
         stop = min(o.numel(), start + (1 << 16))
         o[start:stop] = merge_tensor(plan, task, [x[start:stop] for x in flat])
     return out
+
+
+def _fused_linear(task: TensorTask, tensors: list[torch.Tensor], out: torch.Tensor) -> bool:
+    """`interpolation.linear` as one `fused_kernels.linear` pass, same bits, where it applies:
+    numba present, CPU, one dtype throughout (fp32 or bf16), torch's addcmul_ an FMA."""
+    if not (
+        fused_kernels is not None
+        and task.base is None
+        and all(x.dtype == out.dtype == task.work_dtype for x in tensors)
+        and fused_kernels.fusable(out, *tensors)
+        and fused_kernels.addcmul_is_fma()
+    ):
+        return False
+    w = torch.tensor(list(task.per_model["weight"]), dtype=torch.float32)
+    fused_kernels.linear(
+        fused_kernels.as_numpy(out),
+        tuple(fused_kernels.as_numpy(x) for x in tensors),
+        w.numpy(),
+        np.float32(w.sum().item()),
+        bool(task.shared["normalize"]),
+    )
+    return True
 
 
 @functools.cache

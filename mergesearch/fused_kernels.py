@@ -5,12 +5,18 @@ model and element, TIES ~15), so a candidate runs at a fraction of memory bandwi
 kernels do the same arithmetic, in the same order and with the same roundings, block by block:
 each 64K-element block (one block of DARE draws) is read once, its temporaries stay in L1, and
 blocks run in parallel. Same inputs, same bits as the eager path (tests/test_fused_kernels.py):
-fp32 ops are IEEE ops (numba does not contract a·b + c into an FMA without fastmath), and bf16
-steps are computed in fp32 and rounded to nearest even after each torch op, as torch's CPU kernels
-do. Which parameters a mask needs is `TaskVectorBank._fused_spec`'s business; here they are arrays.
+fp32 ops are IEEE ops (numba does not contract a·b + c into an FMA without fastmath; `linear`
+asks for the FMA that torch's addcmul_ does), and bf16 steps are computed in fp32 and rounded to
+nearest even after each torch op, as torch's CPU kernels do.
+
+- `merge`: a task-vector candidate (`TaskVectorBank.merge`; `_fused_spec` turns masks into arrays).
+- `masked_l1`: ‖τ⊙m‖₁ for DARE/DELLA/TIES rescaling; `bracket`: the pass that finds a new cut;
+  `count_equal`: tie counts per block, so a split tie group can be cut in parallel.
+- `linear`: the resident engine's linear merge (`engine._fused_linear`).
 
 A bf16 tensor arrives as its int16 bit pattern (numpy has no bf16), an fp32 one as float32: numba
-compiles one specialization per dtype, and `_load`/`_round`/`_store` dispatch on it.
+compiles one specialization per dtype, and `_load`/`_round`/`_store` dispatch on it. Compiled
+code is cached next to this file (numba's `cache=True`): the first use costs seconds, not later.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+import torch
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
@@ -29,6 +36,32 @@ BLOCK = 1 << 16  # elements per parallel block; must equal task_vector_bank._BLO
 SUB = 1 << 11  # elements per inner step: K+4 buffers of 8 KiB stay in L1
 
 NONE, ZERO, CUT, TIES, DRAW, DELLA = range(6)  # mask kinds (TIES: a cut that splits tie groups)
+
+
+def fusable(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels take these tensors: CPU, fp32 or bf16 (the first's dtype), contiguous."""
+    t = tensors[0]
+    return (
+        t.device.type == "cpu"
+        and t.dtype in (torch.float32, torch.bfloat16)
+        and all(x.is_contiguous() for x in tensors)
+    )
+
+
+def as_numpy(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's memory as a flat numpy array (bf16 as its int16 bit pattern), shared."""
+    t = t.detach().reshape(-1)
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """a·b + c rounded once, as torch's CPU addcmul computes it."""
+
+    def codegen(context, builder, signature, args):
+        return builder.fma(*args)
+
+    return types.float32(types.float32, types.float32, types.float32), codegen
 
 
 @intrinsic
@@ -183,7 +216,7 @@ def _gather_bracket(block, lo, hi, values, at):
 @jit(parallel=True, cache=True)
 def masked_l1(tau, rank, kind, fp, ties, tie_seen, offsets, t1, t2) -> float:
     """‖τ⊙m‖₁ for one task vector and mask (as `merge` applies it, rescale and weight 1):
-    fp64 per block, blocks summed in order: the same value whatever the thread count."""
+    fp64 per sub-block (`_abs_sum`), then in order: the same value whatever the thread count."""
     n = tau.size
     nblk = (n + BLOCK - 1) // BLOCK
     sums = np.zeros(nblk)
@@ -195,6 +228,7 @@ def masked_l1(tau, rank, kind, fp, ties, tie_seen, offsets, t1, t2) -> float:
         total = 0.0
         for s in range(b0, b1, SUB):
             m = min(SUB, b1 - s)
+            dk[:m] = -0.0
             _sparsify(
                 tau,
                 rank,
@@ -211,12 +245,28 @@ def masked_l1(tau, rank, kind, fp, ties, tie_seen, offsets, t1, t2) -> float:
                 np.float32(1),
                 tau[0],
             )
-            for j in range(m):
-                total += abs(dk[j])
+            total += _abs_sum(dk[:m])
         sums[blk] = total
     total = 0.0
     for blk in range(nblk):
         total += sums[blk]
+    return total
+
+
+@jit
+def _abs_sum(x) -> float:
+    """Σ|x| in fp64 over 8 interleaved lanes, then the lanes in order: a fixed order (so a fixed
+    value), and 8 independent add chains instead of one (one chain waits ~4 cycles per add)."""
+    lanes = np.zeros(8)
+    full = x.size - x.size % 8
+    for j in range(0, full, 8):
+        for q in range(8):
+            lanes[q] += abs(x[j + q])
+    for j in range(full, x.size):
+        lanes[0] += abs(x[j])
+    total = 0.0
+    for q in range(8):
+        total += lanes[q]
     return total
 
 
@@ -260,21 +310,27 @@ def merge(
         b1 = min(n, b0 + BLOCK)
         for s in range(b0, b1, SUB):
             m = min(SUB, b1 - s)
+            # δ_k are added onto -0 (x + -0 = x for every x, ±0 included): into one accumulator
+            # when nothing needs them apart, into a row each for the sign election
+            if consensus:
+                d[:, :m] = -0.0
+            else:
+                acc[:m] = -0.0
             for k in range(nk):
                 fp = fparams[k]
                 _sparsify(taus[k], ranks[k], kind[k], fp, ties[k], seen[k], offsets[k, blk], t1, t2,
-                          s, s - b0, d[k, :m], fp[0], like)  # fmt: skip
+                          s, s - b0, d[k, :m] if consensus else acc[:m], fp[0], like)  # fmt: skip
             if consensus:
                 _elect(d, e, acc, div, fparams[:, 0], m, nk, like)
             else:
-                _sum(d, acc, m, nk, like)
+                _round_all(acc[:m], like)
                 div[:m] = divisor
             _finish(out[s : s + m], base[s : s + m], acc[:m], div[:m], normalize, lam, scale_lambda)
 
 
 @jit
 def _sparsify(tau, rank, kind, fp, ties, seen, offs, t1, t2, s, i, dk, w, like):
-    """dk = R(R(τ⊙mask · s) · w) for elements [s, s + dk.size) of τ, at position i of its block
+    """dk += R(R(τ⊙mask · s) · w) for elements [s, s + dk.size) of τ, at position i of its block
     of draws. fp = (w, s, lo, hi, top, d, ε, cols, d − ε) as `merge` documents."""
     m = dk.size
     tau, scale = tau[s : s + m], fp[1]
@@ -304,10 +360,10 @@ def _copy(tau, dk, scale, w, like):
     """No mask (an empty `tau`: a zero mask, +0 as eager's zero_())."""
     if tau.size == 0:
         for j in range(dk.size):
-            dk[j] = _weigh(np.float32(0), scale, w, like)
+            dk[j] += _weigh(np.float32(0), scale, w, like)
         return
     for j in range(dk.size):
-        dk[j] = _weigh(_load(tau[j]), scale, w, like)
+        dk[j] += _weigh(_load(tau[j]), scale, w, like)
 
 
 @jit
@@ -317,23 +373,24 @@ def _cut(tau, dk, lo, hi, top, scale, w, like):
     for j in range(dk.size):
         t = _load(tau[j])
         a = abs(t)
-        dk[j] = _weigh(t * np.float32((a >= lo) & (top | (a <= hi))), scale, w, like)
+        dk[j] += _weigh(t * np.float32((a >= lo) & (top | (a <= hi))), scale, w, like)
 
 
 @jit
 def _cut_ties(tau, dk, lo, hi, ties, seen, scale, w, like):
     """Keep lo < |τ| < hi, and the tie positions [first, end) of each group at a bound (flat order)."""
+    keep = np.empty(dk.size, np.float32)
     for j in range(dk.size):  # the strict window: vectorized
-        t = _load(tau[j])
-        a = abs(t)
-        dk[j] = _weigh(t * np.float32((a > lo) & (a < hi)), scale, w, like)
+        a = abs(_load(tau[j]))
+        keep[j] = (a > lo) & (a < hi)
     for j in range(dk.size):  # then the few elements at a bound, in order
-        t = _load(tau[j])
-        a = abs(t)
+        a = abs(_load(tau[j]))
         for g in range(2):
             if a == ties[g, 0]:
-                dk[j] = _weigh(t * np.float32(1 if ties[g, 1] <= seen[g] < ties[g, 2] else 0), scale, w, like)
+                keep[j] = ties[g, 1] <= seen[g] < ties[g, 2]
                 seen[g] += 1
+    for j in range(dk.size):
+        dk[j] += _weigh(_load(tau[j]) * keep[j], scale, w, like)
 
 
 @jit(inline="always")
@@ -346,7 +403,7 @@ def _uniform(a, b):
 def _draw(tau, dk, u1, u2, dens, scale, w, like):
     for j in range(dk.size):
         keep = np.float32(1 if _uniform(u1[j], u2[j]) < dens else 0)
-        dk[j] = _weigh(_load(tau[j]) * keep, scale, w, like)
+        dk[j] += _weigh(_load(tau[j]) * keep, scale, w, like)
 
 
 @jit
@@ -360,15 +417,20 @@ def _della(tau, dk, u1, u2, rank, eps, cols, shift, scale, w, like):
         r = min(max(_round(r / span, like), np.float32(0)), np.float32(1))
         p = _round(_round(_round(r * np.float32(2), like) * eps, like) + shift, like)
         keep = np.float32(1 if _uniform(u1[j], u2[j]) < p else 0)
-        dk[j] = _weigh(_load(tau[j]) * keep, scale, w, like)
+        dk[j] += _weigh(_load(tau[j]) * keep, scale, w, like)
+
+
+@jit
+def _round_all(x, like):
+    for j in range(x.size):
+        x[j] = _round(x[j], like)
 
 
 @jit
 def _sum(d, acc, m, nk, like):
     """acc = R(Σ_k δ_k), in order from δ_0, in fp32 (task_vector_bank._sum_models)."""
     _add_rows(d, acc, m, nk)
-    for j in range(m):
-        acc[j] = _round(acc[j], like)
+    _round_all(acc[:m], like)
 
 
 @jit
@@ -420,3 +482,41 @@ def _finish(out, base, acc, div, normalize, lam, scale_lambda):
             acc[j] = _round(acc[j] * lam, base[0])
     for j in range(out.size):
         out[j] = _store(_load(base[j]) + acc[j], base[0])
+
+
+@functools.cache
+def addcmul_is_fma() -> bool:
+    """Whether this torch's CPU addcmul_ rounds once (an FMA): `linear` reproduces only that."""
+    g = torch.Generator().manual_seed(0)
+    o, x, w = torch.randn(4099, generator=g), torch.randn(4099, generator=g), torch.tensor(0.37)
+    return torch.equal(o.clone().addcmul_(x, w), (o.double() + x.double() * w.double()).float())
+
+
+@jit(parallel=True, cache=True)
+def linear(out, xs, w, wsum, normalize):
+    """out = R(Σ_k w_k x_k / Σw) as `interpolation.linear`: an fp32 accumulator from 0, one
+    fused multiply-add per model in order (torch's addcmul_), then the division, then rounding."""
+    n = out.size
+    nk = len(xs)
+    nblk = (n + BLOCK - 1) // BLOCK
+    for blk in prange(nblk):
+        acc = np.empty(SUB, np.float32)
+        like = out[0]
+        b0 = blk * BLOCK
+        b1 = min(n, b0 + BLOCK)
+        for s in range(b0, b1, SUB):
+            m = min(SUB, b1 - s)
+            acc[:m] = 0
+            for k in range(nk):
+                _fma_into(acc[:m], xs[k][s : s + m], w[k])
+            if normalize:
+                for j in range(m):
+                    acc[j] = acc[j] / wsum
+            for j in range(m):
+                out[s + j] = _store(acc[j], like)
+
+
+@jit
+def _fma_into(acc, x, w):
+    for j in range(acc.size):
+        acc[j] = _fma(_load(x[j]), w, acc[j])

@@ -47,6 +47,7 @@ def chunk_for(n_params: int) -> int:
 
 _TABLE = 1 << 18  # entries of each uniform table (1 MiB)
 _BLOCK = 1 << 16  # indices per block of draws (each block has its own table offsets)
+assert fused_kernels is None or fused_kernels.BLOCK == _BLOCK  # the kernels' blocks are draw blocks
 _SAMPLE = 4096  # sorted magnitudes kept per (tensor, model) to bracket a rank
 
 
@@ -170,9 +171,9 @@ class TaskVectorBank:
 
     def _bracket(self, tau: torch.Tensor, brackets: dict) -> tuple[dict, dict]:
         """For each rank's bracket (lo, hi) of |τ|: #{|τ| < lo} and the |τ| in [lo, hi] (fp32)."""
-        if fused_kernels is not None and _fusable(tau):
+        if fused_kernels is not None and fused_kernels.fusable(tau):
             lo, hi = (np.array(v, np.float32) for v in zip(*brackets.values()))
-            counts, values, starts = fused_kernels.bracket(_bits(tau), lo, hi)
+            counts, values, starts = fused_kernels.bracket(fused_kernels.as_numpy(tau), lo, hi)
             values = torch.from_numpy(values)
             return (
                 {r: int(c) for r, c in zip(brackets, counts)},
@@ -331,7 +332,9 @@ class TaskVectorBank:
     def _fused_merge(self, keys, b, taus, masks, scale, w, consensus, normalize, lambda_, o) -> bool:
         """`merge`'s chunk loop as one `fused_kernels.merge` call (same bits), where it applies:
         numba present, CPU, fp32 or bf16, contiguous, DELLA only with cached ranks."""
-        if not (self.fused and all(x.dtype == b.dtype for x in [o, *taus]) and _fusable(b, o, *taus)):
+        if not (
+            self.fused and all(x.dtype == b.dtype for x in [o, *taus]) and fused_kernels.fusable(b, o, *taus)
+        ):
             return False
         spec = self._fused_spec(keys, taus, masks)
         if spec is None:
@@ -343,7 +346,7 @@ class TaskVectorBank:
         divisor[divisor.abs() < 1e-8] = 1
         t1, t2 = (t.numpy() for t in self._draw_tables(b.device))
         fused_kernels.merge(
-            _bits(o), _bits(b), tuple(_bits(t) for t in taus), ranks, kind, fp, ties, seen,
+            fused_kernels.as_numpy(o), fused_kernels.as_numpy(b), tuple(fused_kernels.as_numpy(t) for t in taus), ranks, kind, fp, ties, seen,
             offsets, t1, t2, consensus, normalize, np.float32(divisor.item()), np.float32(lambda_),
             lambda_ != 1,
         )  # fmt: skip
@@ -392,13 +395,15 @@ class TaskVectorBank:
     def _masked_l1(self, key: str, tau: torch.Tensor, mask) -> torch.Tensor:
         """‖τ⊙m‖₁ in τ's work dtype: one `fused_kernels.masked_l1` pass where numba is present
         (whatever `fused` says, so both paths rescale alike), else `_chunked_l1`."""
-        spec = self._fused_spec([key], [tau], [mask]) if fused_kernels and _fusable(tau) else None
+        spec = (
+            self._fused_spec([key], [tau], [mask]) if fused_kernels and fused_kernels.fusable(tau) else None
+        )
         if spec is None:
             return self._chunked_l1(tau, mask)
         kind, fp, ties, seen, offsets, ranks = spec
         t1, t2 = (t.numpy() for t in self._draw_tables(tau.device))
         total = fused_kernels.masked_l1(
-            _bits(tau), ranks[0], kind[0], fp[0], ties[0], seen[0], offsets[0], t1, t2
+            fused_kernels.as_numpy(tau), ranks[0], kind[0], fp[0], ties[0], seen[0], offsets[0], t1, t2
         )
         return torch.tensor(total, dtype=torch.float64).to(sparsify.work_dtype(tau))
 
@@ -412,7 +417,9 @@ class TaskVectorBank:
         ck = (key, *values)
         if ck not in self._tie_counts:
             v0, v1 = (*values, math.nan)[:2]
-            counts = fused_kernels.count_equal(_bits(tau), np.float32(v0), np.float32(v1))[: len(values)]
+            counts = fused_kernels.count_equal(fused_kernels.as_numpy(tau), np.float32(v0), np.float32(v1))[
+                : len(values)
+            ]
             _bounded(self._tie_counts)[ck] = counts
         return self._tie_counts[ck]
 
@@ -531,21 +538,6 @@ def _combine(b, d, w, ws: _Workspace, consensus: bool, normalize: bool, lambda_:
 def _row_length(tau: torch.Tensor) -> int:
     """DELLA's rows: along dim 1 of a 2-D τ; a 1-D τ is one row."""
     return tau.shape[1] if tau.dim() == 2 else tau.numel()
-
-
-def _fusable(*tensors: torch.Tensor) -> bool:
-    t = tensors[0]
-    return (
-        t.device.type == "cpu"
-        and t.dtype in (torch.float32, torch.bfloat16)
-        and all(x.is_contiguous() for x in tensors)
-    )
-
-
-def _bits(t: torch.Tensor) -> np.ndarray:
-    """A CPU tensor's memory as a numpy array (bf16 as its int16 bit pattern), shared, flat."""
-    t = t.detach().reshape(-1)
-    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
 def _bounded(cache: dict, size: int = 1 << 16) -> dict:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from mergesearch import fused_kernels, task_vector_bank
+from mergesearch.methods import interpolation
 from mergesearch.task_vector_bank import TaskVectorBank
 
 SPARSIFIERS = [None, "magnitude", "magnitude_outliers", "random", "della"]
@@ -125,3 +126,20 @@ def test_without_numba_the_bank_gives_the_same_candidate(monkeypatch):
     monkeypatch.setattr(task_vector_bank, "fused_kernels", None)
     eager = TaskVectorBank(chunk=4096).merge(["0:w", "1:w"], base, taus, **kw)
     assert torch.equal(fused, eager)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_fused_linear_equals_interpolation_linear(dtype, normalize):
+    """The engine's linear kernel against `interpolation.linear` (torch's addcmul_ chain)."""
+    assert fused_kernels.addcmul_is_fma()  # torch 2.13 on x86-64: otherwise the engine stays eager
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(131_077, generator=g).to(dtype) for _ in range(3)]  # a ragged last block
+    w = [0.31, -0.2, 0.77]
+    out = torch.empty_like(xs[0])
+    wt = torch.tensor(w)
+    fused_kernels.linear(
+        fused_kernels.as_numpy(out), tuple(fused_kernels.as_numpy(x) for x in xs), wt.numpy(),
+        np.float32(wt.sum().item()), normalize,
+    )  # fmt: skip
+    assert torch.equal(_bits(out), _bits(interpolation.linear(xs, w, normalize)))
