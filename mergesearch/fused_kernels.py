@@ -3,8 +3,7 @@
 `TaskVectorBank.merge` in eager torch makes every operation a pass over a chunk (DARE ~12 per
 model and element, TIES ~15), so a candidate runs at a fraction of memory bandwidth. These numba
 kernels do the same arithmetic, in the same order and with the same roundings, block by block:
-each 64K-element block (one block of DARE draws) is read once, its temporaries stay in L1, and
-blocks run in parallel. Same inputs, same bits as the eager path (tests/test_fused_kernels.py):
+each 16K-element block is read once, its temporaries stay in L1, and blocks run in parallel. Same inputs, same bits as the eager path (tests/test_fused_kernels.py):
 fp32 ops are IEEE ops (numba does not contract a·b + c into an FMA without fastmath; `linear`
 asks for the FMA that torch's addcmul_ does), and bf16 steps are computed in fp32 and rounded to
 nearest even after each torch op, as torch's CPU kernels do.
@@ -32,7 +31,8 @@ from numba.extending import intrinsic, overload
 # Float division without Python's zero check: the check is a branch that keeps loops scalar.
 jit = functools.partial(njit, error_model="numpy")
 
-BLOCK = 1 << 16  # elements per parallel block; must equal task_vector_bank._BLOCK (draw offsets)
+BLOCK = 1 << 14  # elements per parallel block: small, so that small tensors use every thread
+DRAW_BLOCK = 1 << 16  # elements per block of draws; must equal task_vector_bank._BLOCK
 SUB = 1 << 11  # elements per inner step: K+4 buffers of 8 KiB stay in L1
 
 NONE, ZERO, CUT, TIES, DRAW, DELLA = range(6)  # mask kinds (TIES: a cut that splits tie groups)
@@ -236,11 +236,11 @@ def masked_l1(tau, rank, kind, fp, ties, tie_seen, offsets, t1, t2) -> float:
                 fp,
                 ties,
                 seen,
-                offsets[blk],
+                offsets[s // DRAW_BLOCK],
                 t1,
                 t2,
                 s,
-                s - b0,
+                s % DRAW_BLOCK,
                 dk[:m],
                 np.float32(1),
                 tau[0],
@@ -293,8 +293,8 @@ def merge(
 
     Per model k: kind[k]; fparams[k] = (w, s (rescale, 1 = none), lo, hi, top, d, ε, cols, d − ε);
     ties[k, g] = (value, first kept position, end) of ≤ 2 tie groups and tie_seen[k, g, block]
-    the occurrences before each block (TIES); offsets[k, block] = the draw tables' offsets (DRAW,
-    DELLA); ranks[k] = per-row int16 magnitude ranks (DELLA). `divisor` is Σw when not electing.
+    the occurrences before each block (TIES); offsets[k, draw block] = the draw tables' offsets
+    (DRAW, DELLA); ranks[k] = per-row int16 magnitude ranks (DELLA). `divisor` is Σw when not electing.
     Loops take 1-D slices and scalars: numba vectorizes those, not 2-D or tuple indexing."""
     n = base.size
     nk = len(taus)
@@ -318,8 +318,8 @@ def merge(
                 acc[:m] = -0.0
             for k in range(nk):
                 fp = fparams[k]
-                _sparsify(taus[k], ranks[k], kind[k], fp, ties[k], seen[k], offsets[k, blk], t1, t2,
-                          s, s - b0, d[k, :m] if consensus else acc[:m], fp[0], like)  # fmt: skip
+                _sparsify(taus[k], ranks[k], kind[k], fp, ties[k], seen[k], offsets[k, s // DRAW_BLOCK],
+                          t1, t2, s, s % DRAW_BLOCK, d[k, :m] if consensus else acc[:m], fp[0], like)  # fmt: skip
             if consensus:
                 _elect(d, e, acc, div, fparams[:, 0], m, nk, like)
             else:

@@ -47,7 +47,7 @@ def chunk_for(n_params: int) -> int:
 
 _TABLE = 1 << 18  # entries of each uniform table (1 MiB)
 _BLOCK = 1 << 16  # indices per block of draws (each block has its own table offsets)
-assert fused_kernels is None or fused_kernels.BLOCK == _BLOCK  # the kernels' blocks are draw blocks
+assert fused_kernels is None or fused_kernels.DRAW_BLOCK == _BLOCK
 _SAMPLE = 4096  # sorted magnitudes kept per (tensor, model) to bracket a rank
 
 
@@ -355,11 +355,12 @@ class TaskVectorBank:
     def _fused_spec(self, keys, taus, masks) -> tuple | None:
         """The masks as `fused_kernels.merge` takes them (weights and rescales left at 1), or None
         where a mask has no kernel (DELLA without cached ranks, or on more than 2 dimensions)."""
-        k, nblk = len(taus), -(-taus[0].numel() // _BLOCK)
+        k, n = len(taus), taus[0].numel()
+        nblk, npar = -(-n // _BLOCK), -(-n // fused_kernels.BLOCK)  # draw blocks, parallel blocks
         kind = np.zeros(k, np.int64)
         fp = np.ones((k, 9), np.float32)
         ties = np.full((k, 2, 3), np.nan)
-        seen = np.zeros((k, 2, nblk), np.int64)
+        seen = np.zeros((k, 2, npar), np.int64)
         offsets = np.zeros((k, nblk, 2), np.int64)
         ranks = [np.zeros(0, np.int16)] * k
         for i, (key, tau, m) in enumerate(zip(keys, taus, masks)):
@@ -413,7 +414,7 @@ class TaskVectorBank:
         return self._offset_arrays[key]
 
     def _block_tie_counts(self, key: str, tau: torch.Tensor, values: list[float]) -> np.ndarray:
-        """Occurrences of each tie value in |τ| per 64K block (cached: a density grid reuses them)."""
+        """Occurrences of each tie value in |τ| per parallel block (cached: a density grid reuses them)."""
         ck = (key, *values)
         if ck not in self._tie_counts:
             v0, v1 = (*values, math.nan)[:2]
