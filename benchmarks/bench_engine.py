@@ -5,8 +5,8 @@ method: the time to materialize one candidate into a live model with the search'
 (`exact=False`: task-vector bank, its own DARE/DELLA draws) and with the exact engine (mergekit's
 result bit for bit), each candidate with densities the engine has not seen; the bytes such a
 candidate must touch at minimum (read base and K inputs, write one model); memcpy bandwidth
-measured in the same process and the fraction of it reached; mergekit's time for the same
-candidate, and the ratios.
+measured in the same process, again just before each row (this VM's bandwidth drifts), and the
+fraction of it reached; mergekit's time for the same candidate, and the ratios.
 
     .venv/bin/python benchmarks/bench_engine.py [--sizes 10M,100M] [--dtypes float32,bfloat16] [--repeat 3]
     .venv/bin/python benchmarks/bench_engine.py --memory [--sizes ...]   # peak memory of a search
@@ -206,9 +206,9 @@ def main() -> None:
     )
     print(
         "| size | dtype | method | search engine s | seen density s | exact engine s | bytes touched | GB/s | "
-        "% of memcpy | mergekit s | mergekit / search | mergekit / exact |"
+        "memcpy GB/s | % of memcpy | mergekit s | mergekit / search | mergekit / exact |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     engines = args.engines.split(",")
     methods = args.methods.split(",")
     for size in args.sizes.split(","):
@@ -224,6 +224,7 @@ def main() -> None:
                 model_bytes = sum(v.numel() * v.element_size() for v in sds[0].values())
                 for method in methods:
                     if method == "linear":
+                        rows[method]["memcpy"] = memcpy_gbps()
                         t, _ = _time_candidates(plain, model, method, paths, args.repeat)
                         rows[method].update(search=t, seen=t, exact=t)
                         mk = ({1: sds[1], 2: sds[2]}, method)
@@ -245,6 +246,8 @@ def main() -> None:
                     model = _live(paths[0], engine)
                     for method in methods:
                         if method != "linear":
+                            if mode == "search":
+                                rows[method]["memcpy"] = memcpy_gbps()
                             new, seen = _time_candidates(engine, model, method, paths, args.repeat)
                             rows[method][mode] = new
                             rows[method].setdefault("seen", seen)
@@ -252,8 +255,9 @@ def main() -> None:
                 if "della" in methods:  # the search engine with DELLA's rank cache
                     engine = ResidentEngine(paths, base=paths[0], exact=False, cache_ranks=True)
                     model = _live(paths[0], engine)
+                    bw_row = memcpy_gbps()
                     new, seen = _time_candidates(engine, model, "della", paths, args.repeat)
-                    rows["della (rank cache)"] = dict(rows["della"], search=new, seen=seen)
+                    rows["della (rank cache)"] = dict(rows["della"], search=new, seen=seen, memcpy=bw_row)
                     del engine, model
                 for method, r in rows.items():
                     k = 2
@@ -262,9 +266,10 @@ def main() -> None:
                     ) * model_bytes  # read inputs, write one
                     gbps = touched / r["search"] / 1e9
                     exact = r.get("exact", float("nan"))
+                    mc = r.get("memcpy", bw)
                     print(
                         f"| {size} | {dname} | {method} | {r['search']:.3f} | {r['seen']:.3f} | {exact:.3f} | "
-                        f"{touched / 1e6:.0f} MB | {gbps:.2f} | {100 * gbps / bw:.0f}% | {r['mergekit']:.3f} | "
+                        f"{touched / 1e6:.0f} MB | {gbps:.2f} | {mc:.1f} | {100 * gbps / mc:.0f}% | {r['mergekit']:.3f} | "
                         f"{r['mergekit'] / r['search']:.1f}× | {r['mergekit'] / exact:.1f}× |",
                         flush=True,
                     )
