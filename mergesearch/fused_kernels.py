@@ -9,7 +9,8 @@ asks for the FMA that torch's addcmul_ does), and bf16 steps are computed in fp3
 nearest even after each torch op, as torch's CPU kernels do.
 
 - `merge`: a task-vector candidate (`TaskVectorBank.merge`; `_fused_spec` turns masks into arrays).
-- `masked_l1`: ‖τ⊙m‖₁ for DARE/DELLA/TIES rescaling; `bracket`: the pass that finds a new cut;
+- `masked_l1`: ‖τ⊙m‖₁ for DARE/DELLA/TIES rescaling; `bracket` and `select`: a new cut's pass
+  and its selection;
   `count_equal`: tie counts per block, so a split tie group can be cut in parallel.
 - `linear`: the resident engine's linear merge (`engine._fused_linear`).
 
@@ -195,6 +196,17 @@ def bracket(mags, lo: np.ndarray, hi: np.ndarray):
     return below.sum(axis=1), values, starts
 
 
+@jit(cache=True)
+def select(values: np.ndarray, k: int):
+    """The k-th smallest (0-based) of `values`, and how many are below it and equal to it."""
+    v = np.partition(values.copy(), k)[k]
+    below = equal = 0
+    for x in values:
+        below += x < v
+        equal += x == v
+    return v, below, equal
+
+
 @jit
 def _count_bracket(block, lo, hi):
     c_below = c_inside = 0
@@ -229,22 +241,8 @@ def masked_l1(tau, rank, kind, fp, ties, tie_seen, offsets, t1, t2) -> float:
         for s in range(b0, b1, SUB):
             m = min(SUB, b1 - s)
             dk[:m] = -0.0
-            _sparsify(
-                tau,
-                rank,
-                kind,
-                fp,
-                ties,
-                seen,
-                offsets[s // DRAW_BLOCK],
-                t1,
-                t2,
-                s,
-                s % DRAW_BLOCK,
-                dk[:m],
-                np.float32(1),
-                tau[0],
-            )
+            _sparsify(tau, rank, kind, fp, ties, seen, offsets[s // DRAW_BLOCK], t1, t2, s, s % DRAW_BLOCK,
+                      dk[:m], np.float32(1), tau[0])  # fmt: skip
             total += _abs_sum(dk[:m])
         sums[blk] = total
     total = 0.0

@@ -141,7 +141,7 @@ class TaskVectorBank:
         sample = self._sample[key]
         s = sample.numel()
         found = {r: self._values[(key, r)] for r in ranks if (key, r) in self._values}
-        todo = {r: 2 * math.sqrt(s) + 2 for r in ranks if r not in found}  # ≥ 4σ
+        todo = {r: 1.25 * math.sqrt(s) + 2 for r in ranks if r not in found}  # ≥ 2.5σ
         while todo:  # one pass for every rank still open
             brackets = {}
             for r, margin in todo.items():
@@ -158,12 +158,8 @@ class TaskVectorBank:
             for r in list(todo):
                 cand = inside[r]
                 if below[r] <= r < below[r] + cand.numel():
-                    v = cand.kthvalue(r - below[r] + 1).values
-                    found[r] = _bounded(self._values)[(key, r)] = (
-                        v.item(),
-                        below[r] + int((cand < v).sum()),
-                        int((cand == v).sum()),
-                    )
+                    v, less, equal = _select(cand, r - below[r])
+                    found[r] = _bounded(self._values)[(key, r)] = (v, below[r] + less, equal)
                     del todo[r]
                 else:  # the sample misled: a wider bracket (at worst the whole tensor)
                     todo[r] = todo[r] * 4 if todo[r] < s else math.inf
@@ -534,6 +530,15 @@ def _combine(b, d, w, ws: _Workspace, consensus: bool, normalize: bool, lambda_:
     if lambda_ != 1:
         mixed.mul_(lambda_)
     torch.add(b, mixed, out=out)
+
+
+def _select(values: torch.Tensor, k: int) -> tuple[float, int, int]:
+    """(v, #{x < v}, #{x = v}) for v the k-th smallest (0-based) of a 1-D fp32 tensor."""
+    if fused_kernels is not None and values.device.type == "cpu":
+        v, less, equal = fused_kernels.select(values.numpy(), k)
+        return float(v), int(less), int(equal)
+    v = values.kthvalue(k + 1).values
+    return v.item(), int((values < v).sum()), int((values == v).sum())
 
 
 def _row_length(tau: torch.Tensor) -> int:

@@ -143,3 +143,14 @@ def test_fused_linear_equals_interpolation_linear(dtype, normalize):
         np.float32(wt.sum().item()), normalize,
     )  # fmt: skip
     assert torch.equal(_bits(out), _bits(interpolation.linear(xs, w, normalize)))
+
+
+def test_select_equals_kthvalue(monkeypatch):
+    """The cut's selection: the k-th value and the counts below and equal, with many ties."""
+    g = torch.Generator().manual_seed(4)
+    values = (torch.randn(20_011, generator=g) * 30).round().abs()  # ~100 distinct values
+    ks = [0, 7, 10_000, 20_010]
+    fused = [task_vector_bank._select(values, k) for k in ks]
+    monkeypatch.setattr(task_vector_bank, "fused_kernels", None)
+    assert fused == [task_vector_bank._select(values, k) for k in ks]
+    assert fused[-1][0] == values.max().item() and fused[0][1] == 0
