@@ -341,10 +341,10 @@ class TaskVectorBank:
         divisor = w.sum(0)
         divisor[divisor.abs() < 1e-8] = 1
         t1, t2 = (t.numpy() for t in self._draw_tables(b.device))
+        as_np = fused_kernels.as_numpy
         fused_kernels.merge(
-            fused_kernels.as_numpy(o), fused_kernels.as_numpy(b), tuple(fused_kernels.as_numpy(t) for t in taus), ranks, kind, fp, ties, seen,
-            offsets, t1, t2, consensus, normalize, np.float32(divisor.item()), np.float32(lambda_),
-            lambda_ != 1,
+            as_np(o), as_np(b), tuple(as_np(t) for t in taus), ranks, kind, fp, ties, seen, offsets,
+            t1, t2, consensus, normalize, np.float32(divisor.item()), np.float32(lambda_), lambda_ != 1,
         )  # fmt: skip
         return True
 
@@ -413,11 +413,9 @@ class TaskVectorBank:
         """Occurrences of each tie value in |τ| per parallel block (cached: a density grid reuses them)."""
         ck = (key, *values)
         if ck not in self._tie_counts:
-            v0, v1 = (*values, math.nan)[:2]
-            counts = fused_kernels.count_equal(fused_kernels.as_numpy(tau), np.float32(v0), np.float32(v1))[
-                : len(values)
-            ]
-            _bounded(self._tie_counts)[ck] = counts
+            v0, v1 = (np.float32(v) for v in (*values, math.nan)[:2])
+            counts = fused_kernels.count_equal(fused_kernels.as_numpy(tau), v0, v1)
+            _bounded(self._tie_counts)[ck] = counts[: len(values)]
         return self._tie_counts[ck]
 
     def mask(
