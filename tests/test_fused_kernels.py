@@ -2,8 +2,8 @@
 
 Same bank parameters, same inputs: the fused candidate must be the eager one bit for bit, for
 every sparsifier, with and without sign election, rescale, normalize and λ, in fp32 and bf16.
-The large shape spans three 64K-element blocks (parallel blocks, draw blocks and tie counts
-crossing them); its rounded task vectors make tie groups straddle the cuts."""
+The large shape (155,100 elements) spans ten 16K parallel blocks and three 64K draw blocks, so
+tie counts and draws cross them; its rounded task vectors make tie groups straddle the cuts."""
 
 from __future__ import annotations
 
