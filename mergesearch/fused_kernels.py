@@ -34,7 +34,7 @@ jit = functools.partial(njit, error_model="numpy")
 
 BLOCK = 1 << 14  # elements per parallel block: small, so that small tensors use every thread
 DRAW_BLOCK = 1 << 16  # elements per block of draws; must equal task_vector_bank._BLOCK
-SUB = 1 << 11  # elements per inner step: K+4 buffers of 8 KiB stay in L1
+SUB = 1 << 11  # elements per inner step: its 2K+2 buffers of 8 KiB stay in L1
 
 NONE, ZERO, CUT, TIES, DRAW, DELLA = range(6)  # mask kinds (TIES: a cut that splits tie groups)
 

@@ -4,10 +4,11 @@ A search builds hundreds of candidates from the same τ_i = x_i − b. What depe
 done once and cached here: ‖τ‖₁; the magnitude cut of each rank window (TIES, breadcrumbs),
 after which a new density is a comparison, not a sort; and the uniform draws of DARE and DELLA,
 a fixed function of (seed, tensor name, model position), so that two candidates differ by their
-coefficients, never by noise (a lower density keeps a subset of a higher one). A candidate is
-built in chunks of `chunk` elements through a workspace allocated once (`_combine` is
-`task_arithmetic.combine` step for step): temporaries stay in cache, and memory above the resident
-tensors is O(K·chunk), not K copies of a tensor.
+coefficients, never by noise (a lower density keeps a subset of a higher one). On the CPU a
+candidate tensor is one `fused_kernels.merge` pass; otherwise (no numba, CUDA, DELLA without
+cached ranks) it is built in chunks of `chunk` elements through a workspace allocated once
+(`_combine` is `task_arithmetic.combine` step for step), with the same bits: temporaries stay in
+cache, and memory above the resident tensors is O(K·chunk), not K copies of a tensor.
 
 How this relates to mergekit 0.1.5 (NOTES.md, "Shared work"):
 - task_arithmetic, and ties / breadcrumbs(_ties) without `rescale`, equal mergekit bit for bit,
