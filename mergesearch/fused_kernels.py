@@ -9,9 +9,10 @@ asks for the FMA that torch's addcmul_ does), and bf16 steps are computed in fp3
 nearest even after each torch op, as torch's CPU kernels do.
 
 - `merge`: a task-vector candidate (`TaskVectorBank.merge`; `_fused_spec` turns masks into arrays).
-- `masked_l1`: ‖τ⊙m‖₁ for DARE/DELLA/TIES rescaling; `bracket` and `select`: a new cut's pass
+- `masked_l1`: ‖τ⊙m‖₁ for DELLA/TIES rescaling, `level_l1` DARE's for every density at once;
+  `magnitude_bins`: counts of |τ| per 16-bit prefix; `bracket` and `select`: a new cut's pass
   and its selection;
-  `count_equal`: tie counts per block, so a split tie group can be cut in parallel.
+  `count_equal` and `occurrence`: where a split tie group's kept run starts and ends.
 - `linear`: the resident engine's linear merge (`engine._fused_linear`).
 
 A bf16 tensor arrives as its int16 bit pattern (numpy has no bf16), an fp32 one as float32: numba
@@ -165,6 +166,35 @@ def count_equal(mags: np.ndarray, v0: float, v1: float) -> np.ndarray:
     return counts
 
 
+@jit(cache=True)
+def occurrence(mags, v: float, counts: np.ndarray, j: int) -> int:
+    """Flat index of the j-th (0-based) |τ| equal to v, given its counts per block (`count_equal`)."""
+    before = 0
+    for blk in range(counts.size):
+        if before + counts[blk] > j:
+            for i in range(blk * BLOCK, min(mags.size, (blk + 1) * BLOCK)):
+                if abs(_load(mags[i])) == v:
+                    if before == j:
+                        return i
+                    before += 1
+        before += counts[blk]
+    return mags.size
+
+
+@jit(parallel=True, cache=True)
+def magnitude_bins(mags) -> np.ndarray:
+    """How many |τ| (as fp32) have each 16-bit prefix of their bit pattern: counts[b] for the
+    fp32 values b·2^16 … b·2^16 + 2^16 − 1 (bf16: b is the value). Integer counts, so exact."""
+    n = mags.size
+    runs = min(16, (n + BLOCK - 1) // BLOCK)
+    counts = np.zeros((runs, 1 << 15), np.int64)  # |τ| has no sign bit
+    for r in prange(runs):
+        row = counts[r]
+        for i in range(r * n // runs, (r + 1) * n // runs):
+            row[_bits_from_f32(abs(_load(mags[i]))) >> np.uint32(16)] += 1
+    return counts.sum(axis=0)
+
+
 @jit(parallel=True, cache=True)
 def bracket(mags, lo: np.ndarray, hi: np.ndarray):
     """For brackets [lo[r], hi[r]] of |τ| (fp32 compare): #{|τ| < lo[r]} and the |τ| inside, in
@@ -226,7 +256,7 @@ def _gather_bracket(block, lo, hi, values, at):
 
 
 @jit(parallel=True, cache=True)
-def masked_l1(tau, rank, kind, fp, ties, tie_seen, offsets, t1, t2) -> float:
+def masked_l1(tau, rank, kind, fp, ties, offsets, t1, t2) -> float:
     """‖τ⊙m‖₁ for one task vector and mask (as `merge` applies it, rescale and weight 1):
     fp64 per sub-block (`_abs_sum`), then in order: the same value whatever the thread count."""
     n = tau.size
@@ -234,20 +264,42 @@ def masked_l1(tau, rank, kind, fp, ties, tie_seen, offsets, t1, t2) -> float:
     sums = np.zeros(nblk)
     for blk in prange(nblk):
         dk = np.empty(SUB, np.float32)
-        seen = tie_seen[:, blk].copy()
         b0 = blk * BLOCK
         b1 = min(n, b0 + BLOCK)
         total = 0.0
         for s in range(b0, b1, SUB):
             m = min(SUB, b1 - s)
             dk[:m] = -0.0
-            _sparsify(tau, rank, kind, fp, ties, seen, offsets[s // DRAW_BLOCK], t1, t2, s, s % DRAW_BLOCK,
+            _sparsify(tau, rank, kind, fp, ties, offsets[s // DRAW_BLOCK], t1, t2, s, s % DRAW_BLOCK,
                       dk[:m], np.float32(1), tau[0])  # fmt: skip
             total += _abs_sum(dk[:m])
         sums[blk] = total
     total = 0.0
     for blk in range(nblk):
         total += sums[blk]
+    return total
+
+
+@jit(parallel=True, cache=True)
+def level_l1(tau, offsets, t1, t2, levels: int) -> np.ndarray:
+    """Σ|τ| over the elements whose draw u lies in [l/levels, (l+1)/levels), per level l: DARE's
+    ‖τ⊙m‖₁ for every density on that grid, in one pass. fp64, summed in a fixed order (64 runs
+    of draw blocks, each in flat order, then the runs in order): the same whatever the threads."""
+    n = tau.size
+    nd = (n + DRAW_BLOCK - 1) // DRAW_BLOCK
+    runs = min(64, nd)
+    sums = np.zeros((runs, levels))
+    scale = np.float32(levels)
+    for r in prange(runs):
+        row = sums[r]
+        for c in range(r * nd // runs, (r + 1) * nd // runs):
+            o1, o2 = offsets[c, 0], offsets[c, 1]
+            for j in range(min(DRAW_BLOCK, n - c * DRAW_BLOCK)):
+                level = np.int64(_uniform(t1[o1 + j], t2[o2 + j]) * scale)  # exact: levels is 2^k
+                row[level] += abs(_load(tau[c * DRAW_BLOCK + j]))
+    total = np.zeros(levels)
+    for r in range(runs):
+        total += sums[r]
     return total
 
 
@@ -277,7 +329,6 @@ def merge(
     kind,
     fparams,
     ties,
-    tie_seen,
     offsets,
     t1,
     t2,
@@ -290,8 +341,8 @@ def merge(
     """out = b + λ·combine(sparsify(τ_k)·s_k·w_k) for one tensor, as `task_vector_bank._combine`.
 
     Per model k: kind[k]; fparams[k] = (w, s (rescale, 1 = none), lo, hi, top, d, ε, cols, d − ε);
-    ties[k, g] = (value, first kept position, end) of ≤ 2 tie groups and tie_seen[k, g, block]
-    the occurrences before each block (TIES); offsets[k, draw block] = the draw tables' offsets
+    ties[k, g] = (value, flat index of the first kept, of the first not kept after it) of ≤ 2 tie
+    groups (TIES); offsets[k, draw block] = the draw tables' offsets
     (DRAW, DELLA); ranks[k] = per-row int16 magnitude ranks (DELLA). `divisor` is Σw when not electing.
     Loops take 1-D slices and scalars: numba vectorizes those, not 2-D or tuple indexing."""
     n = base.size
@@ -302,7 +353,6 @@ def merge(
         e = np.empty((nk, SUB), np.float32)
         acc = np.empty(SUB, np.float32)
         div = np.empty(SUB, np.float32)
-        seen = tie_seen[:, :, blk].copy()
         like = base[0]  # its type says how to round (a scalar: arrays passed per element cost refcounts)
         b0 = blk * BLOCK
         b1 = min(n, b0 + BLOCK)
@@ -316,18 +366,18 @@ def merge(
                 acc[:m] = -0.0
             for k in range(nk):
                 fp = fparams[k]
-                _sparsify(taus[k], ranks[k], kind[k], fp, ties[k], seen[k], offsets[k, s // DRAW_BLOCK],
+                _sparsify(taus[k], ranks[k], kind[k], fp, ties[k], offsets[k, s // DRAW_BLOCK],
                           t1, t2, s, s % DRAW_BLOCK, d[k, :m] if consensus else acc[:m], fp[0], like)  # fmt: skip
             if consensus:
                 _elect(d, e, acc, div, fparams[:, 0], m, nk, like)
             else:
                 _round_all(acc[:m], like)
                 div[:m] = divisor
-            _finish(out[s : s + m], base[s : s + m], acc[:m], div[:m], normalize, lam, scale_lambda)
+            _finish(out[s : s + m], base[s : s + m], acc[:m], div[:m], normalize, lam, scale_lambda, like)
 
 
 @jit
-def _sparsify(tau, rank, kind, fp, ties, seen, offs, t1, t2, s, i, dk, w, like):
+def _sparsify(tau, rank, kind, fp, ties, offs, t1, t2, s, i, dk, w, like):
     """dk += R(R(τ⊙mask · s) · w) for elements [s, s + dk.size) of τ, at position i of its block
     of draws. fp = (w, s, lo, hi, top, d, ε, cols, d − ε) as `merge` documents."""
     m = dk.size
@@ -339,7 +389,7 @@ def _sparsify(tau, rank, kind, fp, ties, seen, offs, t1, t2, s, i, dk, w, like):
     elif kind == CUT:
         _cut(tau, dk, fp[2], fp[3], fp[4] != 0, scale, w, like)
     elif kind == TIES:
-        _cut_ties(tau, dk, fp[2], fp[3], ties, seen, scale, w, like)
+        _cut_ties(tau, dk, fp[2], fp[3], ties, s, scale, w, like)
     else:
         u1, u2 = t1[offs[0] + i : offs[0] + i + m], t2[offs[1] + i : offs[1] + i + m]
         if kind == DRAW:
@@ -375,20 +425,16 @@ def _cut(tau, dk, lo, hi, top, scale, w, like):
 
 
 @jit
-def _cut_ties(tau, dk, lo, hi, ties, seen, scale, w, like):
-    """Keep lo < |τ| < hi, and the tie positions [first, end) of each group at a bound (flat order)."""
-    keep = np.empty(dk.size, np.float32)
-    for j in range(dk.size):  # the strict window: vectorized
-        a = abs(_load(tau[j]))
-        keep[j] = (a > lo) & (a < hi)
-    for j in range(dk.size):  # then the few elements at a bound, in order
-        a = abs(_load(tau[j]))
-        for g in range(2):
-            if a == ties[g, 0]:
-                keep[j] = ties[g, 1] <= seen[g] < ties[g, 2]
-                seen[g] += 1
+def _cut_ties(tau, dk, lo, hi, ties, s, scale, w, like):
+    """Keep lo < |τ| < hi, and |τ| = ties[g, 0] at flat indices [ties[g, 1], ties[g, 2]): the
+    positions make the tie groups a comparison too (no running count), so the loop vectorizes."""
+    v0, p0, q0 = ties[0, 0], ties[0, 1] - s, ties[0, 2] - s  # positions relative to this sub-block
+    v1, p1, q1 = ties[1, 0], ties[1, 1] - s, ties[1, 2] - s
     for j in range(dk.size):
-        dk[j] += _weigh(_load(tau[j]) * keep[j], scale, w, like)
+        t = _load(tau[j])
+        a = abs(t)
+        keep = ((a > lo) & (a < hi)) | ((a == v0) & (j >= p0) & (j < q0)) | ((a == v1) & (j >= p1) & (j < q1))
+        dk[j] += _weigh(t * np.float32(keep), scale, w, like)
 
 
 @jit(inline="always")
@@ -470,16 +516,16 @@ def _keep_agreeing(dk, ek, majority, w):
 
 
 @jit
-def _finish(out, base, acc, div, normalize, lam, scale_lambda):
+def _finish(out, base, acc, div, normalize, lam, scale_lambda, like):
     """out = R(b + x), x = R(R(acc / div) · λ) (each step only when asked)."""
     if normalize:  # branches outside the loops: a branch inside keeps LLVM from vectorizing
         for j in range(out.size):
-            acc[j] = _round(acc[j] / div[j], base[0])
+            acc[j] = _round(acc[j] / div[j], like)
     if scale_lambda:
         for j in range(out.size):
-            acc[j] = _round(acc[j] * lam, base[0])
+            acc[j] = _round(acc[j] * lam, like)
     for j in range(out.size):
-        out[j] = _store(_load(base[j]) + acc[j], base[0])
+        out[j] = _store(_load(base[j]) + acc[j], like)
 
 
 @functools.cache
@@ -490,10 +536,44 @@ def addcmul_is_fma() -> bool:
     return torch.equal(o.clone().addcmul_(x, w), (o.double() + x.double() * w.double()).float())
 
 
-@jit(parallel=True, cache=True)
-def linear(out, xs, w, wsum, normalize):
+def linear(out, xs, w, wsum, normalize) -> None:
     """out = R(Σ_k w_k x_k / Σw) as `interpolation.linear`: an fp32 accumulator from 0, one
-    fused multiply-add per model in order (torch's addcmul_), then the division, then rounding."""
+    fused multiply-add per model in order (torch's addcmul_), then the division, then rounding.
+
+    Two loop orders, the same bits: fp32 element by element with the models inside (the sum stays
+    in a register: 2× the per-model passes at 100M), bf16 per model over 2K-element sub-blocks
+    (element by element its widening and rounding vectorize badly: 2–4× slower, measured)."""
+    kernel = _linear_per_model if out.dtype == np.int16 else _linear_per_element
+    kernel(out, xs, w, wsum, normalize)
+
+
+@jit(parallel=True, cache=True)
+def _linear_per_element(out, xs, w, wsum, normalize):
+    n = out.size
+    nblk = (n + BLOCK - 1) // BLOCK
+    for blk in prange(nblk):
+        b0 = blk * BLOCK
+        b1 = min(n, b0 + BLOCK)
+        o = out[b0:b1]
+        like = out[0]  # read once: read in the loop, LLVM must assume `o`'s stores change it
+        if normalize:  # a branch outside the loop: inside, it keeps LLVM from vectorizing
+            for j in range(o.size):
+                o[j] = _store(_weighted_sum(xs, w, b0 + j) / wsum, like)
+        else:
+            for j in range(o.size):
+                o[j] = _store(_weighted_sum(xs, w, b0 + j), like)
+
+
+@jit(inline="always")
+def _weighted_sum(xs, w, i):
+    acc = np.float32(0)
+    for k in range(len(xs)):
+        acc = _fma(_load(xs[k][i]), w[k], acc)
+    return acc
+
+
+@jit(parallel=True, cache=True)
+def _linear_per_model(out, xs, w, wsum, normalize):
     n = out.size
     nk = len(xs)
     nblk = (n + BLOCK - 1) // BLOCK

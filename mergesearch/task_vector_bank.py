@@ -18,6 +18,8 @@ How this relates to mergekit 0.1.5 (NOTES.md, "Shared work"):
 - DARE and DELLA keep mergekit's probabilities (DELLA's per-row ranks too) and its L1 rescale, but
   draw from this bank instead of torch's global RNG: mergekit's model of an exported recipe is
   another draw of the same distribution, so reports score that model (the exact engine) again.
+  DARE's density is rounded up to a grid of 1/4096 (at most 0.00024 more kept), so that its
+  rescale norm is a lookup in sums made once per study instead of a pass per candidate.
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ def chunk_for(n_params: int) -> int:
 
 
 _TABLE = 1 << 18  # entries of each uniform table (1 MiB)
+# DARE's densities lie on a grid of 1/4096 (rounded up; mergekit's model of the exported recipe is
+# another draw anyway): then ‖τ⊙m‖₁ for any density is a prefix of per-study sums over levels of u
+# (`_draw_l1`), not a pass per candidate. From 64K elements on: below, the 32 KiB of sums outweigh.
+_LEVELS = 1 << 12
+_LEVELS_FROM = 1 << 16
 _BLOCK = 1 << 16  # indices per block of draws (each block has its own table offsets)
 assert fused_kernels is None or fused_kernels.DRAW_BLOCK == _BLOCK
 _SAMPLE = 4096  # sorted magnitudes kept per (tensor, model) to bracket a rank
@@ -89,6 +96,8 @@ class TaskVectorBank:
         self._offsets: dict[str, list[tuple[int, int]]] = {}
         self._offset_arrays: dict[str, np.ndarray] = {}
         self._tie_counts: dict[tuple, np.ndarray] = {}
+        self._level_l1: dict[str, np.ndarray] = {}
+        self._bins: dict[str, tuple[int, np.ndarray] | None] = {}
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._scratch: dict[tuple[torch.dtype, torch.device], _Workspace] = {}
 
@@ -131,9 +140,62 @@ class TaskVectorBank:
     def _values_at(self, key: str, tau: torch.Tensor, ranks: list[int]) -> list[tuple[float, int, int]]:
         """(v, #{|τ| < v}, #{|τ| = v}) for the value v at each ascending rank r of |τ|.
 
-        A sorted random sample of |τ| (kept per task vector, 1/256 of its size) brackets v;
-        one pass of comparisons counts what lies below the bracket and gathers what lies inside
-        (a few percent of τ); a selection in that small set gives v. No sort of τ."""
+        From 64K elements on, exact counts of |τ| per 16-bit prefix of its fp32 bit pattern (made
+        once per task vector; the prefix orders magnitudes) name the prefix that holds rank r and
+        how many lie below it: in bf16 that prefix is v itself; in fp32 one pass gathers its
+        elements (~0.1–1 % of τ) and a selection among them gives v. Smaller tensors and any with
+        a NaN use the sample path (`_sampled_values_at`). No sort of τ either way."""
+        found = {r: self._values[(key, r)] for r in ranks if (key, r) in self._values}
+        bins = self._magnitude_bins(key, tau) if tau.numel() >= _LEVELS_FROM else None
+        if bins is not None and len(found) < len(ranks):
+            first, below = bins
+            at = {r: int(np.searchsorted(below, r, side="right")) - 1 for r in ranks if r not in found}
+            if tau.dtype == torch.bfloat16:
+                for r, b in at.items():
+                    v = _f32((first + b) << 16)
+                    found[r] = _bounded(self._values)[(key, r)] = (
+                        v,
+                        int(below[b]),
+                        int(below[b + 1] - below[b]),
+                    )
+            else:
+                brackets = {r: _prefix_range(first + b) for r, b in at.items()}
+                less, inside = self._bracket(tau, brackets)
+                for r, b in at.items():
+                    assert less[r] == below[b], (key, r)  # the bins count what the pass counts
+                    v, less_in, equal = _select(inside[r], r - less[r])
+                    found[r] = _bounded(self._values)[(key, r)] = (v, less[r] + less_in, equal)
+        missing = [r for r in ranks if r not in found]
+        if missing:
+            found.update(zip(missing, self._sampled_values_at(key, tau, missing)))
+        return [found[r] for r in ranks]
+
+    def _magnitude_bins(self, key: str, tau: torch.Tensor) -> tuple[int, np.ndarray] | None:
+        """(first prefix, cumulative counts) of |τ| per 16-bit prefix from the first to the last
+        present (a few thousand: ~128 per octave), or None when τ has a NaN (it has no rank)."""
+        if key not in self._bins:
+            if fused_kernels is not None and fused_kernels.fusable(tau):
+                counts = fused_kernels.magnitude_bins(fused_kernels.as_numpy(tau))
+            else:
+                flat, counts = tau.reshape(-1), torch.zeros(1 << 15, dtype=torch.int64, device=tau.device)
+                for start in range(0, flat.numel(), self.chunk):
+                    a = flat[start : start + self.chunk].abs().float().view(torch.int32)
+                    counts += torch.bincount(a >> 16, minlength=1 << 15)
+                counts = counts.cpu().numpy()
+            present = np.flatnonzero(counts)
+            first, last = int(present[0]), int(present[-1])
+            nan = last >= 0x7F80 and bool(tau.isnan().any())  # 0x7F80: inf, or a NaN
+            self._bins[key] = (
+                None if nan else (first, np.concatenate([[0], np.cumsum(counts[first : last + 1])]))
+            )
+        return self._bins[key]
+
+    def _sampled_values_at(
+        self, key: str, tau: torch.Tensor, ranks: list[int]
+    ) -> list[tuple[float, int, int]]:
+        """`_values_at` from a sorted random sample of |τ| (kept per task vector, 1/256 of its
+        size) that brackets v; one pass of comparisons counts what lies below the bracket and
+        gathers what lies inside (a few percent of τ); a selection in that small set gives v."""
         n, flat = tau.numel(), tau.reshape(-1)
         if key not in self._sample:  # random positions: a stride could alias with rows and heads
             g = torch.Generator().manual_seed(zlib.crc32(key.encode()))
@@ -141,8 +203,8 @@ class TaskVectorBank:
             self._sample[key] = flat[idx].abs().float().sort().values
         sample = self._sample[key]
         s = sample.numel()
-        found = {r: self._values[(key, r)] for r in ranks if (key, r) in self._values}
-        todo = {r: 1.25 * math.sqrt(s) + 2 for r in ranks if r not in found}  # ≥ 2.5σ
+        found: dict[int, tuple[float, int, int]] = {}
+        todo = {r: 1.25 * math.sqrt(s) + 2 for r in ranks}  # ≥ 2.5σ
         while todo:  # one pass for every rank still open
             brackets = {}
             for r, margin in todo.items():
@@ -336,7 +398,7 @@ class TaskVectorBank:
         spec = self._fused_spec(keys, taus, masks)
         if spec is None:
             return False
-        kind, fp, ties, seen, offsets, ranks = spec
+        kind, fp, ties, offsets, ranks = spec
         fp[:, 0] = w.float().reshape(-1).numpy()
         fp[:, 1] = [1.0 if x is None else float(x) for x in scale]
         divisor = w.sum(0)
@@ -344,7 +406,7 @@ class TaskVectorBank:
         t1, t2 = (t.numpy() for t in self._draw_tables(b.device))
         as_np = fused_kernels.as_numpy
         fused_kernels.merge(
-            as_np(o), as_np(b), tuple(as_np(t) for t in taus), ranks, kind, fp, ties, seen, offsets,
+            as_np(o), as_np(b), tuple(as_np(t) for t in taus), ranks, kind, fp, ties, offsets,
             t1, t2, consensus, normalize, np.float32(divisor.item()), np.float32(lambda_), lambda_ != 1,
         )  # fmt: skip
         return True
@@ -353,11 +415,10 @@ class TaskVectorBank:
         """The masks as `fused_kernels.merge` takes them (weights and rescales left at 1), or None
         where a mask has no kernel (DELLA without cached ranks, or on more than 2 dimensions)."""
         k, n = len(taus), taus[0].numel()
-        nblk, npar = -(-n // _BLOCK), -(-n // fused_kernels.BLOCK)  # draw blocks, parallel blocks
+        nblk = -(-n // _BLOCK)  # blocks of draws
         kind = np.zeros(k, np.int64)
         fp = np.ones((k, 9), np.float32)
         ties = np.full((k, 2, 3), np.nan)
-        seen = np.zeros((k, 2, npar), np.int64)
         offsets = np.zeros((k, nblk, 2), np.int64)
         ranks = [np.zeros(0, np.int16)] * k
         for i, (key, tau, m) in enumerate(zip(keys, taus, masks)):
@@ -373,9 +434,10 @@ class TaskVectorBank:
                 else:
                     kind[i] = fused_kernels.TIES
                     groups = c.tie_groups()
-                    ties[i, : len(groups)] = groups
                     counts = self._block_tie_counts(key, tau, [v for v, _, _ in groups])
-                    seen[i] = np.cumsum(counts, axis=1) - counts
+                    mags = fused_kernels.as_numpy(tau)
+                    for g, (v, first, end) in enumerate(groups):  # kept occurrences → flat indices
+                        ties[i, g] = v, *(self._occurrence(mags, v, counts[g], j) for j in (first, end))
             elif isinstance(m, _DrawMask):
                 kind[i], fp[i, 5] = fused_kernels.DRAW, m.d
                 offsets[i] = self._offset_array(key, nblk)
@@ -388,27 +450,58 @@ class TaskVectorBank:
                 ranks[i] = self._cached_ranks(key, m.tau).numpy()
             else:
                 return None
-        return kind, fp, ties, seen, offsets, tuple(ranks)
+        return kind, fp, ties, offsets, tuple(ranks)
 
     def _masked_l1(self, key: str, tau: torch.Tensor, mask) -> torch.Tensor:
-        """‖τ⊙m‖₁ in τ's work dtype: one `fused_kernels.masked_l1` pass where numba is present
-        (whatever `fused` says, so both paths rescale alike), else `_chunked_l1`."""
+        """‖τ⊙m‖₁ in τ's work dtype: for DARE on large tensors from the level sums (`_draw_l1`),
+        else one `fused_kernels.masked_l1` pass where numba is present (whatever `fused` says, so
+        both paths rescale alike), else `_chunked_l1`."""
+        if isinstance(mask, _DrawMask) and tau.numel() >= _LEVELS_FROM:
+            return self._draw_l1(key, tau, mask.d)
         spec = (
             self._fused_spec([key], [tau], [mask]) if fused_kernels and fused_kernels.fusable(tau) else None
         )
         if spec is None:
             return self._chunked_l1(tau, mask)
-        kind, fp, ties, seen, offsets, ranks = spec
+        kind, fp, ties, offsets, ranks = spec
         t1, t2 = (t.numpy() for t in self._draw_tables(tau.device))
         total = fused_kernels.masked_l1(
-            fused_kernels.as_numpy(tau), ranks[0], kind[0], fp[0], ties[0], seen[0], offsets[0], t1, t2
+            fused_kernels.as_numpy(tau), ranks[0], kind[0], fp[0], ties[0], offsets[0], t1, t2
         )
         return torch.tensor(total, dtype=torch.float64).to(sparsify.work_dtype(tau))
+
+    def _draw_l1(self, key: str, tau: torch.Tensor, d: float) -> torch.Tensor:
+        """‖τ⊙m‖₁ of the DARE mask u < d (d on the grid): Σ|τ| over the levels of u below d, from
+        sums per level made once per task vector (fp64; numba's pass, else torch's index_add_)."""
+        if key not in self._level_l1:
+            n = tau.numel()
+            if fused_kernels and fused_kernels.fusable(tau):
+                t1, t2 = (t.numpy() for t in self._draw_tables(tau.device))
+                offsets = self._offset_array(key, -(-n // _BLOCK))
+                sums = fused_kernels.level_l1(fused_kernels.as_numpy(tau), offsets, t1, t2, _LEVELS)
+            else:
+                flat, ws = tau.reshape(-1), self._workspace(1, tau.dtype, tau.device)
+                total = torch.zeros(_LEVELS, dtype=torch.float64, device=tau.device)
+                for start in range(0, n, self.chunk):
+                    t = flat[start : start + self.chunk]
+                    u = self.uniforms(key, start, t.numel(), ws.r)
+                    total.index_add_(0, u.mul_(_LEVELS).long(), t.abs().double())
+                sums = total.cpu().numpy()
+            self._level_l1[key] = np.concatenate([[0.0], np.cumsum(sums)])
+        kept = self._level_l1[key][round(d * _LEVELS)]
+        return torch.tensor(kept, dtype=torch.float64).to(sparsify.work_dtype(tau))
 
     def _offset_array(self, key: str, nblk: int) -> np.ndarray:
         if key not in self._offset_arrays:
             self._offset_arrays[key] = np.array([self._block_offsets(key, c) for c in range(nblk)])
         return self._offset_arrays[key]
+
+    @staticmethod
+    def _occurrence(mags: np.ndarray, v: float, counts: np.ndarray, j: float) -> int:
+        """Flat index of the j-th |τ| equal to v (the size of τ when there are at most j)."""
+        return (
+            mags.size if j >= counts.sum() else fused_kernels.occurrence(mags, np.float32(v), counts, int(j))
+        )
 
     def _block_tie_counts(self, key: str, tau: torch.Tensor, values: list[float]) -> np.ndarray:
         """Occurrences of each tie value in |τ| per parallel block (cached: a density grid reuses them)."""
@@ -540,6 +633,17 @@ def _select(values: torch.Tensor, k: int) -> tuple[float, int, int]:
     return v.item(), int((values < v).sum()), int((values == v).sum())
 
 
+def _f32(bits: int) -> float:
+    """The fp32 value of a bit pattern."""
+    return float(np.array(bits, np.uint32).view(np.float32))
+
+
+def _prefix_range(prefix: int) -> tuple[float, float]:
+    """The smallest and largest fp32 magnitude with this 16-bit prefix (inf's prefix: inf)."""
+    hi = _f32((prefix << 16) | 0xFFFF) if prefix < 0x7F80 else math.inf
+    return _f32(prefix << 16), hi
+
+
 def _row_length(tau: torch.Tensor) -> int:
     """DELLA's rows: along dim 1 of a 2-D τ; a 1-D τ is one row."""
     return tau.shape[1] if tau.dim() == 2 else tau.numel()
@@ -608,11 +712,12 @@ class _CutMask:
 
 
 class _DrawMask:
-    """DARE: keep where the bank's uniform u < d."""
+    """DARE: keep where the bank's uniform u < d, d rounded up to the grid of 1/4096."""
 
     def __init__(self, bank: TaskVectorBank, key: str, density: float) -> None:
-        self.bank, self.tkey, self.d = bank, key, density
-        self.key = ("random", density)
+        self.bank, self.tkey = bank, key
+        self.d = max(0, math.ceil(density * _LEVELS)) / _LEVELS  # on the grid: see _LEVELS
+        self.key = ("random", self.d)
 
     def apply(self, t, start, ws: _Workspace, out, magnitudes=None) -> None:
         u = self.bank.uniforms(self.tkey, start, t.numel(), ws.r)
