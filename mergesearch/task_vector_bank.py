@@ -504,7 +504,8 @@ class TaskVectorBank:
         )
 
     def _block_tie_counts(self, key: str, tau: torch.Tensor, values: list[float]) -> np.ndarray:
-        """Occurrences of each tie value in |τ| per parallel block (cached: a density grid reuses them)."""
+        """Occurrences of each tie value in |τ| per 16K block, so `_occurrence` scans one block
+        (cached: a density grid reuses them)."""
         ck = (key, *values)
         if ck not in self._tie_counts:
             v0, v1 = (np.float32(v) for v in (*values, math.nan)[:2])

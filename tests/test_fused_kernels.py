@@ -78,6 +78,29 @@ def test_fused_equals_eager_bit_for_bit(dtype, shape, ties, fused_calls):
     assert len(fused_calls) == len(cases)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_window_inside_one_tie_group(dtype, fused_calls):
+    """Magnitudes of two values only: breadcrumbs' kept window [r0, r1) lies inside one tie group,
+    so one run of its flat positions is kept, cut at both ends."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(300, 517, generator=g).to(dtype)
+    taus = [(0.01 * torch.randn(300, 517, generator=g).sign() * (1 + (torch.rand(300, 517, generator=g) < 0.05))).to(dtype)
+            for _ in range(2)]  # fmt: skip
+    kw = dict(weight=[0.6, 0.5], density=[0.3, 0.45], gamma=[0.2, 0.1], sparsification="magnitude_outliers",
+              consensus=False, normalize=False, rescale=False)  # fmt: skip
+    bank = TaskVectorBank(chunk=4096)
+    cut = bank.cut(
+        "0:w", taus[0], *task_vector_bank._rank_window("magnitude_outliers", taus[0].numel(), 0.3, 0.2)
+    )
+    assert cut.lo == cut.hi and cut.partial  # one group, split at both ends
+    outs = [
+        TaskVectorBank(chunk=4096, fused=fused).merge(["0:w", "1:w"], base, taus, **kw)
+        for fused in (False, True)
+    ]
+    assert torch.equal(_bits(outs[0]), _bits(outs[1]))
+    assert len(fused_calls) == 1
+
+
 def test_della_without_cached_ranks_takes_the_eager_path(fused_calls):
     base, taus = _inputs((40, 70), torch.float32, k=2)
     bank = TaskVectorBank(cache_ranks=False)

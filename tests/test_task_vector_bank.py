@@ -5,11 +5,13 @@ crossing chunk boundaries."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
 import torch
 
+from mergesearch import task_vector_bank
 from mergesearch.methods import sparsify
 from mergesearch.methods.task_arithmetic import combine, generalized_task_arithmetic
 from mergesearch.task_vector_bank import TaskVectorBank
@@ -107,11 +109,14 @@ def test_ties_between_equal_magnitudes_go_to_the_lower_index():
 
 def test_cuts_are_exact_on_structured_tensors_and_when_the_sample_misleads():
     """Columns of very different scales (as attention heads can be), and a sample that brackets
-    the wrong values (the pass notices and brackets with the whole tensor): cuts stay exact."""
+    the wrong values (the pass notices and brackets with the whole tensor): cuts stay exact.
+    (76,800 elements: the magnitude bins' path, and the sample's when the bins are set aside.)"""
     scale = torch.tensor([1.0, 10.0, 100.0, 1000.0]).repeat(64)
     tau = 0.01 * torch.randn(300, 256, generator=torch.Generator().manual_seed(7)) * scale
-    for trust_sample in (True, False):
+    for bins, trust_sample in ((True, True), (False, True), (False, False)):
         bank = TaskVectorBank(chunk=1000)
+        if not bins:
+            bank._bins["0:w"] = None  # as for a τ with a NaN: the sample's path
         for d in (0.2, 0.5, 0.9):
             if not trust_sample:
                 bank._sample["0:w"] = torch.linspace(5.0, 6.0, 4096)  # nothing there
@@ -121,6 +126,59 @@ def test_cuts_are_exact_on_structured_tensors_and_when_the_sample_misleads():
             )
             got = bank.mask("0:w", tau, "magnitude_outliers", d, gamma=0.03)
             assert torch.equal(got, _index_order_mask(tau, "magnitude_outliers", d, 0.03))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("numba", [True, False])
+def test_values_at_ranks_from_magnitude_bins_equal_a_sort(dtype, numba, monkeypatch):
+    """From 64K elements on, rank values come from counts per 16-bit prefix of |τ| (+ a pass over
+    one prefix in fp32): (v, #{|τ| < v}, #{|τ| = v}) equal a full sort's, with tie groups
+    (rounded τ), zeros and an infinity; with numba's counting and with torch's (no numba)."""
+    if not numba:
+        monkeypatch.setattr(task_vector_bank, "fused_kernels", None)
+    tau = 0.01 * torch.randn(300, 517, generator=torch.Generator().manual_seed(5))
+    tau[:40] = (tau[:40] * 300).round() / 300  # tie groups, zeros among them
+    tau[7, 7] = -math.inf
+    tau = tau.to(dtype)
+    mags = tau.abs().float().reshape(-1)
+    ordered = mags.sort().values
+    n, rng = mags.numel(), random.Random(0)
+    ranks = [0, 1, n // 2, n - 2, n - 1, *(rng.randrange(n) for _ in range(30))]
+    bank = TaskVectorBank(chunk=4096)
+    for r in ranks:
+        ((v, less, equal),) = bank._values_at("0:w", tau, [r])
+        expected = ordered[r]
+        assert (v, less, equal) == (
+            expected.item(),
+            int((mags < expected).sum()),
+            int((mags == expected).sum()),
+        ), r
+    assert bank._bins["0:w"] is not None  # the bins' path ran
+    tau.view(-1)[3] = math.nan  # a NaN has no rank: the sample's path
+    assert TaskVectorBank(chunk=4096)._magnitude_bins("0:w", tau) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dare_norms_from_level_sums_equal_the_masked_sum(dtype, monkeypatch):
+    """DARE's density rounds up to the 1/4096 grid; ‖τ⊙m‖₁ from the per-study level sums equals
+    the sum over the mask the candidate applies, with numba's sums and with torch's."""
+    tau = (0.01 * torch.randn(300, 517, generator=torch.Generator().manual_seed(6))).to(dtype)
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(task_vector_bank, "fused_kernels", None)
+        bank = TaskVectorBank(chunk=4096)
+        for d in (0.3, 0.5, 0.71, 0.999):
+            (mask,) = bank._masks(["0:w"], [tau], "random", [d], [0.01], [0.15])
+            assert mask.d == math.ceil(d * 4096) / 4096
+            kept = bank.mask("0:w", tau, "random", d)
+            u = bank.uniforms("0:w", 0, tau.numel(), torch.empty(tau.numel()))
+            assert torch.equal(kept.reshape(-1), u < mask.d)
+            expected = (tau.float().abs().double().reshape(-1) * kept.reshape(-1)).sum()
+            got = bank._masked_l1("0:w", tau, mask)
+            sums = bank._level_l1["0:w"]  # the level sums' path ran: fp64, summed in another order
+            assert sums[round(mask.d * 4096)] == pytest.approx(expected.item(), rel=1e-12)
+            assert got.dtype == sparsify.work_dtype(tau)
+            assert got == expected.to(got.dtype)
 
 
 @pytest.mark.parametrize("sparsification,consensus", [("random", True), ("random", False), ("della", True)])
