@@ -10,7 +10,8 @@ nearest even after each torch op, as torch's CPU kernels do.
 
 - `merge`: a task-vector candidate (`TaskVectorBank.merge`; `_fused_spec` turns masks into arrays).
 - `masked_l1`: ‖τ⊙m‖₁ for DELLA/TIES rescaling, `level_l1` DARE's for every density at once;
-  `magnitude_bins`: counts of |τ| per 16-bit prefix; `bracket` and `select`: a new cut's pass
+  `magnitude_bins`: counts of |τ| per 16-bit prefix; `bracket` (or `gather`, when the counts
+  are known) and `select`: a new cut's pass
   and its selection;
   `count_equal` and `occurrence`: where a split tie group's kept run starts and ends.
 - `linear`: the resident engine's linear merge (`engine._fused_linear`).
@@ -224,6 +225,57 @@ def bracket(mags, lo: np.ndarray, hi: np.ndarray):
     starts = np.zeros(nr + 1, np.int64)
     starts[1:] = np.cumsum(inside.sum(axis=1))
     return below.sum(axis=1), values, starts
+
+
+@jit(parallel=True, cache=True)
+def gather(mags, lo: np.ndarray, hi: np.ndarray, total: np.ndarray):
+    """`bracket`'s values when the count inside each bracket (`total`) is known: one pass. Each
+    block gathers into its own slots, twice its share; a block with more (a tensor whose values
+    cluster) is gathered again, alone, while packing."""
+    n, nr = mags.size, lo.size
+    nblk = (n + BLOCK - 1) // BLOCK
+    room = 2 * (total // nblk) + 64 + 1  # + 1: the capped gather's spare slot
+    at = np.zeros(nr + 1, np.int64)
+    at[1:] = np.cumsum(room * nblk)
+    got = np.zeros((nr, nblk), np.int64)
+    spread = np.empty(at[-1], np.float32)
+    for blk in prange(nblk):
+        block = mags[blk * BLOCK : min(n, (blk + 1) * BLOCK)]
+        for r in range(nr):
+            slots = spread[at[r] + blk * room[r] : at[r] + (blk + 1) * room[r]]
+            got[r, blk] = _gather_capped(block, lo[r], hi[r], slots)
+    values = np.empty(got.sum(), np.float32)
+    starts = np.zeros(nr + 1, np.int64)
+    j = 0
+    for r in range(nr):
+        for blk in range(nblk):
+            c = got[r, blk]
+            if c < room[r]:
+                values[j : j + c] = spread[at[r] + blk * room[r] : at[r] + blk * room[r] + c]
+            else:
+                alone = np.empty(c + 1, np.float32)
+                _gather_bracket(mags[blk * BLOCK : min(n, (blk + 1) * BLOCK)], lo[r], hi[r], alone, 0)
+                values[j : j + c] = alone[:c]
+            j += c
+        starts[r + 1] = j
+    return values, starts
+
+
+@jit
+def _gather_capped(block, lo, hi, out):
+    """The |τ| in [lo, hi] into out in order while they fit, and how many there are. Per group of
+    64: a vectorized count, and only where it is not 0 the scalar gather, branch-free: every |τ|
+    written at the cursor, the last slot taking the rest. (Groups of 16/32/128/256: 1.1–1.5×
+    slower at 100M, with ~0.1–1 % of τ inside; writing every element, 2.4×.)"""
+    at, cap = 0, out.size - 1
+    for g in range(0, block.size, 64):
+        group = block[g : g + 64]
+        if _count_bracket(group, lo, hi)[1]:
+            for i in range(group.size):
+                a = abs(_load(group[i]))
+                out[min(at, cap)] = a
+                at += (a >= lo) & (a <= hi)
+    return at
 
 
 @jit(cache=True)

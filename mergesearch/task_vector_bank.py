@@ -160,11 +160,10 @@ class TaskVectorBank:
                     )
             else:
                 brackets = {r: _prefix_range(first + b) for r, b in at.items()}
-                less, inside = self._bracket(tau, brackets)
+                inside = self._gather(tau, brackets, {r: int(below[b + 1] - below[b]) for r, b in at.items()})
                 for r, b in at.items():
-                    assert less[r] == below[b], (key, r)  # the bins count what the pass counts
-                    v, less_in, equal = _select(inside[r], r - less[r])
-                    found[r] = _bounded(self._values)[(key, r)] = (v, less[r] + less_in, equal)
+                    v, less_in, equal = _select(inside[r], r - int(below[b]))
+                    found[r] = _bounded(self._values)[(key, r)] = (v, int(below[b]) + less_in, equal)
         missing = [r for r in ranks if r not in found]
         if missing:
             found.update(zip(missing, self._sampled_values_at(key, tau, missing)))
@@ -227,6 +226,17 @@ class TaskVectorBank:
                 else:  # the sample misled: a wider bracket (at worst the whole tensor)
                     todo[r] = todo[r] * 4 if todo[r] < s else math.inf
         return [found[r] for r in ranks]
+
+    def _gather(self, tau: torch.Tensor, brackets: dict, counts: dict) -> dict:
+        """The |τ| in each bracket (lo, hi), fp32, when how many lie there is known: one pass."""
+        if fused_kernels is None or not fused_kernels.fusable(tau):
+            return self._bracket(tau, brackets)[1]
+        lo, hi = (np.array(v, np.float32) for v in zip(*brackets.values()))
+        total = np.array([counts[r] for r in brackets], np.int64)
+        values, starts = fused_kernels.gather(fused_kernels.as_numpy(tau), lo, hi, total)
+        assert np.array_equal(np.diff(starts), total)  # the bins count what the pass finds
+        values = torch.from_numpy(values)
+        return {r: values[starts[i] : starts[i + 1]] for i, r in enumerate(brackets)}
 
     def _bracket(self, tau: torch.Tensor, brackets: dict) -> tuple[dict, dict]:
         """For each rank's bracket (lo, hi) of |τ|: #{|τ| < lo} and the |τ| in [lo, hi] (fp32)."""

@@ -139,6 +139,23 @@ def test_bracket_and_masked_l1_equal_the_torch_passes(dtype, monkeypatch):
         torch.testing.assert_close(value, expected, rtol=2e-6 if dtype == torch.float32 else 8e-3, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_with_known_counts_equals_the_bracket_pass(dtype):
+    """The one-pass gather (counts known from the magnitude bins) returns the bracket pass's
+    values in flat order, also where they cluster in one block (more than its slots: gathered
+    again alone) and where a bracket is empty."""
+    tau = 0.01 * torch.randn(300, 517, generator=torch.Generator().manual_seed(4))
+    tau[:20] *= 1000  # the largest magnitudes all in the first 16K block
+    mags = fused_kernels.as_numpy(tau.to(dtype))
+    ordered = np.sort(np.abs(tau.to(dtype).float().numpy().reshape(-1)))
+    lo = np.array([ordered[-8000], ordered[1000], 1e6], np.float32)  # clustered, spread, empty
+    hi = np.array([ordered[-1], ordered[90000], 2e6], np.float32)
+    _, values, starts = fused_kernels.bracket(mags, lo, hi)
+    got, got_starts = fused_kernels.gather(mags, lo, hi, np.diff(starts))
+    assert np.array_equal(got_starts, starts) and starts[-1] - starts[-2] == 0
+    assert np.array_equal(got, values)
+
+
 def test_without_numba_the_bank_gives_the_same_candidate(monkeypatch):
     base, taus = _inputs((300, 517), torch.float32, k=2, ties=True)
     kw = dict(
