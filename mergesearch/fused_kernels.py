@@ -402,10 +402,10 @@ def merge(
     nblk = (n + BLOCK - 1) // BLOCK
     for blk in prange(nblk):
         d = np.empty((nk, SUB), np.float32)
-        e = np.empty((nk, SUB), np.float32)
         acc = np.empty(SUB, np.float32)
         div = np.empty(SUB, np.float32)
         like = base[0]  # its type says how to round (a scalar: arrays passed per element cost refcounts)
+        w = fparams[:, 0].copy()
         b0 = blk * BLOCK
         b1 = min(n, b0 + BLOCK)
         for s in range(b0, b1, SUB):
@@ -421,7 +421,7 @@ def merge(
                 _sparsify(taus[k], ranks[k], kind[k], fp, ties[k], offsets[k, s // DRAW_BLOCK],
                           t1, t2, s, s % DRAW_BLOCK, d[k, :m] if consensus else acc[:m], fp[0], like)  # fmt: skip
             if consensus:
-                _elect(d, e, acc, div, fparams[:, 0], m, nk, like)
+                _elect(d, acc, div, w, m, nk, like)
             else:
                 _round_all(acc[:m], like)
                 div[:m] = divisor
@@ -523,48 +523,24 @@ def _round_all(x, like):
 
 
 @jit
-def _sum(d, acc, m, nk, like):
-    """acc = R(Σ_k δ_k), in order from δ_0, in fp32 (task_vector_bank._sum_models)."""
-    _add_rows(d, acc, m, nk)
-    _round_all(acc[:m], like)
-
-
-@jit
-def _add_rows(d, acc, m, nk):
-    acc[:m] = d[0, :m]
-    for k in range(1, nk):
-        _add_to(acc[:m], d[k, :m])
-
-
-@jit
-def _add_to(acc, x):
-    for j in range(acc.size):
-        acc[j] += x[j]
-
-
-@jit
-def _elect(d, e, acc, div, w, m, nk, like):
+def _elect(d, acc, div, w, m, nk, like):
     """TIES: majority = sign(R(Σδ)) (0 counts +); m_k = [δ_k·majority > 0]; acc = R(Σ m_k δ_k),
-    div = R(Σ m_k w_k), 1 where that is 0. Overwrites the δ_k with m_k δ_k and m_k w_k."""
-    _sum(d, acc, m, nk, like)
+    div = R(Σ m_k w_k), 1 where that is 0; sums in order from k = 0, in fp32, as
+    `task_vector_bank._combine`. Element by element, the models inside: 1.5× a pass per step."""
     for j in range(m):
-        acc[j] = np.float32(1) if acc[j] >= 0 else np.float32(-1)
-    for k in range(nk):
-        _keep_agreeing(d[k, :m], e[k, :m], acc[:m], w[k])
-    _add_rows(e, div, m, nk)  # Σ m_k w_k
-    _add_rows(d, acc, m, nk)  # Σ m_k δ_k
-    for j in range(m):
-        q = _round(div[j], like)
+        total = d[0, j]
+        for k in range(1, nk):
+            total += d[k, j]
+        majority = np.float32(1) if _round(total, like) >= 0 else np.float32(-1)
+        keep = np.float32(1 if d[0, j] * majority > 0 else 0)
+        x, weights = keep * d[0, j], keep * w[0]
+        for k in range(1, nk):
+            keep = np.float32(1 if d[k, j] * majority > 0 else 0)
+            x += keep * d[k, j]
+            weights += keep * w[k]
+        q = _round(weights, like)
         div[j] = q + np.float32(1) if q == 0 else q
-        acc[j] = _round(acc[j], like)
-
-
-@jit
-def _keep_agreeing(dk, ek, majority, w):
-    for j in range(dk.size):
-        keep = np.float32(1 if dk[j] * majority[j] > 0 else 0)
-        ek[j] = keep * w
-        dk[j] = keep * dk[j]
+        acc[j] = _round(x, like)
 
 
 @jit
