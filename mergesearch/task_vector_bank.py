@@ -51,9 +51,11 @@ def chunk_for(n_params: int) -> int:
 _TABLE = 1 << 18  # entries of each uniform table (1 MiB)
 # DARE's densities lie on a grid of 1/4096 (rounded up; mergekit's model of the exported recipe is
 # another draw anyway): then ‖τ⊙m‖₁ for any density is a prefix of per-study sums over levels of u
-# (`_draw_l1`), not a pass per candidate. From 64K elements on: below, the 32 KiB of sums outweigh.
+# (`_draw_l1`), not a pass per candidate.
 _LEVELS = 1 << 12
-_LEVELS_FROM = 1 << 16
+# From this size on a task vector gets per-study tables (DARE's level sums, the magnitude bins of
+# `_values_at`); below, their ~30 KiB each would outweigh the pass they save.
+_TABLES_FROM = 1 << 16
 _BLOCK = 1 << 16  # indices per block of draws (each block has its own table offsets)
 assert fused_kernels is None or fused_kernels.DRAW_BLOCK == _BLOCK
 _SAMPLE = 4096  # sorted magnitudes kept per (tensor, model) to bracket a rank
@@ -97,7 +99,7 @@ class TaskVectorBank:
         self._offset_arrays: dict[str, np.ndarray] = {}
         self._tie_counts: dict[tuple, np.ndarray] = {}
         self._level_l1: dict[str, np.ndarray] = {}
-        self._bins: dict[str, tuple[int, np.ndarray] | None] = {}
+        self._bins: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._scratch: dict[tuple[torch.dtype, torch.device], _Workspace] = {}
 
@@ -146,20 +148,20 @@ class TaskVectorBank:
         elements (~0.1–1 % of τ) and a selection among them gives v. Smaller tensors and any with
         a NaN use the sample path (`_sampled_values_at`). No sort of τ either way."""
         found = {r: self._values[(key, r)] for r in ranks if (key, r) in self._values}
-        bins = self._magnitude_bins(key, tau) if tau.numel() >= _LEVELS_FROM else None
+        bins = self._magnitude_bins(key, tau) if tau.numel() >= _TABLES_FROM else None
         if bins is not None and len(found) < len(ranks):
-            first, below = bins
+            prefixes, below = bins
             at = {r: int(np.searchsorted(below, r, side="right")) - 1 for r in ranks if r not in found}
             if tau.dtype == torch.bfloat16:
                 for r, b in at.items():
-                    v = _f32((first + b) << 16)
+                    v = _f32(int(prefixes[b]) << 16)
                     found[r] = _bounded(self._values)[(key, r)] = (
                         v,
                         int(below[b]),
                         int(below[b + 1] - below[b]),
                     )
             else:
-                brackets = {r: _prefix_range(first + b) for r, b in at.items()}
+                brackets = {r: _prefix_range(int(prefixes[b])) for r, b in at.items()}
                 inside = self._gather(tau, brackets, {r: int(below[b + 1] - below[b]) for r, b in at.items()})
                 for r, b in at.items():
                     v, less_in, equal = _select(inside[r], r - int(below[b]))
@@ -169,9 +171,9 @@ class TaskVectorBank:
             found.update(zip(missing, self._sampled_values_at(key, tau, missing)))
         return [found[r] for r in ranks]
 
-    def _magnitude_bins(self, key: str, tau: torch.Tensor) -> tuple[int, np.ndarray] | None:
-        """(first prefix, cumulative counts) of |τ| per 16-bit prefix from the first to the last
-        present (a few thousand: ~128 per octave), or None when τ has a NaN (it has no rank)."""
+    def _magnitude_bins(self, key: str, tau: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
+        """The 16-bit prefixes of |τ| present, ascending (a few thousand: ≤ 128 per octave), and how
+        many |τ| lie below each (and in all: one more entry); None when τ has a NaN (no rank)."""
         if key not in self._bins:
             if fused_kernels is not None and fused_kernels.fusable(tau):
                 counts = fused_kernels.magnitude_bins(fused_kernels.as_numpy(tau))
@@ -182,11 +184,9 @@ class TaskVectorBank:
                     counts += torch.bincount(a >> 16, minlength=1 << 15)
                 counts = counts.cpu().numpy()
             present = np.flatnonzero(counts)
-            first, last = int(present[0]), int(present[-1])
-            nan = last >= 0x7F80 and bool(tau.isnan().any())  # 0x7F80: inf, or a NaN
-            self._bins[key] = (
-                None if nan else (first, np.concatenate([[0], np.cumsum(counts[first : last + 1])]))
-            )
+            nan = present[-1] >= 0x7F80 and bool(tau.isnan().any())  # 0x7F80: inf, or a NaN
+            below = np.concatenate([[0], np.cumsum(counts[present])])
+            self._bins[key] = None if nan else (present.astype(np.int32), below)
         return self._bins[key]
 
     def _sampled_values_at(
@@ -466,7 +466,7 @@ class TaskVectorBank:
         """‖τ⊙m‖₁ in τ's work dtype: for DARE on large tensors from the level sums (`_draw_l1`),
         else one `fused_kernels.masked_l1` pass where numba is present (whatever `fused` says, so
         both paths rescale alike), else `_chunked_l1`."""
-        if isinstance(mask, _DrawMask) and tau.numel() >= _LEVELS_FROM:
+        if isinstance(mask, _DrawMask) and tau.numel() >= _TABLES_FROM:
             return self._draw_l1(key, tau, mask.d)
         spec = (
             self._fused_spec([key], [tau], [mask]) if fused_kernels and fused_kernels.fusable(tau) else None
