@@ -228,11 +228,13 @@ class TaskVectorBank:
         return [found[r] for r in ranks]
 
     def _gather(self, tau: torch.Tensor, brackets: dict, counts: dict) -> dict:
-        """The |τ| in each bracket (lo, hi), fp32, when how many lie there is known: one pass."""
-        if fused_kernels is None or not fused_kernels.fusable(tau):
+        """The |τ| in each bracket (lo, hi), fp32, when how many lie there is known: one pass.
+        (`gather`'s slots take twice what they hold; where that would be a large part of τ, as
+        when a cut falls among many zeros, the exact-size count-and-gather of `_bracket`.)"""
+        total = np.array([counts[r] for r in brackets], np.int64)
+        if fused_kernels is None or not fused_kernels.fusable(tau) or total.sum() > tau.numel() // 16:
             return self._bracket(tau, brackets)[1]
         lo, hi = (np.array(v, np.float32) for v in zip(*brackets.values()))
-        total = np.array([counts[r] for r in brackets], np.int64)
         values, starts = fused_kernels.gather(fused_kernels.as_numpy(tau), lo, hi, total)
         assert np.array_equal(np.diff(starts), total)  # the bins count what the pass finds
         values = torch.from_numpy(values)

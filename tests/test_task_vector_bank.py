@@ -140,20 +140,23 @@ def test_values_at_ranks_from_magnitude_bins_equal_a_sort(dtype, numba, monkeypa
     tau[:40] = (tau[:40] * 300).round() / 300  # tie groups, zeros among them
     tau[7, 7] = -math.inf
     tau = tau.to(dtype)
-    mags = tau.abs().float().reshape(-1)
-    ordered = mags.sort().values
-    n, rng = mags.numel(), random.Random(0)
-    ranks = [0, 1, n // 2, n - 2, n - 1, *(rng.randrange(n) for _ in range(30))]
-    bank = TaskVectorBank(chunk=4096)
-    for r in ranks:
-        ((v, less, equal),) = bank._values_at("0:w", tau, [r])
-        expected = ordered[r]
-        assert (v, less, equal) == (
-            expected.item(),
-            int((mags < expected).sum()),
-            int((mags == expected).sum()),
-        ), r
-    assert bank._bins["0:w"] is not None  # the bins' path ran
+    zeros = tau.clone()
+    zeros.view(-1)[::3] = 0  # a third of τ in one prefix: fp32 takes the exact-size pass there
+    n, rng = tau.numel(), random.Random(0)
+    ranks = [0, 1, n // 4, n // 2, n - 2, n - 1, *(rng.randrange(n) for _ in range(30))]
+    for t in (tau, zeros):
+        mags = t.abs().float().reshape(-1)
+        ordered = mags.sort().values
+        bank = TaskVectorBank(chunk=4096)
+        for r in ranks:
+            ((v, less, equal),) = bank._values_at("0:w", t, [r])
+            expected = ordered[r]
+            assert (v, less, equal) == (
+                expected.item(),
+                int((mags < expected).sum()),
+                int((mags == expected).sum()),
+            ), r
+        assert bank._bins["0:w"] is not None  # the bins' path ran
     tau.view(-1)[3] = math.nan  # a NaN has no rank: the sample's path
     assert TaskVectorBank(chunk=4096)._magnitude_bins("0:w", tau) is None
 
