@@ -152,20 +152,19 @@ class TaskVectorBank:
         if bins is not None and len(found) < len(ranks):
             prefixes, below = bins
             at = {r: int(np.searchsorted(below, r, side="right")) - 1 for r in ranks if r not in found}
-            if tau.dtype == torch.bfloat16:
-                for r, b in at.items():
-                    v = _f32(int(prefixes[b]) << 16)
-                    found[r] = _bounded(self._values)[(key, r)] = (
-                        v,
-                        int(below[b]),
-                        int(below[b + 1] - below[b]),
-                    )
+            # per rank: its prefix, how many |τ| lie below the prefix and how many share it
+            spans = {
+                r: (int(prefixes[b]), int(below[b]), int(below[b + 1] - below[b])) for r, b in at.items()
+            }
+            if tau.dtype == torch.bfloat16:  # the prefix is the value
+                for r, (prefix, less, count) in spans.items():
+                    found[r] = _bounded(self._values)[(key, r)] = (_f32(prefix << 16), less, count)
             else:
-                brackets = {r: _prefix_range(int(prefixes[b])) for r, b in at.items()}
-                inside = self._gather(tau, brackets, {r: int(below[b + 1] - below[b]) for r, b in at.items()})
-                for r, b in at.items():
-                    v, less_in, equal = _select(inside[r], r - int(below[b]))
-                    found[r] = _bounded(self._values)[(key, r)] = (v, int(below[b]) + less_in, equal)
+                brackets = {r: _prefix_range(prefix) for r, (prefix, _, _) in spans.items()}
+                inside = self._gather(tau, brackets, {r: count for r, (_, _, count) in spans.items()})
+                for r, (_, less, _) in spans.items():
+                    v, less_in, equal = _select(inside[r], r - less)
+                    found[r] = _bounded(self._values)[(key, r)] = (v, less + less_in, equal)
         missing = [r for r in ranks if r not in found]
         if missing:
             found.update(zip(missing, self._sampled_values_at(key, tau, missing)))
@@ -175,7 +174,7 @@ class TaskVectorBank:
         """The 16-bit prefixes of |τ| present, ascending (a few thousand: ≤ 128 per octave), and how
         many |τ| lie below each (and in all: one more entry); None when τ has a NaN (no rank)."""
         if key not in self._bins:
-            if fused_kernels is not None and fused_kernels.fusable(tau):
+            if _kernels_take(tau):
                 counts = fused_kernels.magnitude_bins(fused_kernels.as_numpy(tau))
             else:
                 flat, counts = tau.reshape(-1), torch.zeros(1 << 15, dtype=torch.int64, device=tau.device)
@@ -232,7 +231,7 @@ class TaskVectorBank:
         (`gather`'s slots take twice what they hold; where that would be a large part of τ, as
         when a cut falls among many zeros, the exact-size count-and-gather of `_bracket`.)"""
         total = np.array([counts[r] for r in brackets], np.int64)
-        if fused_kernels is None or not fused_kernels.fusable(tau) or total.sum() > tau.numel() // 16:
+        if not _kernels_take(tau) or total.sum() > tau.numel() // 16:
             return self._bracket(tau, brackets)[1]
         lo, hi = (np.array(v, np.float32) for v in zip(*brackets.values()))
         values, starts = fused_kernels.gather(fused_kernels.as_numpy(tau), lo, hi, total)
@@ -242,7 +241,7 @@ class TaskVectorBank:
 
     def _bracket(self, tau: torch.Tensor, brackets: dict) -> tuple[dict, dict]:
         """For each rank's bracket (lo, hi) of |τ|: #{|τ| < lo} and the |τ| in [lo, hi] (fp32)."""
-        if fused_kernels is not None and fused_kernels.fusable(tau):
+        if _kernels_take(tau):
             lo, hi = (np.array(v, np.float32) for v in zip(*brackets.values()))
             counts, values, starts = fused_kernels.bracket(fused_kernels.as_numpy(tau), lo, hi)
             values = torch.from_numpy(values)
@@ -403,9 +402,7 @@ class TaskVectorBank:
     def _fused_merge(self, keys, b, taus, masks, scale, w, consensus, normalize, lambda_, o) -> bool:
         """`merge`'s chunk loop as one `fused_kernels.merge` call (same bits), where it applies:
         numba present, CPU, fp32 or bf16, contiguous, DELLA only with cached ranks."""
-        if not (
-            self.fused and all(x.dtype == b.dtype for x in [o, *taus]) and fused_kernels.fusable(b, o, *taus)
-        ):
+        if not (self.fused and all(x.dtype == b.dtype for x in [o, *taus]) and _kernels_take(b, o, *taus)):
             return False
         spec = self._fused_spec(keys, taus, masks)
         if spec is None:
@@ -470,9 +467,7 @@ class TaskVectorBank:
         both paths rescale alike), else `_chunked_l1`."""
         if isinstance(mask, _DrawMask) and tau.numel() >= _TABLES_FROM:
             return self._draw_l1(key, tau, mask.d)
-        spec = (
-            self._fused_spec([key], [tau], [mask]) if fused_kernels and fused_kernels.fusable(tau) else None
-        )
+        spec = self._fused_spec([key], [tau], [mask]) if _kernels_take(tau) else None
         if spec is None:
             return self._chunked_l1(tau, mask)
         kind, fp, ties, offsets, ranks = spec
@@ -487,7 +482,7 @@ class TaskVectorBank:
         sums per level made once per task vector (fp64; numba's pass, else torch's index_add_)."""
         if key not in self._level_l1:
             n = tau.numel()
-            if fused_kernels and fused_kernels.fusable(tau):
+            if _kernels_take(tau):
                 t1, t2 = (t.numpy() for t in self._draw_tables(tau.device))
                 offsets = self._offset_array(key, -(-n // _BLOCK))
                 sums = fused_kernels.level_l1(fused_kernels.as_numpy(tau), offsets, t1, t2, _LEVELS)
@@ -635,6 +630,11 @@ def _combine(b, d, w, ws: _Workspace, consensus: bool, normalize: bool, lambda_:
     if lambda_ != 1:
         mixed.mul_(lambda_)
     torch.add(b, mixed, out=out)
+
+
+def _kernels_take(*tensors: torch.Tensor) -> bool:
+    """Whether numba is present and its kernels take these tensors (`fused_kernels.fusable`)."""
+    return fused_kernels is not None and fused_kernels.fusable(*tensors)
 
 
 def _select(values: torch.Tensor, k: int) -> tuple[float, int, int]:
