@@ -307,7 +307,7 @@ def _gather_bracket(block, lo, hi, values, at):
 
 
 @jit(parallel=True, cache=True)
-def masked_l1(tau, rank, kind, fp, ties, offsets, t1, t2) -> float:
+def masked_l1(tau, rank, kind, fp, ties, keys) -> float:
     """‖τ⊙m‖₁ for one task vector and mask (as `merge` applies it, rescale and weight 1):
     fp64 per sub-block (`_abs_sum`), then in order: the same value whatever the thread count."""
     n = tau.size
@@ -321,8 +321,8 @@ def masked_l1(tau, rank, kind, fp, ties, offsets, t1, t2) -> float:
         for s in range(b0, b1, SUB):
             m = min(SUB, b1 - s)
             dk[:m] = -0.0
-            _sparsify(tau, rank, kind, fp, ties, offsets[s // DRAW_BLOCK], t1, t2, s, s % DRAW_BLOCK,
-                      dk[:m], np.float32(1), tau[0])  # fmt: skip
+            _sparsify(tau, rank, kind, fp, ties, keys[s // DRAW_BLOCK], s, s % DRAW_BLOCK, dk[:m],
+                      np.float32(1), tau[0])  # fmt: skip
             total += _abs_sum(dk[:m])
         sums[blk] = total
     total = 0.0
@@ -332,7 +332,7 @@ def masked_l1(tau, rank, kind, fp, ties, offsets, t1, t2) -> float:
 
 
 @jit(parallel=True, cache=True)
-def level_l1(tau, offsets, t1, t2, levels: int) -> np.ndarray:
+def level_l1(tau, keys, levels: int) -> np.ndarray:
     """Σ|τ| over the elements whose draw u lies in [l/levels, (l+1)/levels), per level l: DARE's
     ‖τ⊙m‖₁ for every density on that grid, in one pass. fp64, summed in a fixed order (64 runs
     of draw blocks, each in flat order, then the runs in order): the same whatever the threads."""
@@ -344,9 +344,9 @@ def level_l1(tau, offsets, t1, t2, levels: int) -> np.ndarray:
     for r in prange(runs):
         row = sums[r]
         for c in range(r * nd // runs, (r + 1) * nd // runs):
-            o1, o2 = offsets[c, 0], offsets[c, 1]
+            key = keys[c]
             for j in range(min(DRAW_BLOCK, n - c * DRAW_BLOCK)):
-                level = np.int64(_uniform(t1[o1 + j], t2[o2 + j]) * scale)  # exact: levels is 2^k
+                level = np.int64(_uniform(key, j) * scale)  # exact: levels is 2^k
                 row[level] += abs(_load(tau[c * DRAW_BLOCK + j]))
     total = np.zeros(levels)
     for r in range(runs):
@@ -380,9 +380,7 @@ def merge(
     kind,
     fparams,
     ties,
-    offsets,
-    t1,
-    t2,
+    keys,
     consensus,
     normalize,
     divisor,
@@ -393,8 +391,8 @@ def merge(
 
     Per model k: kind[k]; fparams[k] = (w, s (rescale, 1 = none), lo, hi, top, d, ε, cols, d − ε);
     ties[k, g] = (value, flat index of the first kept, of the first not kept after it) of ≤ 2 tie
-    groups (TIES); offsets[k, draw block] = the draw tables' offsets
-    (DRAW, DELLA); ranks[k] = per-row int16 magnitude ranks (DELLA). `divisor` is Σw when not electing.
+    groups (TIES); keys[k, draw block] = the key of that block's draws (DRAW, DELLA, `_uniform`);
+    ranks[k] = per-row int16 magnitude ranks (DELLA). `divisor` is Σw when not electing.
     The mask loops take 1-D slices and scalars, which numba vectorizes (2-D or tuple indexing by a
     loop variable there cost 2–4×); the election reads d[k, j] element by element (1.5× faster)."""
     n = base.size
@@ -418,20 +416,20 @@ def merge(
                 acc[:m] = -0.0
             for k in range(nk):
                 fp = fparams[k]
-                _sparsify(taus[k], ranks[k], kind[k], fp, ties[k], offsets[k, s // DRAW_BLOCK],
-                          t1, t2, s, s % DRAW_BLOCK, d[k, :m] if consensus else acc[:m], fp[0], like)  # fmt: skip
+                _sparsify(taus[k], ranks[k], kind[k], fp, ties[k], keys[k, s // DRAW_BLOCK], s, s % DRAW_BLOCK,
+                          d[k, :m] if consensus else acc[:m], fp[0], like)  # fmt: skip
             if consensus:
-                _elect(d, acc, div, w, m, nk, like)
+                _elect(d, out[s : s + m], base[s : s + m], w, nk, normalize, lam, like)
             else:
                 _round_all(acc[:m], like)
                 div[:m] = divisor
-            _finish(out[s : s + m], base[s : s + m], acc[:m], div[:m], normalize, lam, scale_lambda, like)
+                _finish(out[s : s + m], base[s : s + m], acc[:m], div[:m], normalize, lam, scale_lambda, like)
 
 
 @jit
-def _sparsify(tau, rank, kind, fp, ties, offs, t1, t2, s, i, dk, w, like):
+def _sparsify(tau, rank, kind, fp, ties, key, s, i, dk, w, like):
     """dk += R(R(τ⊙mask · s) · w) for elements [s, s + dk.size) of τ, at position i of its block
-    of draws. fp = (w, s, lo, hi, top, d, ε, cols, d − ε) as `merge` documents."""
+    of draws (whose key is `key`). fp = (w, s, lo, hi, top, d, ε, cols, d − ε) as `merge` documents."""
     m = dk.size
     tau, scale = tau[s : s + m], fp[1]
     if kind == NONE:
@@ -442,12 +440,10 @@ def _sparsify(tau, rank, kind, fp, ties, offs, t1, t2, s, i, dk, w, like):
         _cut(tau, dk, fp[2], fp[3], fp[4] != 0, scale, w, like)
     elif kind == TIES:
         _cut_ties(tau, dk, fp[2], fp[3], ties, s, scale, w, like)
+    elif kind == DRAW:
+        _draw(tau, dk, key, i, fp[5], scale, w, like)
     else:
-        u1, u2 = t1[offs[0] + i : offs[0] + i + m], t2[offs[1] + i : offs[1] + i + m]
-        if kind == DRAW:
-            _draw(tau, dk, u1, u2, fp[5], scale, w, like)
-        else:
-            _della(tau, dk, u1, u2, rank[s : s + m], fp[6], fp[7], fp[8], scale, w, like)
+        _della(tau, dk, key, i, rank[s : s + m], fp[6], fp[7], fp[8], scale, w, like)
 
 
 @jit(inline="always")
@@ -489,21 +485,41 @@ def _cut_ties(tau, dk, lo, hi, ties, s, scale, w, like):
         dk[j] += _weigh(t * np.float32(keep), scale, w, like)
 
 
+@intrinsic
+def _lowbias32_u24(typingctx, x):
+    """The top 24 bits of lowbias32(x) (C. Wellons' hash prospector) over 2²⁴, as fp32, in 32-bit
+    integer ops: numba would widen them to 64 bits, halving the vector width."""
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        x = builder.trunc(args[0], i32)
+        for shift, mul in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+            x = builder.xor(x, builder.lshr(x, ir.Constant(i32, shift)))
+            x = builder.mul(x, ir.Constant(i32, mul))
+        x = builder.xor(x, builder.lshr(x, ir.Constant(i32, 16)))
+        u = builder.sitofp(builder.lshr(x, ir.Constant(i32, 8)), ir.FloatType())  # < 2²⁴: exact
+        return builder.fmul(u, ir.Constant(ir.FloatType(), 1.0 / (1 << 24)))
+
+    return types.float32(types.int64), codegen
+
+
 @jit(inline="always")
-def _uniform(a, b):
-    u = a + b  # frac(T1 + T2): both in [0, 1), so one subtraction
-    return u - np.float32(1) if u >= 1 else u
+def _uniform(key, j):
+    """The draw at index j of a block of draws with this key: lowbias32(key ^ j)'s top 24 bits as
+    a uniform in [0, 1). Computed, not loaded: integer ops that vectorize, where windows of two
+    tables per model cost L3 reads."""
+    return _lowbias32_u24(np.int64(key) ^ np.int64(j))
 
 
 @jit
-def _draw(tau, dk, u1, u2, dens, scale, w, like):
+def _draw(tau, dk, key, i, dens, scale, w, like):
     for j in range(dk.size):
-        keep = np.float32(1 if _uniform(u1[j], u2[j]) < dens else 0)
+        keep = np.float32(1 if _uniform(key, i + j) < dens else 0)
         dk[j] += _weigh(_load(tau[j]) * keep, scale, w, like)
 
 
 @jit
-def _della(tau, dk, u1, u2, rank, eps, cols, shift, scale, w, like):
+def _della(tau, dk, key, i, rank, eps, cols, shift, scale, w, like):
     """Keep where u < p = (d − ε) + 2ε·rank, rank normalized per row as TaskVectorBank.della_ranks:
     every step rounded to the work dtype; torch's add_ rounds its Python scalar too, mul_ doesn't."""
     span = _round(_round(_round(cols - np.float32(1), like) + np.float32(1), like) - np.float32(1), like)
@@ -512,7 +528,7 @@ def _della(tau, dk, u1, u2, rank, eps, cols, shift, scale, w, like):
         r = _round(_round(_round(np.float32(rank[j]), like) + np.float32(1), like) - np.float32(1), like)
         r = min(max(_round(r / span, like), np.float32(0)), np.float32(1))
         p = _round(_round(_round(r * np.float32(2), like) * eps, like) + shift, like)
-        keep = np.float32(1 if _uniform(u1[j], u2[j]) < p else 0)
+        keep = np.float32(1 if _uniform(key, i + j) < p else 0)
         dk[j] += _weigh(_load(tau[j]) * keep, scale, w, like)
 
 
@@ -523,11 +539,12 @@ def _round_all(x, like):
 
 
 @jit
-def _elect(d, acc, div, w, m, nk, like):
-    """TIES: majority = sign(R(Σδ)) (0 counts +); m_k = [δ_k·majority > 0]; acc = R(Σ m_k δ_k),
-    div = R(Σ m_k w_k), 1 where that is 0; sums in order from k = 0, in fp32, as
-    `task_vector_bank._combine`. Element by element, the models inside: 1.5× a pass per step."""
-    for j in range(m):
+def _elect(d, out, base, w, nk, normalize, lam, like):
+    """TIES, then `_finish`: majority = sign(R(Σδ)) (0 counts +); m_k = [δ_k·majority > 0];
+    x = R(Σ m_k δ_k), q = R(Σ m_k w_k) (1 where 0); out = R(b + R(R(x / q)·λ)); sums in order from
+    k = 0, in fp32, as `task_vector_bank._combine`. Element by element, the models inside (1.5× a
+    pass per step); without normalize q is 1 and λ may be 1: x / 1 and x·1 are x, bit for bit."""
+    for j in range(out.size):
         total = d[0, j]
         for k in range(1, nk):
             total += d[k, j]
@@ -539,8 +556,9 @@ def _elect(d, acc, div, w, m, nk, like):
             x += keep * d[k, j]
             weights += keep * w[k]
         q = _round(weights, like)
-        div[j] = q + np.float32(1) if q == 0 else q
-        acc[j] = _round(x, like)
+        q = (q + np.float32(1) if q == 0 else q) if normalize else np.float32(1)
+        x = _round(_round(_round(x, like) / q, like) * lam, like)
+        out[j] = _store(_load(base[j]) + x, like)
 
 
 @jit

@@ -48,7 +48,6 @@ def chunk_for(n_params: int) -> int:
     return max(1 << 12, min(CHUNK, 1 << max(0, (n_params // 32).bit_length() - 1)))
 
 
-_TABLE = 1 << 18  # entries of each uniform table (1 MiB)
 # DARE's densities lie on a grid of 1/4096 (rounded up; mergekit's model of the exported recipe is
 # another draw anyway): then ‖τ⊙m‖₁ for any density is a prefix of per-study sums over levels of u
 # (`_draw_l1`), not a pass per candidate.
@@ -56,7 +55,7 @@ _LEVELS = 1 << 12
 # From this size on a task vector gets per-study tables (DARE's level sums, the magnitude bins of
 # `_values_at`); below, their ~30 KiB each would outweigh the pass they save.
 _TABLES_FROM = 1 << 16
-_BLOCK = 1 << 16  # indices per block of draws (each block has its own table offsets)
+_BLOCK = 1 << 16  # indices per block of draws (each block has its own key)
 assert fused_kernels is None or fused_kernels.DRAW_BLOCK == _BLOCK
 _SAMPLE = 4096  # sorted magnitudes kept per (tensor, model) to bracket a rank
 
@@ -95,12 +94,10 @@ class TaskVectorBank:
         self._cuts: dict[tuple[str, int, int], Cut] = {}
         self._values: dict[tuple[str, int], tuple[float, int, int]] = {}
         self._kept_l1: dict[tuple, torch.Tensor] = {}
-        self._offsets: dict[str, list[tuple[int, int]]] = {}
-        self._offset_arrays: dict[str, np.ndarray] = {}
+        self._keys: dict[str, np.ndarray] = {}
         self._tie_counts: dict[tuple, np.ndarray] = {}
         self._level_l1: dict[str, np.ndarray] = {}
         self._bins: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}
-        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._scratch: dict[tuple[torch.dtype, torch.device], _Workspace] = {}
 
     # -- what candidates share ------------------------------------------------------------
@@ -300,35 +297,27 @@ class TaskVectorBank:
 
     def uniforms(self, key: str, start: int, n: int, out: torch.Tensor) -> torch.Tensor:
         """Uniform draws in [0, 1) for flat indices [start, start + n) of one task vector, written
-        into `out` (fp32): per block of 64K indices, the fractional part of the sum of windows of
-        two fixed uniform tables at offsets hashed from (seed, key, block). Same key, same draws,
-        whatever the chunk size."""
-        t1, t2 = self._draw_tables(out.device)
-        u = out[:n]
-        done = 0
-        while done < n:
-            block, lo = divmod(start + done, _BLOCK)
-            m = min(n - done, _BLOCK - lo)
-            o1, o2 = self._block_offsets(key, block)
-            torch.add(t1[o1 + lo : o1 + lo + m], t2[o2 + lo : o2 + lo + m], out=u[done : done + m])
-            done += m
-        return u.frac_()
+        into `out` (fp32): at index j of block c (64K indices each), the top 24 bits of
+        lowbias32(key_c ^ j), key_c a hash of (seed, key, c); `fused_kernels._uniform` computes
+        the same. Same key, same draws, whatever the chunk size."""
+        keys = torch.from_numpy(self._block_keys(key, (start + n - 1) // _BLOCK + 1).astype(np.int64))
+        j = torch.arange(start, start + n, device=out.device)
+        x = keys.to(out.device)[j // _BLOCK] ^ (j % _BLOCK)
+        # lowbias32 on int64: 32-bit products in two halves, so no product overflows
+        x ^= x >> 16
+        x = _mul32(x, 0x7FEB352D)
+        x ^= x >> 15
+        x = _mul32(x, 0x846CA68B)
+        x ^= x >> 16
+        return torch.mul((x >> 8).float(), 1.0 / (1 << 24), out=out[:n])
 
-    def _draw_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if device not in self._tables:
-            g = torch.Generator().manual_seed(self.seed)
-            self._tables[device] = tuple(  # type: ignore[assignment]
-                torch.rand(_TABLE + _BLOCK, generator=g).to(device) for _ in range(2)
-            )
-        return self._tables[device]
-
-    def _block_offsets(self, key: str, c: int) -> tuple[int, int]:
-        """Table offsets of block c of one task vector: a hash of (seed, key, c), cached."""
-        offs = self._offsets.setdefault(key, [])
-        while len(offs) <= c:
-            tag = f"{self.seed}:{key}:{len(offs)}".encode()
-            offs.append((zlib.crc32(tag) % _TABLE, zlib.crc32(tag, 0x5EED) % _TABLE))
-        return offs[c]
+    def _block_keys(self, key: str, nblk: int) -> np.ndarray:
+        """The draw keys of blocks 0 … nblk − 1 of one task vector: crc32 of (seed, key, block)."""
+        keys = self._keys.get(key)
+        if keys is None or keys.size < nblk:
+            tags = (f"{self.seed}:{key}:{c}".encode() for c in range(nblk))
+            keys = self._keys[key] = np.array([zlib.crc32(t) for t in tags], np.uint32)
+        return keys[:nblk]
 
     # -- one output tensor --------------------------------------------------------------------
 
@@ -407,16 +396,15 @@ class TaskVectorBank:
         spec = self._fused_spec(keys, taus, masks)
         if spec is None:
             return False
-        kind, fp, ties, offsets, ranks = spec
+        kind, fp, ties, keys, ranks = spec
         fp[:, 0] = w.float().reshape(-1).numpy()
         fp[:, 1] = [1.0 if x is None else float(x) for x in scale]
         divisor = w.sum(0)
         divisor[divisor.abs() < 1e-8] = 1
-        t1, t2 = (t.numpy() for t in self._draw_tables(b.device))
         as_np = fused_kernels.as_numpy
         fused_kernels.merge(
-            as_np(o), as_np(b), tuple(as_np(t) for t in taus), ranks, kind, fp, ties, offsets,
-            t1, t2, consensus, normalize, np.float32(divisor.item()), np.float32(lambda_), lambda_ != 1,
+            as_np(o), as_np(b), tuple(as_np(t) for t in taus), ranks, kind, fp, ties, keys,
+            consensus, normalize, np.float32(divisor.item()), np.float32(lambda_), lambda_ != 1,
         )  # fmt: skip
         return True
 
@@ -428,7 +416,7 @@ class TaskVectorBank:
         kind = np.zeros(k, np.int64)
         fp = np.ones((k, 9), np.float32)
         ties = np.full((k, 2, 3), np.nan)
-        offsets = np.zeros((k, nblk, 2), np.int64)
+        draw_keys = np.zeros((k, nblk), np.uint32)
         ranks = [np.zeros(0, np.int16)] * k
         for i, (key, tau, m) in enumerate(zip(keys, taus, masks)):
             if m is None:
@@ -449,17 +437,17 @@ class TaskVectorBank:
                         ties[i, g] = v, *(self._occurrence(mags, v, counts[g], j) for j in (first, end))
             elif isinstance(m, _DrawMask):
                 kind[i], fp[i, 5] = fused_kernels.DRAW, m.d
-                offsets[i] = self._offset_array(key, nblk)
+                draw_keys[i] = self._block_keys(key, nblk)
             elif m.d <= 0:
                 kind[i] = fused_kernels.ZERO
             elif m.whole is None and self._caches_ranks(m.tau):
                 kind[i] = fused_kernels.DELLA
                 fp[i, 5:9] = m.d, m.eps, _row_length(m.tau), m.d - m.eps
-                offsets[i] = self._offset_array(key, nblk)
+                draw_keys[i] = self._block_keys(key, nblk)
                 ranks[i] = self._cached_ranks(key, m.tau).numpy()
             else:
                 return None
-        return kind, fp, ties, offsets, tuple(ranks)
+        return kind, fp, ties, draw_keys, tuple(ranks)
 
     def _masked_l1(self, key: str, tau: torch.Tensor, mask) -> torch.Tensor:
         """‖τ⊙m‖₁ in τ's work dtype: for DARE on large tensors from the level sums (`_draw_l1`),
@@ -470,10 +458,9 @@ class TaskVectorBank:
         spec = self._fused_spec([key], [tau], [mask]) if _kernels_take(tau) else None
         if spec is None:
             return self._chunked_l1(tau, mask)
-        kind, fp, ties, offsets, ranks = spec
-        t1, t2 = (t.numpy() for t in self._draw_tables(tau.device))
+        kind, fp, ties, keys, ranks = spec
         total = fused_kernels.masked_l1(
-            fused_kernels.as_numpy(tau), ranks[0], kind[0], fp[0], ties[0], offsets[0], t1, t2
+            fused_kernels.as_numpy(tau), ranks[0], kind[0], fp[0], ties[0], keys[0]
         )
         return torch.tensor(total, dtype=torch.float64).to(sparsify.work_dtype(tau))
 
@@ -483,9 +470,8 @@ class TaskVectorBank:
         if key not in self._level_l1:
             n = tau.numel()
             if _kernels_take(tau):
-                t1, t2 = (t.numpy() for t in self._draw_tables(tau.device))
-                offsets = self._offset_array(key, -(-n // _BLOCK))
-                sums = fused_kernels.level_l1(fused_kernels.as_numpy(tau), offsets, t1, t2, _LEVELS)
+                keys = self._block_keys(key, -(-n // _BLOCK))
+                sums = fused_kernels.level_l1(fused_kernels.as_numpy(tau), keys, _LEVELS)
             else:
                 flat, ws = tau.reshape(-1), self._workspace(1, tau.dtype, tau.device)
                 total = torch.zeros(_LEVELS, dtype=torch.float64, device=tau.device)
@@ -497,11 +483,6 @@ class TaskVectorBank:
             self._level_l1[key] = np.concatenate([[0.0], np.cumsum(sums)])
         kept = self._level_l1[key][round(d * _LEVELS)]
         return torch.tensor(kept, dtype=torch.float64).to(sparsify.work_dtype(tau))
-
-    def _offset_array(self, key: str, nblk: int) -> np.ndarray:
-        if key not in self._offset_arrays:
-            self._offset_arrays[key] = np.array([self._block_offsets(key, c) for c in range(nblk)])
-        return self._offset_arrays[key]
 
     @staticmethod
     def _occurrence(mags: np.ndarray, v: float, counts: np.ndarray, j: float) -> int:
@@ -635,6 +616,11 @@ def _combine(b, d, w, ws: _Workspace, consensus: bool, normalize: bool, lambda_:
 def _kernels_take(*tensors: torch.Tensor) -> bool:
     """Whether numba is present and its kernels take these tensors (`fused_kernels.fusable`)."""
     return fused_kernels is not None and fused_kernels.fusable(*tensors)
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x · c) mod 2³² for int64 x < 2³² and c < 2³², with every product below 2⁴⁹."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & 0xFFFFFFFF
 
 
 def _select(values: torch.Tensor, k: int) -> tuple[float, int, int]:
