@@ -1,7 +1,7 @@
 """Turns a recipe into weights, streaming tensor by tensor from input folders to an output folder.
 
-`plan_merge` resolves every output tensor's inputs and parameters before any data is
-read, so bad recipes fail fast and nothing is written. `merge` executes the plan in
+`merge` executes a plan (`plan.plan_merge`: inputs and parameters of every output tensor,
+resolved before any data is read, so bad recipes fail fast and nothing is written) in
 mergekit's order (lexicographic by tensor name, which is also the order of DARE's random
 draws) and writes through `StreamingWriter`: peak memory is one tensor per input.
 """
@@ -15,9 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -28,42 +26,12 @@ from .checkpoint import (
     StreamingWriter,
     check_finite,
     copy_tokenizer,
-    parse_dtype,
     parse_size,
 )
 from .errors import MergeSearchError
-from .methods.registry import REQUIRED, Method, get_method
-from .recipe import Recipe, Slice, Source, dump_recipes, evaluate_setting, load_recipes
+from .plan import Layout, MergePlan, TensorTask, plan_merge
+from .recipe import Recipe, dump_recipes, load_recipes
 from .task_vector_bank import TaskVectorBank, chunk_for, fused_kernels
-
-
-@dataclass
-class TensorTask:
-    """One output tensor: which input tensors, in the method's order, and resolved parameters."""
-
-    name: str
-    inputs: list[tuple[str, str]]  # (model reference, tensor name in that model)
-    base: int | None  # index into inputs of the base model, or None
-    shared: dict[str, Any]
-    per_model: dict[str, list[Any]]  # aligned with the models the method receives
-    shape: tuple[int, ...]
-    work_dtype: torch.dtype
-    out_dtype: torch.dtype
-    floating: bool = True
-
-
-@dataclass
-class MergePlan:
-    recipe: Recipe
-    method: Method
-    tasks: list[TensorTask]  # in execution order
-    config: dict  # the output config.json
-    tokenizer_from: str  # model reference whose tokenizer files are copied
-    models: dict[str, Checkpoint] = field(default_factory=dict)
-
-    @property
-    def layout(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        return {t.name: (t.shape, t.out_dtype) for t in self.tasks}
 
 
 def seed_everything(seed: int) -> None:
@@ -82,218 +50,6 @@ def resolve_device(device: str) -> torch.device:
         return torch.device(device)
     except RuntimeError as e:
         raise MergeSearchError(f"--device {device!r}: not a device name ({e})") from e
-
-
-# -- planning ------------------------------------------------------------------------------
-
-
-def _open_models(
-    recipe: Recipe, resolve_path: Callable[[str], Path], allow_pickle: bool
-) -> dict[str, Checkpoint]:
-    return {
-        ref: Checkpoint(resolve_path(ref), allow_pickle=allow_pickle) for ref in recipe.referenced_models()
-    }
-
-
-def _normalized_slices(recipe: Recipe, models: dict[str, Checkpoint]) -> list[Slice]:
-    """mergekit's normalize_config: `models:` becomes one slice over all layers, base appended."""
-    if recipe.slices is not None:
-        return recipe.slices
-    sources = []
-    for s in recipe.models:
-        n = models[s.model].num_layers
-        sources.append(Source(s.model, s.parameters, (0, n or 0)))
-    if recipe.base_model and recipe.base_model not in [s.model for s in recipe.models]:
-        n = models[recipe.base_model].num_layers
-        sources.append(Source(recipe.base_model, {}, (0, n or 0)))
-    lengths = {(s.model, s.layer_range[1]) for s in sources}
-    if len({n for _, n in lengths}) > 1:
-        detail = ", ".join(f"{m}: {n}" for m, n in sorted(lengths))
-        raise MergeSearchError(f"models have different layer counts ({detail}); use slices with layer_range")
-    return [Slice(sources, {}, None)]
-
-
-def _resolve(scopes: list[Any], key: str, tensor: str, t: float) -> Any:
-    for scope in scopes:
-        if scope and key in scope:
-            v = evaluate_setting(scope[key], tensor, t)
-            if v is not None:
-                return v
-    return None
-
-
-def plan_merge(
-    recipe: Recipe,
-    resolve_path: Callable[[str], Path] = Path,
-    *,
-    allow_pickle: bool = False,
-    models: dict[str, Checkpoint] | None = None,
-) -> MergePlan:
-    """Every output tensor with its inputs and parameters, checked before any data is read."""
-    method = get_method(recipe.merge_method)
-    models = models or _open_models(recipe, resolve_path, allow_pickle)
-    slices = _normalized_slices(recipe, models)
-    dtype = parse_dtype(recipe.dtype, "dtype")
-    out_dtype = parse_dtype(recipe.out_dtype, "out_dtype")
-
-    for i, sl in enumerate(slices):
-        base = sl.base_model or recipe.base_model
-        names = [s.model for s in sl.sources]
-        where = f"slices[{i}]" if recipe.slices is not None else "models"
-        if method.base == "required" and not base:
-            raise MergeSearchError(f"merge_method {method.name} needs a base_model; add base_model: <path>")
-        if method.base == "required" and base not in names:
-            raise MergeSearchError(f"{where}: base_model {base} is not among the inputs")
-        n = len(names) - (1 if method.base in ("required", "optional") and base in names else 0)
-        if n < method.min_models or (method.max_models is not None and n > method.max_models):
-            want = (
-                f"exactly {method.min_models}"
-                if method.min_models == method.max_models
-                else f"at least {method.min_models}"
-                + (f" and at most {method.max_models}" if method.max_models else "")
-            )
-            raise MergeSearchError(
-                f"{where}: {method.name} takes {want} {'non-base ' if method.base != 'input' else ''}"
-                f"model(s), got {n}"
-            )
-
-    ref_model = recipe.base_model or slices[0].sources[0].model
-    ref = models[ref_model]
-    arch = ref.arch
-    tasks: list[TensorTask] = []
-    total_layers = 0
-
-    def add(out_name: str, sl: Slice, in_names: list[str], t: float) -> None:
-        base_ref = sl.base_model or recipe.base_model
-        inputs, metas = [], []
-        for src, in_name in zip(sl.sources, in_names):
-            ck = models[src.model]
-            stored = ck.resolve(in_name)
-            if stored is None:
-                raise MergeSearchError(
-                    f"{ck.path}: tensor {in_name} is missing (present in {ref.path}); "
-                    "these models do not share an architecture"
-                )
-            inputs.append((src.model, in_name))
-            metas.append(ck.meta[stored])
-        shapes = {m.shape for m in metas}
-        if len(shapes) > 1:
-            detail = ", ".join(f"{models[m].path}: {list(x.shape)}" for (m, _), x in zip(inputs, metas))
-            if arch.component_of(out_name) in ("embedding", "head"):
-                raise MergeSearchError(
-                    f"tensor {out_name}: vocabulary sizes differ ({detail}); mergesearch does not "
-                    "merge different vocabularies: resize the embeddings to one tokenizer first"
-                )
-            raise MergeSearchError(f"tensor {out_name}: shapes differ ({detail})")
-        floating = all(m.dtype.is_floating_point for m in metas)
-        if dtype is not None and floating:
-            work = dtype
-        else:
-            work = metas[0].dtype
-            for m in metas[1:]:
-                work = torch.promote_types(work, m.dtype)
-        base_idx = None
-        if method.base in ("required", "optional") and base_ref is not None:
-            base_idx = next(i for i, s in enumerate(sl.sources) if s.model == base_ref)
-        receivers = [i for i in range(len(inputs)) if i != base_idx]
-        shared = {}
-        for key, default in method.shared_params.items():
-            v = _resolve([sl.parameters, recipe.parameters], key, out_name, t)
-            if v is None:
-                if default is REQUIRED:
-                    raise MergeSearchError(
-                        f"tensor {out_name}: parameter {key!r} is required by {method.name}; "
-                        "set it under parameters"
-                    )
-                v = default
-            shared[key] = v
-        per_model: dict[str, list[Any]] = {}
-        for key, default in method.model_params.items():
-            vals = []
-            for i in receivers:
-                src = sl.sources[i]
-                scopes = [s.parameters for s in sl.sources if s.model == src.model]
-                v = _resolve(scopes + [sl.parameters, recipe.parameters], key, in_names[i], t)
-                if v is None:
-                    if default is REQUIRED:
-                        raise MergeSearchError(
-                            f"tensor {in_names[i]} of {src.model}: parameter {key!r} is required "
-                            f"by {method.name}; set it for this model or under top-level parameters"
-                        )
-                    v = default
-                if key == "density" and not 0 <= v <= 1:
-                    raise MergeSearchError(f"{src.model}: density {v} for {in_names[i]} is outside [0, 1]")
-                vals.append(v)
-            per_model[key] = vals
-        if shared.get("normalize") and "weight" in per_model and floating:
-            if abs(sum(per_model["weight"])) < 1e-8 and method.name in (
-                "linear",
-                "task_arithmetic",
-                "dare_linear",
-                "breadcrumbs",
-                "della_linear",
-            ):
-                raise MergeSearchError(
-                    f"tensor {out_name}: weights sum to 0 under normalize: true; "
-                    "change the weights or set normalize: false"
-                )
-        if method.name in ("della", "della_linear"):
-            for d, e in zip(per_model["density"], per_model["epsilon"]):
-                if d < 1 and d > 0 and not (0 < d - e and d + e < 1):
-                    raise MergeSearchError(
-                        f"tensor {out_name}: della needs density ± epsilon inside (0, 1); "
-                        f"got density {d}, epsilon {e}"
-                    )
-        tasks.append(
-            TensorTask(
-                out_name,
-                inputs,
-                base_idx,
-                shared,
-                per_model,
-                metas[0].shape,
-                work,
-                (out_dtype if out_dtype is not None and floating else work),
-                floating,
-            )
-        )
-
-    # Tied models store no lm_head; mergekit then writes none either.
-    for name in ref.by_layer.get(None, []):
-        pre = arch.component_of(name) == "embedding"
-        sl = slices[0] if pre else slices[-1]
-        add(name, sl, [name] * len(sl.sources), 0.0)
-    for sl in slices:
-        start, end = sl.sources[0].layer_range
-        n = end - start
-        for idx in range(n):
-            t = idx / (n - 1) if n > 1 else 1.0
-            first = models[sl.sources[0].model]
-            names = first.by_layer.get(start + idx, [])
-            if not names:
-                raise MergeSearchError(f"{first.path}: has no layer {start + idx}; check layer_range")
-            for nm in names:
-                out_name = arch.with_layer(nm, total_layers)
-                in_names = [models[s.model].arch.with_layer(nm, s.layer_range[0] + idx) for s in sl.sources]
-                add(out_name, sl, in_names, t)
-            total_layers += 1
-
-    tasks.sort(key=lambda task: task.name)
-    config = json.loads(json.dumps(ref.config))
-    if total_layers:
-        config[arch.num_layers_key if arch.num_layers_key in config else "num_hidden_layers"] = total_layers
-    name_dtype = recipe.out_dtype or recipe.dtype
-    if name_dtype:
-        config["dtype"] = name_dtype
-        if "torch_dtype" in config:
-            config["torch_dtype"] = name_dtype
-    tok = recipe.tokenizer_source
-    tokenizer_from = recipe.base_model or slices[0].sources[0].model
-    if tok and tok != "base":
-        tokenizer_from = tok
-        if tok not in models:
-            models[tok] = Checkpoint(resolve_path(tok), allow_pickle=allow_pickle)
-    return MergePlan(recipe, method, tasks, config, tokenizer_from, models)
 
 
 # -- execution -----------------------------------------------------------------------------
@@ -461,6 +217,8 @@ class ResidentEngine:
         self._position = {ref: i for i, ref in enumerate(recipe_models)}  # names the bank's draws
         return_freed_memory()
         self.models = {ref: Checkpoint(resolve_path(ref), allow_pickle=allow_pickle) for ref in recipe_models}
+        self._loaded = set(self.models)  # not a multi-stage recipe's intermediate stages
+        self._layouts: dict[tuple, Layout] = {}
         if base is not None and base not in self.models:
             raise MergeSearchError(f"ResidentEngine: base {base} is not among the models")
         self.tensors: dict[tuple[str, str], torch.Tensor] = {}
@@ -486,7 +244,7 @@ class ResidentEngine:
         return_freed_memory()
 
     def plan(self, recipe: Recipe) -> MergePlan:
-        return plan_merge(recipe, models=self.models)
+        return plan_merge(recipe, models=self.models, layouts=self._layouts)
 
     def iter_candidate(
         self,
@@ -500,7 +258,9 @@ class ResidentEngine:
         added = []
         try:
             for i, r in enumerate(recipes):
-                plan = plan_merge(r, models=self.models)
+                # a search's candidates share their layout: only parameters are resolved again
+                layouts = self._layouts if all(m in self._loaded for m in r.referenced_models()) else None
+                plan = plan_merge(r, models=self.models, layouts=layouts)
                 if seed is not None:  # as a disk merge does, once per stage
                     seed_everything(seed)
                 last = i == len(recipes) - 1
