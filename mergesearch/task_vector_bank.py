@@ -93,7 +93,9 @@ class TaskVectorBank:
         self._sample: dict[str, torch.Tensor] = {}
         self._cuts: dict[tuple[str, int, int], Cut] = {}
         self._values: dict[tuple[str, int], tuple[float, int, int]] = {}
-        self._kept_l1: dict[tuple, torch.Tensor] = {}
+        self._rescales: dict[tuple, torch.Tensor | None] = {}
+        self._weight_cols: dict[tuple, tuple[torch.Tensor, np.ndarray, np.float32]] = {}
+        self._arrays: dict[str, np.ndarray] = {}
         self._keys: dict[str, np.ndarray] = {}
         self._tie_counts: dict[tuple, np.ndarray] = {}
         self._level_l1: dict[str, np.ndarray] = {}
@@ -371,8 +373,8 @@ class TaskVectorBank:
             self._rescale(key, t, m) if rescale and m is not None else None
             for key, t, m in zip(keys, taus, masks)
         ]
-        w = torch.tensor(list(weight), dtype=base.dtype, device=base.device).reshape(-1, 1)
-        if self._fused_merge(keys, b, flat, masks, scale, w, consensus, normalize, lambda_, o):
+        w, w32, divisor = self._weights(weight, base.dtype, base.device)
+        if self._fused_merge(keys, b, flat, masks, scale, w32, divisor, consensus, normalize, lambda_, o):
             return out
         ws = self._workspace(k, base.dtype, base.device)
         for start in range(0, n, self.chunk):
@@ -388,7 +390,28 @@ class TaskVectorBank:
             _combine(b[start:stop], d, w, ws, consensus, normalize, lambda_, o[start:stop])
         return out
 
-    def _fused_merge(self, keys, b, taus, masks, scale, w, consensus, normalize, lambda_, o) -> bool:
+    def _weights(self, weight: list[float], dtype: torch.dtype, device: torch.device):
+        """The weights as a (K, 1) column in the work dtype and as fp32 numbers, and the divisor
+        Σw as `_combine` rounds it (1 where |Σw| < 1e-8); cached: a candidate's tensors share them."""
+        ck = (tuple(weight), dtype, device)
+        if ck not in self._weight_cols:
+            w = torch.tensor(list(weight), dtype=dtype, device=device).reshape(-1, 1)
+            divisor = w.sum(0)
+            divisor[divisor.abs() < 1e-8] = 1
+            w32 = w.float().reshape(-1).cpu().numpy()
+            _bounded(self._weight_cols, 1024)[ck] = (w, w32, np.float32(divisor.item()))
+        return self._weight_cols[ck]
+
+    def _array(self, key: str, tau: torch.Tensor) -> np.ndarray:
+        """`fused_kernels.as_numpy` of a resident τ, kept per key (checked against its memory)."""
+        a = self._arrays.get(key)
+        if a is None or a.size != tau.numel() or a.ctypes.data != tau.data_ptr():
+            a = self._arrays[key] = fused_kernels.as_numpy(tau)
+        return a
+
+    def _fused_merge(
+        self, keys, b, taus, masks, scale, w32, divisor, consensus, normalize, lambda_, o
+    ) -> bool:
         """`merge`'s chunk loop as one `fused_kernels.merge` call (same bits), where it applies:
         numba present, CPU, fp32 or bf16, contiguous, DELLA only with cached ranks."""
         if not (self.fused and all(x.dtype == b.dtype for x in [o, *taus]) and _kernels_take(b, o, *taus)):
@@ -396,15 +419,13 @@ class TaskVectorBank:
         spec = self._fused_spec(keys, taus, masks)
         if spec is None:
             return False
-        kind, fp, ties, keys, ranks = spec
-        fp[:, 0] = w.float().reshape(-1).numpy()
+        kind, fp, ties, draw_keys, ranks = spec
+        fp[:, 0] = w32
         fp[:, 1] = [1.0 if x is None else float(x) for x in scale]
-        divisor = w.sum(0)
-        divisor[divisor.abs() < 1e-8] = 1
         as_np = fused_kernels.as_numpy
         fused_kernels.merge(
-            as_np(o), as_np(b), tuple(as_np(t) for t in taus), ranks, kind, fp, ties, keys,
-            consensus, normalize, np.float32(divisor.item()), np.float32(lambda_), lambda_ != 1,
+            as_np(o), as_np(b), tuple(self._array(k, t) for k, t in zip(keys, taus)), ranks, kind, fp, ties,
+            draw_keys, consensus, normalize, divisor, np.float32(lambda_), lambda_ != 1,
         )  # fmt: skip
         return True
 
@@ -547,12 +568,10 @@ class TaskVectorBank:
     def _rescale(self, key: str, tau: torch.Tensor, mask) -> torch.Tensor | None:
         """‖τ‖₁ / ‖τ⊙m‖₁ in the work dtype (None when either is below 1e-7, as in mergekit)."""
         kk = (key, mask.key)
-        if kk not in self._kept_l1:
-            _bounded(self._kept_l1)[kk] = self._masked_l1(key, tau, mask)
-        before, after = self.l1(key, tau), self._kept_l1[kk]
-        if before < 1e-7 or after < 1e-7:
-            return None
-        return before / after
+        if kk not in self._rescales:
+            before, after = self.l1(key, tau), self._masked_l1(key, tau, mask)
+            _bounded(self._rescales)[kk] = None if before < 1e-7 or after < 1e-7 else before / after
+        return self._rescales[kk]
 
     def _workspace(self, k: int, dtype: torch.dtype, device: torch.device) -> _Workspace:
         ws = self._scratch.get((dtype, device))
