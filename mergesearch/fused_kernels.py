@@ -228,7 +228,8 @@ def bracket(mags, lo: np.ndarray, hi: np.ndarray):
 
 @jit(parallel=True, cache=True)
 def gather(mags, lo, hi, total: np.ndarray):
-    """`bracket`'s values when the count inside each bracket (`total`) is known: one pass. Each
+    """`bracket`'s values when the count inside each bracket (`total`) is known, and where each
+    (bracket, block)'s values start: values[at[r·nblk + blk] : at[r·nblk + blk + 1]]. One pass. Each
     block gathers into its own slots, twice its share; a block with more (a tensor whose values
     cluster) is gathered again, alone, while packing. Scalar loops, no array expressions: with
     `parallel=True` each of those is a parallel region of its own."""
@@ -259,7 +260,7 @@ def gather(mags, lo, hi, total: np.ndarray):
                 _gather_bracket(mags[blk * BLOCK : min(n, (blk + 1) * BLOCK)], lo[r], hi[r], src, 0)
             for q in range(c):  # a loop: numba's slice assignment costs ~1 µs a call
                 values[dest[g] + q] = src[q]
-    return values, dest[::nblk].copy()
+    return values, dest
 
 
 @jit

@@ -73,10 +73,12 @@ class Cut:
     top: bool  # whether the window reaches the largest |τ| (no upper comparison needed)
 
     def tie_groups(self) -> list[tuple[float, int, float]]:
-        """(value, first kept tie position, end of kept positions) of the groups at the bounds."""
+        """(value, first kept tie position, end of kept positions) of the groups at the bounds;
+        a window that reaches the top keeps all of its largest value's ties (end ∞)."""
+        keep_hi = math.inf if self.top else self.keep_hi
         if self.lo == self.hi:
-            return [(self.lo, self.skip_lo, self.keep_hi)]
-        return [(self.lo, self.skip_lo, math.inf), (self.hi, 0, self.keep_hi)]
+            return [(self.lo, self.skip_lo, keep_hi)]
+        return [(self.lo, self.skip_lo, math.inf), (self.hi, 0, keep_hi)]
 
 
 class TaskVectorBank:
@@ -97,7 +99,8 @@ class TaskVectorBank:
         self._weight_cols: dict[tuple, tuple[torch.Tensor, np.ndarray, np.float32]] = {}
         self._arrays: dict[str, np.ndarray] = {}
         self._keys: dict[str, np.ndarray] = {}
-        self._tie_counts: dict[tuple, np.ndarray] = {}
+        self._tie_counts: dict[tuple[str, float], np.ndarray] = {}
+        self._gathered: dict[tuple[str, float], tuple[torch.Tensor, np.ndarray]] = {}
         self._level_l1: dict[str, np.ndarray] = {}
         self._bins: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}
         self._scratch: dict[tuple[torch.dtype, torch.device], _Workspace] = {}
@@ -160,10 +163,12 @@ class TaskVectorBank:
                     found[r] = _bounded(self._values)[(key, r)] = (_f32(prefix << 16), less, count)
             else:
                 brackets = {r: _prefix_range(prefix) for r, (prefix, _, _) in spans.items()}
-                inside = self._gather(tau, brackets, {r: count for r, (_, _, count) in spans.items()})
+                inside, blocks = self._gather(tau, brackets, {r: count for r, (_, _, count) in spans.items()})
                 for r, (_, less, _) in spans.items():
                     v, less_in, equal = _select(inside[r], r - less)
                     found[r] = _bounded(self._values)[(key, r)] = (v, less + less_in, equal)
+                    if r in blocks:  # where v lies, should a cut split its ties (the last few cuts')
+                        _bounded(self._gathered, 64)[(key, v)] = (inside[r], blocks[r])
         missing = [r for r in ranks if r not in found]
         if missing:
             found.update(zip(missing, self._sampled_values_at(key, tau, missing)))
@@ -225,18 +230,22 @@ class TaskVectorBank:
                     todo[r] = todo[r] * 4 if todo[r] < s else math.inf
         return [found[r] for r in ranks]
 
-    def _gather(self, tau: torch.Tensor, brackets: dict, counts: dict) -> dict:
-        """The |τ| in each bracket (lo, hi), fp32, when how many lie there is known: one pass.
+    def _gather(self, tau: torch.Tensor, brackets: dict, counts: dict) -> tuple[dict, dict]:
+        """The |τ| in each bracket (lo, hi), fp32, when how many lie there is known: one pass;
+        and, from the kernel, where each 16K block's values start (nblk + 1 offsets per bracket).
         (`gather`'s slots take twice what they hold; where that would be a large part of τ, as
         when a cut falls among many zeros, the exact-size count-and-gather of `_bracket`.)"""
         total = np.array([counts[r] for r in brackets], np.int64)
         if not _kernels_take(tau) or total.sum() > tau.numel() // 16:
-            return self._bracket(tau, brackets)[1]
+            return self._bracket(tau, brackets)[1], {}
         lo, hi = (np.array(v, np.float32) for v in zip(*brackets.values()))
-        values, starts = fused_kernels.gather(fused_kernels.as_numpy(tau), lo, hi, total)
+        values, at = fused_kernels.gather(fused_kernels.as_numpy(tau), lo, hi, total)
+        nblk = (at.size - 1) // len(brackets)
+        starts = at[::nblk]
         assert np.array_equal(np.diff(starts), total)  # the bins count what the pass finds
         values = torch.from_numpy(values)
-        return {r: values[starts[i] : starts[i + 1]] for i, r in enumerate(brackets)}
+        inside = {r: values[starts[i] : starts[i + 1]] for i, r in enumerate(brackets)}
+        return inside, {r: at[i * nblk : (i + 1) * nblk + 1] - starts[i] for i, r in enumerate(brackets)}
 
     def _bracket(self, tau: torch.Tensor, brackets: dict) -> tuple[dict, dict]:
         """For each rank's bracket (lo, hi) of |τ|: #{|τ| < lo} and the |τ| in [lo, hi] (fp32)."""
@@ -452,10 +461,14 @@ class TaskVectorBank:
                 else:
                     kind[i] = fused_kernels.TIES
                     groups = c.tie_groups()
-                    counts = self._block_tie_counts(key, tau, [v for v, _, _ in groups])
+                    # kept occurrences → flat indices; from the first or to the last need no count
+                    need = [v for v, first, end in groups if first > 0 or end != math.inf]
+                    counts = dict(zip(need, self._block_tie_counts(key, tau, need))) if need else {}
                     mags = fused_kernels.as_numpy(tau)
-                    for g, (v, first, end) in enumerate(groups):  # kept occurrences → flat indices
-                        ties[i, g] = v, *(self._occurrence(mags, v, counts[g], j) for j in (first, end))
+                    for g, (v, first, end) in enumerate(groups):
+                        p = 0 if first == 0 else self._occurrence(mags, v, counts[v], first)
+                        q = n if end == math.inf else self._occurrence(mags, v, counts[v], end)
+                        ties[i, g] = v, p, q
             elif isinstance(m, _DrawMask):
                 kind[i], fp[i, 5] = fused_kernels.DRAW, m.d
                 draw_keys[i] = self._block_keys(key, nblk)
@@ -512,15 +525,20 @@ class TaskVectorBank:
             mags.size if j >= counts.sum() else fused_kernels.occurrence(mags, np.float32(v), counts, int(j))
         )
 
-    def _block_tie_counts(self, key: str, tau: torch.Tensor, values: list[float]) -> np.ndarray:
-        """Occurrences of each tie value in |τ| per 16K block, so `_occurrence` scans one block
-        (cached: a density grid reuses them)."""
-        ck = (key, *values)
-        if ck not in self._tie_counts:
-            v0, v1 = (np.float32(v) for v in (*values, math.nan)[:2])
-            counts = fused_kernels.count_equal(fused_kernels.as_numpy(tau), v0, v1)
-            _bounded(self._tie_counts)[ck] = counts[: len(values)]
-        return self._tie_counts[ck]
+    def _block_tie_counts(self, key: str, tau: torch.Tensor, values: list[float]) -> list[np.ndarray]:
+        """Occurrences of each tie value in |τ| per 16K block, so `_occurrence` scans one block:
+        from the fp32 gather that found the value (`_values_at`), else a counting pass; cached
+        per value (a cut's other bound often stays, as breadcrumbs' top with a fixed γ)."""
+        missing = [v for v in values if (key, v) not in self._tie_counts]
+        gathered = {v: self._gathered.get((key, v)) for v in missing}
+        passes = [v for v in missing if gathered[v] is None]
+        if passes:
+            v0, v1 = (np.float32(v) for v in (*passes, math.nan)[:2])
+            counted = fused_kernels.count_equal(fused_kernels.as_numpy(tau), v0, v1)
+        for v in missing:
+            counts = counted[passes.index(v)] if gathered[v] is None else _counts_per_block(*gathered[v], v)
+            _bounded(self._tie_counts)[(key, v)] = counts
+        return [self._tie_counts[(key, v)] for v in values]
 
     def mask(
         self,
@@ -635,6 +653,12 @@ def _combine(b, d, w, ws: _Workspace, consensus: bool, normalize: bool, lambda_:
 def _kernels_take(*tensors: torch.Tensor) -> bool:
     """Whether numba is present and its kernels take these tensors (`fused_kernels.fusable`)."""
     return fused_kernels is not None and fused_kernels.fusable(*tensors)
+
+
+def _counts_per_block(values: torch.Tensor, starts: np.ndarray, v: float) -> np.ndarray:
+    """How many of `values` equal v in each block, given where each block's values start."""
+    seen = np.concatenate([[0], np.cumsum(values.numpy() == np.float32(v))])
+    return np.diff(seen[starts])
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:

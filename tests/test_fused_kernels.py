@@ -151,9 +151,15 @@ def test_gather_with_known_counts_equals_the_bracket_pass(dtype):
     lo = np.array([ordered[-8000], ordered[1000], 1e6], np.float32)  # clustered, spread, empty
     hi = np.array([ordered[-1], ordered[90000], 2e6], np.float32)
     _, values, starts = fused_kernels.bracket(mags, lo, hi)
-    got, got_starts = fused_kernels.gather(mags, lo, hi, np.diff(starts))
-    assert np.array_equal(got_starts, starts) and starts[-1] - starts[-2] == 0
+    got, at = fused_kernels.gather(mags, lo, hi, np.diff(starts))
+    nblk = -(-mags.size // fused_kernels.BLOCK)
+    assert np.array_equal(at[::nblk], starts) and starts[-1] - starts[-2] == 0
     assert np.array_equal(got, values)
+    a = np.abs(tau.to(dtype).float().numpy().reshape(-1))
+    for r in range(lo.size):  # and each block's values start where that block's count says
+        inside = (a >= lo[r]) & (a <= hi[r])
+        per_block = np.add.reduceat(inside, np.arange(0, a.size, fused_kernels.BLOCK))
+        assert np.array_equal(np.diff(at[r * nblk : (r + 1) * nblk + 1]), per_block)
 
 
 def test_without_numba_the_bank_gives_the_same_candidate(monkeypatch):
@@ -194,3 +200,28 @@ def test_select_equals_kthvalue(monkeypatch):
     monkeypatch.setattr(task_vector_bank, "fused_kernels", None)
     assert fused == [task_vector_bank._select(values, k) for k in ks]
     assert fused[-1][0] == values.max().item() and fused[0][1] == 0
+
+
+def test_tie_counts_from_the_gather_equal_a_counting_pass(fused_calls):
+    """fp32 with small tie groups (magnitudes on a grid of 1e-6): the tie values a cut splits are
+    found by the one-pass gather, which also gives their counts per block; those equal
+    `count_equal`'s pass, and the candidates equal the eager path's."""
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(300, 517, generator=g)
+    taus = [(0.01 * torch.randn(300, 517, generator=g) * 1e6).round() / 1e6 for _ in range(2)]
+    keys = ["0:w", "1:w"]
+    bank = TaskVectorBank(chunk=4096)
+    for density in (0.3, 0.55, 0.8):
+        kw = dict(
+            weight=[0.6, 0.5], density=[density, density + 0.05], sparsification="magnitude",
+            consensus=True, normalize=True, rescale=False,
+        )  # fmt: skip
+        fused = bank.merge(keys, base, taus, **kw)
+        eager = TaskVectorBank(chunk=4096, fused=False).merge(keys, base, taus, **kw)
+        assert torch.equal(fused, eager), density
+    assert any(c.partial for c in bank._cuts.values())  # a cut split a tie group
+    assert bank._gathered
+    for (key, v), (values, starts) in bank._gathered.items():
+        mags = fused_kernels.as_numpy(taus[int(key[0])])
+        expected = fused_kernels.count_equal(mags, np.float32(v), np.float32(np.nan))[0]
+        assert np.array_equal(task_vector_bank._counts_per_block(values, starts, v), expected)
