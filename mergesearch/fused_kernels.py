@@ -10,6 +10,7 @@ nearest even after each torch op, as torch's CPU kernels do.
 
 - `merge`: a task-vector candidate (`TaskVectorBank.merge`; `_fused_spec` turns masks into arrays).
 - `masked_l1`: ‖τ⊙m‖₁ for DELLA/TIES rescaling; `level_l1`: DARE's for every density at once.
+- `uniforms`: the draws themselves, for the bank's eager path (DELLA without cached ranks).
 - A new cut: `magnitude_bins` (counts of |τ| per 16-bit prefix, once per study), then `gather`
   (one pass, counts known) or `bracket` (count and gather, from a sample's bracket), and `select`;
   `count_equal` and `occurrence`: where a split tie group's kept run starts and ends.
@@ -368,6 +369,16 @@ def level_l1(tau, keys, levels: int) -> np.ndarray:
     for r in range(runs):
         total += sums[r]
     return total
+
+
+@jit(parallel=True, cache=True)
+def uniforms(keys: np.ndarray, start: int, out: np.ndarray) -> None:
+    """out[j] = the draw at flat index start + j of a task vector whose blocks have these keys."""
+    n = out.size
+    for blk in prange((n + BLOCK - 1) // BLOCK):
+        for j in range(blk * BLOCK, min(n, (blk + 1) * BLOCK)):
+            c, i = divmod(start + j, DRAW_BLOCK)
+            out[j] = _uniform(keys[c], i)
 
 
 @jit

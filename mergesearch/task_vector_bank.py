@@ -311,7 +311,11 @@ class TaskVectorBank:
         into `out` (fp32): at index j of block c (64K indices each), the top 24 bits of
         lowbias32(key_c ^ j), key_c a hash of (seed, key, c); `fused_kernels._uniform` computes
         the same. Same key, same draws, whatever the chunk size."""
-        keys = torch.from_numpy(self._block_keys(key, (start + n - 1) // _BLOCK + 1).astype(np.int64))
+        keys = self._block_keys(key, (start + n - 1) // _BLOCK + 1)
+        if fused_kernels is not None and out.device.type == "cpu":
+            fused_kernels.uniforms(keys, start, out[:n].numpy())
+            return out[:n]
+        keys = torch.from_numpy(keys.astype(np.int64))
         j = torch.arange(start, start + n, device=out.device)
         x = keys.to(out.device)[j // _BLOCK] ^ (j % _BLOCK)
         # lowbias32 on int64: 32-bit products in two halves, so no product overflows

@@ -212,6 +212,18 @@ def test_dare_and_della_follow_their_definition_with_the_banks_draws(sparsificat
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
 
 
+def test_draws_are_the_same_bits_from_numba_and_from_torch(monkeypatch):
+    """The eager path's draws (numba's `uniforms` on the CPU, torch's int64 hash elsewhere) are
+    the same bits, across block boundaries and from any start."""
+    bank, n = TaskVectorBank(seed=3), 3 * 65536 + 11
+    fast = bank.uniforms("1:w", 0, n, torch.empty(n))
+    window = bank.uniforms("1:w", 70000, 9000, torch.empty(9000))
+    monkeypatch.setattr(task_vector_bank, "fused_kernels", None)
+    assert torch.equal(TaskVectorBank(seed=3).uniforms("1:w", 0, n, torch.empty(n)), fast)
+    assert torch.equal(window, fast[70000:79000])
+    assert 0 <= float(fast.min()) and float(fast.max()) < 1 and abs(float(fast.mean()) - 0.5) < 0.01
+
+
 def test_draws_are_common_random_numbers_with_the_right_rates():
     tau = 0.01 * torch.randn(200, 150, generator=torch.Generator().manual_seed(3))
     bank, again = TaskVectorBank(seed=0, chunk=256), TaskVectorBank(seed=0, chunk=4096)
