@@ -503,12 +503,13 @@ def _cut(tau, dk, lo, hi, top, scale, w, like):
 def _cut_ties(tau, dk, lo, hi, ties, s, scale, w, like):
     """Keep lo < |τ| < hi, and |τ| = ties[g, 0] at flat indices [ties[g, 1], ties[g, 2]): the
     positions make the tie groups a comparison too (no running count), so the loop vectorizes."""
-    v0, p0, q0 = ties[0, 0], ties[0, 1] - s, ties[0, 2] - s  # positions relative to this sub-block
-    v1, p1, q1 = ties[1, 0], ties[1, 1] - s, ties[1, 2] - s
+    v0, p0, q0 = ties[0, 0], _within(ties[0, 1] - s), _within(ties[0, 2] - s)  # relative to this sub-block
+    v1, p1, q1 = ties[1, 0], _within(ties[1, 1] - s), _within(ties[1, 2] - s)
     for j in range(dk.size):
         t = _load(tau[j])
         a = abs(t)
-        keep = ((a > lo) & (a < hi)) | ((a == v0) & (j >= p0) & (j < q0)) | ((a == v1) & (j >= p1) & (j < q1))
+        i = np.int32(j)
+        keep = ((a > lo) & (a < hi)) | ((a == v0) & (i >= p0) & (i < q0)) | ((a == v1) & (i >= p1) & (i < q1))
         dk[j] += _weigh(t * np.float32(keep), scale, w, like)
 
 
@@ -528,6 +529,13 @@ def _lowbias32_u24(typingctx, x):
         return builder.fmul(u, ir.Constant(ir.FloatType(), 1.0 / (1 << 24)))
 
     return types.float32(types.int64), codegen
+
+
+@jit(inline="always")
+def _within(x):
+    """A position relative to a sub-block, clamped to [-1, SUB] as int32: 32-bit lanes (twice
+    as many per vector as int64 positions, or float64 ones). NaN (an unused tie group) gives -1."""
+    return np.int32(min(max(x, np.float64(-1)), np.float64(SUB))) if x == x else np.int32(-1)
 
 
 @jit(inline="always")
