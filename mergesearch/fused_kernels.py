@@ -158,13 +158,20 @@ def count_equal(mags: np.ndarray, v0: float, v1: float) -> np.ndarray:
     nblk = (n + BLOCK - 1) // BLOCK
     counts = np.zeros((2, nblk), np.int64)
     for blk in prange(nblk):
-        c0 = c1 = 0
-        for i in range(blk * BLOCK, min(n, (blk + 1) * BLOCK)):
-            a = abs(_load(mags[i]))
-            c0 += a == v0
-            c1 += a == v1
-        counts[0, blk], counts[1, blk] = c0, c1
+        counts[0, blk], counts[1, blk] = _count_two(mags[blk * BLOCK : min(n, (blk + 1) * BLOCK)], v0, v1)
     return counts
+
+
+@jit
+def _count_two(block, v0, v1):
+    """A loop over a 1-D slice, which numba vectorizes (indexing mags from the block's start
+    inline stayed scalar: 6× slower in fp32, 3.4× in bf16)."""
+    c0 = c1 = 0
+    for i in range(block.size):
+        a = abs(_load(block[i]))
+        c0 += a == v0
+        c1 += a == v1
+    return c0, c1
 
 
 @jit(cache=True)
