@@ -463,9 +463,19 @@ def merge(
 @jit
 def _sparsify(tau, rank, kind, fp, ties, key, s, i, dk, w, like):
     """dk += R(R(τ⊙mask · s) · w) for elements [s, s + dk.size) of τ, at position i of its block
-    of draws (whose key is `key`). fp = (w, s, lo, hi, top, d, ε, cols, d − ε) as `merge` documents."""
+    of draws (whose key is `key`). fp = (w, s, lo, hi, top, d, ε, cols, d − ε) as `merge` documents.
+    Without a rescale (s = 1) R(τ⊙mask · 1) is τ⊙mask (a product of a stored value and 0 or 1):
+    a specialization for `scale` None skips that step (in bf16 one rounding of five per model)."""
+    if fp[1] == 1:
+        _masked_into(tau, rank, kind, fp, ties, key, s, i, dk, None, w, like)
+    else:
+        _masked_into(tau, rank, kind, fp, ties, key, s, i, dk, fp[1], w, like)
+
+
+@jit
+def _masked_into(tau, rank, kind, fp, ties, key, s, i, dk, scale, w, like):
     m = dk.size
-    tau, scale = tau[s : s + m], fp[1]
+    tau = tau[s : s + m]
     if kind == NONE:
         _copy(tau, dk, scale, w, like)
     elif kind == ZERO:
@@ -480,9 +490,15 @@ def _sparsify(tau, rank, kind, fp, ties, key, s, i, dk, w, like):
         _della(tau, dk, key, i, rank[s : s + m], fp[6], fp[7], fp[8], scale, w, like)
 
 
-@jit(inline="always")
-def _weigh(x, scale, w, like):
-    return _round(_round(x * scale, like) * w, like)
+def _weigh(x, scale, w, like):  # R(R(x·scale)·w), or R(x·w) for scale None (an overload below)
+    raise NotImplementedError
+
+
+@overload(_weigh)
+def _ov_weigh(x, scale, w, like):
+    if isinstance(scale, types.NoneType):
+        return lambda x, scale, w, like: _round(x * w, like)
+    return lambda x, scale, w, like: _round(_round(x * scale, like) * w, like)
 
 
 @jit
