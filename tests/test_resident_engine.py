@@ -146,3 +146,26 @@ def test_linear_is_merged_in_chunks_with_the_same_values(tiny):
         target = torch.empty(300, 701, dtype=dtype)
         assert _chunked(plan, task, xs, target) is target
         assert torch.equal(target, merge_tensor(plan, task, xs))
+
+
+def test_layouts_are_reused_only_by_recipes_of_the_same_structure(tiny, tmp_path):
+    """A candidate reuses the plan layout of an earlier recipe with the same structure and resolves
+    its own parameters (scalars, gradients, filters); another structure (slices, dtype) gets its
+    own layout. Each candidate equals the disk merge of its recipe."""
+    all_cases = cases(tiny, "llama")
+    refs = sorted({str(p) for k, p in tiny.items() if k.startswith("llama")})
+    engine = ResidentEngine(refs)
+    rng = random.Random(7)
+    names = ["linear", "slerp_slices", "linear", "linear_unnormalized", "slerp_slices", "linear"]
+    for i, name in enumerate(names):
+        config = _randomize(all_cases[name], rng)
+        if i == 5:  # the same models and method in another dtype: another layout
+            config["dtype"] = "bfloat16"
+        (recipe,) = parse_recipes(yaml.safe_dump(config))
+        merge(recipe, tmp_path / str(i), seed=1)
+        mem = engine.state_dict(recipe, seed=1)
+        for k, v in load_weights(tmp_path / str(i)).items():
+            assert torch.equal(mem[k], v), f"{i} {name}: {k}"
+    # linear (whose layout linear_unnormalized shares: the same models and dtype, its parameters
+    # set at the top level instead), slerp_slices, and linear in bf16
+    assert len(engine._layouts) == 3
