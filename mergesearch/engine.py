@@ -249,7 +249,11 @@ class ResidentEngine:
         return_freed_memory()
 
     def plan(self, recipe: Recipe) -> MergePlan:
-        return plan_merge(recipe, models=self.models, layouts=self._layouts)
+        """The recipe's plan over the resident models. A search's candidates share their layout
+        (`plan.layout_key`), so only their parameters are resolved again; a multi-stage recipe's
+        later stages, whose inputs are built per candidate, are planned afresh."""
+        fixed = all(m in self._loaded for m in recipe.referenced_models())
+        return plan_merge(recipe, models=self.models, layouts=self._layouts if fixed else None)
 
     def iter_candidate(
         self,
@@ -263,9 +267,7 @@ class ResidentEngine:
         added = []
         try:
             for i, r in enumerate(recipes):
-                # a search's candidates share their layout: only parameters are resolved again
-                layouts = self._layouts if all(m in self._loaded for m in r.referenced_models()) else None
-                plan = plan_merge(r, models=self.models, layouts=layouts)
+                plan = self.plan(r)
                 if seed is not None:  # as a disk merge does, once per stage
                     seed_everything(seed, self.device)
                 last = i == len(recipes) - 1
