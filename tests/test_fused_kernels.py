@@ -219,6 +219,7 @@ def test_tie_counts_from_the_gather_equal_a_counting_pass(fused_calls):
         fused = bank.merge(keys, base, taus, **kw)
         eager = TaskVectorBank(chunk=4096, fused=False).merge(keys, base, taus, **kw)
         assert torch.equal(fused, eager), density
+    assert len(fused_calls) == 3  # the kernel made the fused candidates
     assert any(c.partial for c in bank._cuts.values())  # a cut split a tie group
     assert bank._gathered
     for (key, v), (values, starts) in bank._gathered.items():
