@@ -435,7 +435,6 @@ def merge(
     for blk in prange(nblk):
         d = np.empty((nk, SUB), np.float32)
         acc = np.empty(SUB, np.float32)
-        div = np.empty(SUB, np.float32)
         like = base[0]  # its type says how to round (a scalar: arrays passed per element cost refcounts)
         w = fparams[:, 0].copy()
         b0 = blk * BLOCK
@@ -456,8 +455,7 @@ def merge(
                 _elect(d, out[s : s + m], base[s : s + m], w, nk, normalize, lam, like)
             else:
                 _round_all(acc[:m], like)
-                div[:m] = divisor
-                _finish(out[s : s + m], base[s : s + m], acc[:m], div[:m], normalize, lam, scale_lambda, like)
+                _finish(out[s : s + m], base[s : s + m], acc[:m], divisor, normalize, lam, scale_lambda, like)
 
 
 @jit
@@ -620,11 +618,11 @@ def _elect(d, out, base, w, nk, normalize, lam, like):
 
 
 @jit
-def _finish(out, base, acc, div, normalize, lam, scale_lambda, like):
-    """out = R(b + x), x = R(R(acc / div) · λ) (each step only when asked)."""
+def _finish(out, base, acc, divisor, normalize, lam, scale_lambda, like):
+    """out = R(b + x), x = R(R(acc / divisor) · λ) (each step only when asked)."""
     if normalize:  # branches outside the loops: a branch inside keeps LLVM from vectorizing
         for j in range(out.size):
-            acc[j] = _round(acc[j] / div[j], like)
+            acc[j] = _round(acc[j] / divisor, like)
     if scale_lambda:
         for j in range(out.size):
             acc[j] = _round(acc[j] * lam, like)

@@ -96,7 +96,7 @@ class TaskVectorBank:
         self._cuts: dict[tuple[str, int, int], Cut] = {}
         self._values: dict[tuple[str, int], tuple[float, int, int]] = {}
         self._rescales: dict[tuple, torch.Tensor | None] = {}
-        self._weight_cols: dict[tuple, tuple[torch.Tensor, np.ndarray, np.float32]] = {}
+        self._weight_cols: dict[tuple, tuple[torch.Tensor, torch.Tensor, np.ndarray, np.float32]] = {}
         self._arrays: dict[str, np.ndarray] = {}
         self._keys: dict[str, np.ndarray] = {}
         self._tie_counts: dict[tuple[str, float], np.ndarray] = {}
@@ -386,8 +386,8 @@ class TaskVectorBank:
             self._rescale(key, t, m) if rescale and m is not None else None
             for key, t, m in zip(keys, taus, masks)
         ]
-        w, w32, divisor = self._weights(weight, base.dtype, base.device)
-        if self._fused_merge(keys, b, flat, masks, scale, w32, divisor, consensus, normalize, lambda_, o):
+        w, divisor, w32, divisor32 = self._weights(weight, base.dtype, base.device)
+        if self._fused_merge(keys, b, flat, masks, scale, w32, divisor32, consensus, normalize, lambda_, o):
             return out
         ws = self._workspace(k, base.dtype, base.device)
         for start in range(0, n, self.chunk):
@@ -400,19 +400,20 @@ class TaskVectorBank:
                     masks[i].apply(flat[i][start:stop], start, ws, out=d[i])
                 if scale[i] is not None:
                     d[i].mul_(scale[i])
-            _combine(b[start:stop], d, w, ws, consensus, normalize, lambda_, o[start:stop])
+            _combine(b[start:stop], d, w, divisor, ws, consensus, normalize, lambda_, o[start:stop])
         return out
 
     def _weights(self, weight: list[float], dtype: torch.dtype, device: torch.device):
-        """The weights as a (K, 1) column in the work dtype and as fp32 numbers, and the divisor
-        Σw as `_combine` rounds it (1 where |Σw| < 1e-8); cached: a candidate's tensors share them."""
+        """The weights as a (K, 1) column in the work dtype, and their sum Σw (1 where |Σw| < 1e-8,
+        the divisor of a merge without election), each also as fp32 numbers for the kernels;
+        cached: a candidate's tensors share them."""
         ck = (tuple(weight), dtype, device)
         if ck not in self._weight_cols:
             w = torch.tensor(list(weight), dtype=dtype, device=device).reshape(-1, 1)
             divisor = w.sum(0)
             divisor[divisor.abs() < 1e-8] = 1
             w32 = w.float().reshape(-1).cpu().numpy()
-            _bounded(self._weight_cols, 1024)[ck] = (w, w32, np.float32(divisor.item()))
+            _bounded(self._weight_cols, 1024)[ck] = (w, divisor, w32, np.float32(divisor.item()))
         return self._weight_cols[ck]
 
     def _array(self, key: str, tau: torch.Tensor) -> np.ndarray:
@@ -630,10 +631,11 @@ def _sum_models(x: torch.Tensor, ws: _Workspace, out: torch.Tensor) -> torch.Ten
     return out.copy_(acc)
 
 
-def _combine(b, d, w, ws: _Workspace, consensus: bool, normalize: bool, lambda_: float, out) -> None:
+def _combine(b, d, w, divisor, ws: _Workspace, consensus: bool, normalize: bool, lambda_: float, out) -> None:
     """`task_arithmetic.combine` on one chunk, through the workspace, with masks as 0/1 values of
     the working dtype (comparisons written straight into such buffers run ~4× faster here than
-    bool masks and their conversions); the same values bit for bit."""
+    bool masks and their conversions); the same values bit for bit. `divisor`: Σw as
+    `TaskVectorBank._weights` makes it, used without election."""
     c = d.shape[1]
     d.mul_(w)
     if consensus:
@@ -645,8 +647,6 @@ def _combine(b, d, w, ws: _Workspace, consensus: bool, normalize: bool, lambda_:
         mixed = _sum_models(m.mul_(d), ws, ws.s[:c])
     else:
         mixed = _sum_models(d, ws, ws.s[:c])
-        divisor = w.sum(0)
-        divisor[divisor.abs() < 1e-8] = 1
     if normalize:
         mixed.div_(divisor)
     if lambda_ != 1:
