@@ -28,3 +28,59 @@ for split, rows in eval_records("add").items():
                 + "\n"
             )
             pp.write(json.dumps({"text": r["prompt"] + r["answer"]}) + "\n")
+
+
+# -- real-model tasks (SmolLM2): arithmetic word problems in GSM8K's answer format, and a
+# chat instruction task. Programmatic golds; search and test items never share a question.
+NAMES = ["Ava", "Ben", "Cara", "Dan", "Eli", "Fay", "Gus", "Hana", "Ivan", "Jo", "Kai", "Lena", "Max", "Nia"]
+ITEMS = ["apple", "pencil", "marble", "book", "cookie", "sticker", "shell", "card", "coin", "flower"]
+
+
+def word_problem(rng):
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    kind = rng.choice(["buy", "give", "boxes"])
+    if kind == "buy":
+        a, b = rng.randint(2, 40), rng.randint(2, 40)
+        q = f"{name} has {a} {item}s and gets {b} more. How many {item}s does {name} have now?"
+        ans, work = a + b, f"{name} has {a} + {b} = {a + b} {item}s."
+    elif kind == "give":
+        a = rng.randint(10, 60)
+        b = rng.randint(1, a - 1)
+        q = f"{name} has {a} {item}s and gives {b} of them away. How many {item}s are left?"
+        ans, work = a - b, f"{name} has {a} - {b} = {a - b} {item}s left."
+    else:
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        q = f"{name} has {a} boxes with {b} {item}s in each box. How many {item}s are there in all?"
+        ans, work = a * b, f"There are {a} * {b} = {a * b} {item}s."
+    return {"question": q, "solution": f"{work}\n#### {ans}", "answer": str(ans)}
+
+
+def chat_question(rng):
+    a, b = rng.randint(2, 30), rng.randint(2, 30)
+    op = rng.choice(["plus", "minus", "times"])
+    if op == "minus":
+        a, b = max(a, b), min(a, b)
+    if op == "times":
+        a, b = rng.randint(2, 12), rng.randint(2, 12)
+    ans = {"plus": a + b, "minus": a - b, "times": a * b}[op]
+    return {"question": f"What is {a} {op} {b}?", "answer": str(ans)}
+
+
+def unique_rows(make, seed, n, key):
+    rng, seen, rows = __import__("random").Random(seed), set(), []
+    while len(rows) < n:
+        r = make(rng)
+        if r[key] not in seen:
+            seen.add(r[key])
+            rows.append(r)
+    return rows
+
+
+for task, make, n in (("word_problems", word_problem, 600), ("chat_arith", chat_question, 600)):
+    rows = unique_rows(make, 1, n, "question")
+    for split, part in (("search", rows[: n // 2]), ("test", rows[n // 2 :])):
+        with open(here / "data" / f"{task}.{split}.jsonl", "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in part)
+    if task == "word_problems":  # the same problems as one document set for the local lm-eval task
+        with open(here / "data" / "word_problems_all.jsonl", "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)

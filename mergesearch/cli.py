@@ -62,12 +62,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'task':14s} {'metric':12s} {'n':>5s} {'value':>8s}   95% CI (bootstrap)   seconds")
+    print(f"{'task':20s} {'metric':12s} {'n':>5s} {'value':>8s}   95% CI (bootstrap)   seconds")
     for r in rows:
         print(
-            f"{r['task']:14s} {r['metric']:12s} {r['n']:5d} {r['value']:8.4f}   "
+            f"{r['task']:20s} {r['metric']:12s} {r['n']:5d} {r['value']:8.4f}   "
             f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}]   {r['seconds']:.2f}"
         )
+    for r in rows:
+        if r.get("unextracted"):
+            print(
+                f"note: {r['task']}: the answer extraction found nothing in {r['unextracted']} of {r['n']} "
+                "outputs (scored wrong); check the task's extract: against the model's outputs"
+            )
     return 0
 
 
@@ -239,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend",
         default="native",
         choices=["native", "lm-eval"],
-        help="native (batched, teacher-forced) or lm-eval (lm-evaluation-harness)",
+        help="native (batched generation with a KV cache, or teacher-forced for target+EOS tasks) "
+        "or lm-eval (lm-evaluation-harness on the same model; our tasks are exported to its format)",
     )
     e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     e.add_argument(

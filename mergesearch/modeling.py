@@ -10,6 +10,13 @@ from .checkpoint import parse_dtype
 from .errors import MergeSearchError
 
 
+def compute_dtype(device: str | torch.device, stored: torch.dtype) -> torch.dtype:
+    """The dtype a model is scored in: float32 on the CPU (CPUs without bf16 matrix units run
+    bf16 matmuls slower, and every score of a study and of `mergesearch eval` must be computed
+    alike), the checkpoint's own dtype on an accelerator."""
+    return torch.float32 if torch.device(device).type == "cpu" else stored
+
+
 def load_model(path: str | Path, device: str = "cpu", dtype: str | None = None):
     """(model, tokenizer) from a local folder; never runs remote code, never downloads."""
     import transformers
@@ -19,7 +26,10 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str | None = None):
     if not (p / "config.json").is_file():
         raise MergeSearchError(f"{p}: not a model folder (no config.json)")
     tok = load_tokenizer(p)
-    kw = {"dtype": parse_dtype(dtype)} if dtype else {"dtype": torch.float32}
+    if dtype:
+        kw = {"dtype": parse_dtype(dtype)}
+    else:  # compute_dtype's rule; "auto" is the checkpoint's dtype
+        kw = {"dtype": torch.float32 if torch.device(device).type == "cpu" else "auto"}
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(p), local_files_only=True, trust_remote_code=False, **kw
     )
@@ -51,7 +61,7 @@ def live_model(path: str | Path, weights: dict[str, torch.Tensor], device: str =
 
     p = Path(path)
     config = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
-    dtype = next(iter(weights.values())).dtype
+    dtype = compute_dtype(device, next(iter(weights.values())).dtype)
     try:  # skip random initialization: every parameter is overwritten below
         from transformers.initialization import no_init_weights
     except ImportError:  # older transformers: initialize, then overwrite

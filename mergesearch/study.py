@@ -77,7 +77,6 @@ class Searcher:
     """Everything a trial needs, loaded once: resident inputs, one live model, the tasks."""
 
     def __init__(self, space: SearchSpace, *, device: str = "cpu", cache_ranks: bool = False) -> None:
-        configure_threads()
         self.space = space
         self.device = device
         self.base_path = str(resolve_model(space.base, space.path))
@@ -98,19 +97,27 @@ class Searcher:
         base_ck = self.engine.models[self.base_path]
         self.arch, self.num_layers = base_ck.arch, base_ck.num_layers or 1
         base_weights = {name: t for (ref, name), t in self.engine.tensors.items() if ref == self.base_path}
+        configure_threads(sum(t.numel() for t in base_weights.values()))
         self.model = live_model(self.base_path, base_weights, device=device)
         return_freed_memory()
         self.tok = load_tokenizer(self.base_path)
-        self.evaluator = NativeEvaluator(self.model, self.tok)
+        # A search verifies each generative example's previous output in one pass (generate.py).
+        self.evaluator = NativeEvaluator(self.model, self.tok, reuse_outputs=True)
         self.tasks = [find_task(t) for t in space.tasks]
         for t in self.tasks:
-            t.check()
+            t.check(self.tok)
+        # lm-eval tasks: load them and split their documents now, so a bad task fails before any
+        # trial and the split can be recorded in the study.
+        self.task_splits = {
+            t.name: self.evaluator.lm_eval().load(t).record(t) for t in self.tasks if t.lm_eval is not None
+        }
         self.directions = ["maximize" if t.higher_is_better else "minimize" for t in self.tasks]
 
     def hold_models(self) -> None:
         """Keep the models themselves resident (instead of task vectors) in the exact engine, so any
         recipe can be scored (the report scores linear and slerp baselines too) and scores are those
         of the model mergekit builds. Frees the task vectors first."""
+        self.evaluator.reuse_outputs = False  # reported numbers come from plain decoding
         if self.engine.base is not None:
             refs = list(self.engine.models)
             self.engine = None
@@ -240,6 +247,21 @@ def create_or_load(
     return s
 
 
+def _record_task_splits(s: optuna.Study, splits: dict[str, dict]) -> None:
+    """lm-eval tasks' document splits: recorded once, and every later run must see the same."""
+    if not splits:
+        return
+    known = s.user_attrs.get("task_splits")
+    if known is None:
+        s.set_user_attr("task_splits", splits)
+    elif known != splits:
+        changed = sorted(k for k in splits if known.get(k) != splits[k])
+        raise MergeSearchError(
+            f"the documents of lm-eval task(s) {', '.join(changed)} are not split as when this study "
+            "started (the task's data, split_seed or search_fraction changed); start a new study"
+        )
+
+
 def _dominates(a: list[float], b: list[float], directions: list[str]) -> bool:
     better = [(x >= y) if d == "maximize" else (x <= y) for x, y, d in zip(a, b, directions)]
     strictly = [(x > y) if d == "maximize" else (x < y) for x, y, d in zip(a, b, directions)]
@@ -270,6 +292,7 @@ def run_search(
     names = [t.name for t in searcher.tasks] if multi else ["mean score"]
     directions = searcher.directions if multi else ["maximize"]
     s = create_or_load(space, study_name, storage, directions=directions, objective_names=names)
+    _record_task_splits(s, searcher.task_splits)
     target = trials if trials is not None else int(s.user_attrs.get("trials", space.trials))
     s.sampler = _sampler(space, sampler or space.sampler, seed, multi, target)
     if not multi:
@@ -374,6 +397,9 @@ class _Objective:
             trial.set_user_attr("scores", scores)
             trial.set_user_attr("examples", n)
             trial.set_user_attr("fidelity", limit)
+            unextracted = {k: v.extra["unextracted"] for k, v in results.items() if v.extra.get("unextracted")}
+            if unextracted:  # outputs where the answer extraction found nothing (scored wrong)
+                trial.set_user_attr("unextracted", unextracted)
             if r == len(rungs) - 1:
                 break
             if self._stop_early(trial, scores, min(n.values())):

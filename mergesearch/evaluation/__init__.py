@@ -32,13 +32,13 @@ def evaluate_model(
     from ..errors import MergeSearchError
     from ..modeling import load_model
 
-    configure_threads()
     task_objs = [find_task(t, evals_dir) for t in tasks]
-    for t in task_objs:
-        t.check()
     model, tok = load_model(model_dir, device=device)
+    configure_threads(model.num_parameters())
+    for t in task_objs:
+        t.check(tok)
     if backend == "native":
-        scorer = NativeEvaluator(model, tok)
+        scorer = NativeEvaluator(model, tok)  # lm_eval: tasks go to lm-eval inside it
     elif backend == "lm-eval":
         from .lmeval import LMEvalBackend
 
@@ -60,6 +60,7 @@ def evaluate_model(
                 "ci_high": hi,
                 "seconds": round(r.seconds, 3),
                 "backend": backend,
+                "unextracted": r.extra.get("unextracted"),
             }
         )
     return rows

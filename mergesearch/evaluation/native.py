@@ -1,8 +1,12 @@
-"""The native harness: batched scoring of an in-memory causal LM, one forward pass per batch.
+"""The native harness: batched scoring of an in-memory causal LM.
 
-Exact match is teacher-forced: greedy decoding yields the target followed by the stop
-token exactly when every target token (and the stop token) is the argmax given the gold
-prefix, so one forward pass over prompt+target decides it — no generation loop.
+- Generative tasks (`generation:`): greedy decoding with stop strings (`generate.py`), then
+  answer extraction and normalization (`answers.py`), scored as lm-eval's `generate_until`.
+  A search reuses each example's previous output as a draft that one forward pass verifies.
+- Teacher-forced exact match (the demo zoo's "target then EOS"): greedy decoding yields the
+  target followed by the stop token exactly when every target token (and the stop token) is
+  the argmax given the gold prefix, so one forward pass over prompt+target decides it.
+- Multiple choice by log-likelihood (acc, acc_norm); perplexity.
 """
 
 from __future__ import annotations
@@ -17,15 +21,30 @@ import torch
 from .tasks import Example, Task
 
 
-def configure_threads() -> int:
-    """Torch CPU threads: MERGESEARCH_THREADS, else 1.
+def configure_threads(num_parameters: int | None = None) -> int:
+    """Torch CPU threads: MERGESEARCH_THREADS if set, else from the model's size.
 
-    On 2-core machines shared with other processes, 2 OpenMP threads ran several times slower
-    than 1 for these small models (spin-waiting on a busy core), so 1 is the default.
+    Tiny models (the demo zoo, < 10M parameters) get 1 thread: on 2-core machines shared with
+    other processes, 2 OpenMP threads ran several times slower than 1 (spin-waiting on a busy
+    core). Larger models get every core the process may use; benchmarks/RESULTS.md has the
+    measurements ("Generative scoring").
     """
-    n = int(os.environ.get("MERGESEARCH_THREADS", "1"))
+    env = os.environ.get("MERGESEARCH_THREADS")
+    if env:
+        n = int(env)
+    elif num_parameters is not None and num_parameters >= 10_000_000:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    else:
+        n = 1
     torch.set_num_threads(n)
     return n
+
+
+def prompt_text(tok, ex: Example) -> str:
+    """The prompt as the model reads it: chat turns through the tokenizer's chat template."""
+    if ex.messages is None:
+        return ex.prompt
+    return tok.apply_chat_template(ex.messages, tokenize=False, add_generation_prompt=True)
 
 
 @dataclass
@@ -50,7 +69,25 @@ class TaskResult:
 
 
 class NativeEvaluator:
-    def __init__(self, model, tokenizer, *, batch_size: int = 128, device: str | torch.device | None = None):
+    """Scores tasks on one in-memory model whose weights may change between calls.
+
+    `reuse_outputs`: a generative task's previous output for each prompt is the next call's
+    draft (verified in one forward pass; see generate.py). A search turns it on; reports and
+    `mergesearch eval` leave it off, so their numbers come from plain step-by-step decoding.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        batch_size: int = 128,
+        gen_batch_size: int = 64,
+        device: str | torch.device | None = None,
+        reuse_outputs: bool = False,
+    ):
+        from .generate import Generator
+
         self.model = model
         self.tok = tokenizer
         self.batch_size = batch_size
@@ -58,6 +95,49 @@ class NativeEvaluator:
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
         self._enc: dict[str, list[int]] = {}
+        self.generator = Generator(model, tokenizer, batch_size=gen_batch_size)
+        self.reuse_outputs = reuse_outputs
+        self._outputs: dict[tuple[str, str], list[int]] = {}
+
+    def prompt_text(self, ex: Example) -> str:
+        return prompt_text(self.tok, ex)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """As lm-eval encodes a context: the tokenizer's special tokens, unless the text already
+        starts with the BOS token (a rendered chat template does)."""
+        bos = getattr(self.tok, "bos_token", None)
+        return self.encode(text, special=not (bos and text.startswith(bos)))
+
+    def generate_match(self, task: Task, examples: list[Example]) -> TaskResult:
+        """Greedy generation, extraction, normalization, exact match (lm-eval's generate_until)."""
+        from .answers import verdict
+
+        texts = [self.prompt_text(ex) for ex in examples]
+        prompts = [self.encode_prompt(t) for t in texts]
+        g = self.generator
+        stops = g.stops(list(task.generation.until))
+        # Drafts are previous outputs only: the gold answer as a draft was rejected too often to
+        # pay for its positions (RESULTS.md, "Generative scoring").
+        drafts = [self._outputs.get((task.name, t)) for t in texts] if self.reuse_outputs else None
+        before = dict(g.stats)
+        outs = g.generate(prompts, max_new_tokens=task.generation.max_new_tokens, stops=stops, drafts=drafts)
+        if self.reuse_outputs:
+            self._outputs.update({(task.name, t): o for t, o in zip(texts, outs)})
+        responses = [g.text(o, stops) for o in outs]
+        scores, answers = [], []
+        for resp, ex in zip(responses, examples):
+            v, a = verdict(resp, ex.target, task.extract, task.normalize)
+            scores.append(v)
+            answers.append(a)
+        extra = {
+            "responses": responses,
+            "answers": answers,
+            "unextracted": sum(a is None for a in answers) if task.extract else 0,
+            "generated_tokens": sum(len(o) for o in outs),
+            "forward_passes": g.stats["forward_passes"] - before["forward_passes"],
+            "accepted_draft_tokens": g.stats["accepted_tokens"] - before["accepted_tokens"],
+        }
+        return TaskResult(task.name, "exact_match", "", np.array(scores), extra=extra)
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         key = f"{int(special)}{text}"
@@ -86,7 +166,7 @@ class NativeEvaluator:
         for batch in self._batches(examples):
             seqs, spans = [], []
             for ex in batch:
-                p = self.encode(ex.prompt)
+                p = self.encode(self.prompt_text(ex))
                 t = self.encode(ex.target, special=False) + [self.eos]
                 seqs.append(p + t)
                 spans.append((len(p), len(t)))
@@ -101,7 +181,7 @@ class NativeEvaluator:
         flat = []
         for e, ex in enumerate(examples):
             for c in ex.choices:
-                flat.append((e, ex.prompt, task.choice_prefix + c))
+                flat.append((e, self.prompt_text(ex), task.choice_prefix + c))
         ll = []
         for batch in self._batches(flat):
             seqs, spans = [], []
@@ -134,13 +214,26 @@ class NativeEvaluator:
                 counts.append(len(s) - 1)
         return np.array(nll), np.array(counts, dtype=float)
 
+    def lm_eval(self):
+        """lm-evaluation-harness on the same model, for tasks that name an lm-eval task."""
+        if getattr(self, "_lm_eval", None) is None:
+            from .lmeval import LMEvalBackend
+
+            self._lm_eval = LMEvalBackend(self.model, self.tok)
+        return self._lm_eval
+
     def evaluate(self, task: Task, split: str = "search", limit: int | None = None) -> TaskResult:
+        if task.lm_eval is not None:
+            return self.lm_eval().evaluate(task, split, limit)
         examples = task.examples(split, limit)
         t0 = time.perf_counter()
         was_training = self.model.training
         self.model.eval()
         try:
-            if task.metric == "exact_match":
+            if task.generative:
+                res = self.generate_match(task, examples)
+                res.split = split
+            elif task.metric == "exact_match":
                 res = TaskResult(task.name, "exact_match", split, self.exact_match(examples))
             elif task.metric == "multiple_choice":
                 acc, acc_norm = self.multiple_choice(examples, task)

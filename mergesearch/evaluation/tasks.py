@@ -10,6 +10,28 @@
     fewshot: 0                     # k solved search examples prepended to every prompt
     shuffle_seed: 0
 
+Generative tasks (greedy decoding, scored as lm-eval's `generate_until` is; `exact_match`
+without `generation:` is the demo zoo's teacher-forced "target then EOS"):
+
+    generation:
+      until: ["\n\n", "Question:"] # stop strings (the end-of-sequence token always stops)
+      max_new_tokens: 64
+    extract: last_number           # first_number | last_number | first_line |
+                                   # {regex: "#### (-?[0-9.,]+)", group: first|last}
+    normalize: [strip, numbers]    # any of strip, case, punctuation, numbers (see answers.py)
+    shot_target: " {solution}"     # what few-shot examples show after the prompt (default: target)
+    chat_template: true            # render through the tokenizer's chat template; few-shot
+    system_prompt: "Be brief."     #   examples become earlier user/assistant turns
+
+A task scored by lm-evaluation-harness on the live model (no data_files/prompt/target):
+
+    lm_eval:
+      task: word_problems_lmeval.yaml  # a registered lm-eval task name, or a local task YAML
+      metric: exact_match              # a per-document metric with mean aggregation
+      filter: strict-match             # which of the task's filters (default: its first)
+      search_fraction: 0.5             # the documents' split into search and test,
+      split_seed: 0                    #   disjoint, fixed by this seed and recorded in the study
+
 Subsets are prefixes of one fixed shuffle per split, so a score on 50 examples is the
 first 50 of the score on all of them.
 """
@@ -27,9 +49,12 @@ import numpy as np
 
 from ..errors import MergeSearchError
 from ..yaml_files import read_mapping
+from .answers import Extractor, Normalizer
 
 METRICS = ("exact_match", "multiple_choice", "perplexity")
-KEYS = {
+GENERATIVE_KEYS = {"generation", "extract", "normalize", "shot_target", "chat_template", "system_prompt"}
+KEYS = GENERATIVE_KEYS | {
+    "lm_eval",
     "name",
     "description",
     "metric",
@@ -56,6 +81,13 @@ class Example:
     target: str | None = None
     choices: list[str] | None = None
     label: int | None = None
+    messages: list[dict] | None = None  # chat tasks: rendered by the model's chat template
+
+
+@dataclass(frozen=True)
+class Generation:
+    until: tuple[str, ...] = ("\n\n",)
+    max_new_tokens: int = 256
 
 
 @dataclass
@@ -75,11 +107,22 @@ class Task:
     fewshot_separator: str = "\n"
     shuffle_seed: int = 0
     description: str = ""
+    generation: Generation | None = None
+    extract: Extractor | None = None
+    normalize: Normalizer = field(default_factory=Normalizer)
+    shot_target: str | None = None
+    chat_template: bool = False
+    system_prompt: str | None = None
+    lm_eval: LMEvalSpec | None = None
     _cache: dict[str, list[dict]] = field(default_factory=dict, repr=False)
 
     @property
     def higher_is_better(self) -> bool:
         return self.metric != "perplexity"
+
+    @property
+    def generative(self) -> bool:
+        return self.generation is not None
 
     @property
     def splits(self) -> list[str]:
@@ -100,15 +143,25 @@ class Task:
         self._cache[split] = [recs[i] for i in order]
         return self._cache[split]
 
+    def _shot(self, r: dict) -> str:
+        return self._render(r, "shot_target" if self.shot_target is not None else "target") or ""
+
     @cached_property
     def _fewshot_prefix(self) -> str:
         if not self.fewshot:
             return ""
         shots = self.records("search")[: self.fewshot]
-        return "".join(
-            self._render(r, "prompt") + (self._render(r, "target") or "") + self.fewshot_separator
-            for r in shots
-        )
+        return "".join(self._render(r, "prompt") + self._shot(r) + self.fewshot_separator for r in shots)
+
+    @cached_property
+    def _chat_turns(self) -> list[dict]:
+        turns = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        for r in self.records("search")[: self.fewshot]:
+            turns += [
+                {"role": "user", "content": self._render(r, "prompt")},
+                {"role": "assistant", "content": self._shot(r).strip()},
+            ]
+        return turns
 
     def examples(self, split: str, limit: int | None = None) -> list[Example]:
         recs = self.records(split)
@@ -118,7 +171,11 @@ class Task:
             recs = recs[:limit]
         out = []
         for i, r in enumerate(recs):
-            ex = Example(i, self._fewshot_prefix + self._render(r, "prompt"))
+            if self.chat_template:
+                turns = [*self._chat_turns, {"role": "user", "content": self._render(r, "prompt")}]
+                ex = Example(i, "", messages=turns)
+            else:
+                ex = Example(i, self._fewshot_prefix + self._render(r, "prompt"))
             if self.metric == "exact_match":
                 ex.target = self._render(r, "target")
             elif self.metric == "multiple_choice":
@@ -146,11 +203,21 @@ class Task:
                 f"fields: {', '.join(sorted(r))}"
             ) from e
 
-    def check(self) -> None:
-        """Load every split, render every record, and refuse overlapping search/test splits."""
+    def check(self, tokenizer=None) -> None:
+        """Load every split, render every record, and refuse overlapping search/test splits;
+        with a tokenizer, also what the task asks of it (a chat template)."""
+        if self.lm_eval is not None:
+            return  # lm-eval tasks are checked when the backend loads them (lmeval.py)
+        if self.chat_template and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+            raise MergeSearchError(
+                f"{self.path}: chat_template: true, but the model's tokenizer has no chat template "
+                "(tokenizer_config.json or chat_template.jinja); remove the option or use an instruct model"
+            )
         rendered = {}
         for split in self.data_files:
-            rendered[split] = {ex.prompt for ex in self.examples(split)}
+            rendered[split] = {
+                ex.prompt if ex.messages is None else json.dumps(ex.messages[-1]) for ex in self.examples(split)
+            }
         if "search" in rendered and "test" in rendered:
             both = rendered["search"] & rendered["test"]
             if both:
@@ -199,6 +266,8 @@ def load_task(path: str | Path) -> Task:
     for k in d:
         if k not in KEYS:
             raise MergeSearchError(f"{p}: unknown key {k!r}; task files take {', '.join(sorted(KEYS))}")
+    if "lm_eval" in d:
+        return _load_lm_eval_task(p, d)
     for k in ("name", "metric", "prompt", "data_files"):
         if k not in d:
             raise MergeSearchError(f"{p}: missing key {k!r}")
@@ -211,7 +280,14 @@ def load_task(path: str | Path) -> Task:
     files = d["data_files"]
     if not isinstance(files, dict) or not files:
         raise MergeSearchError(f"{p}: data_files must map split names (search, test) to files")
-    for t in (d.get("prompt"), d.get("target")):
+    generative = {k for k in GENERATIVE_KEYS if k in d} - {"chat_template", "system_prompt"}
+    if generative and "generation" not in d:
+        raise MergeSearchError(f"{p}: {', '.join(sorted(generative))} need a 'generation:' block (until, max_new_tokens)")
+    if generative and d["metric"] != "exact_match":
+        raise MergeSearchError(f"{p}: generation is scored by exact_match; metric is {d['metric']!r}")
+    if "system_prompt" in d and not d.get("chat_template"):
+        raise MergeSearchError(f"{p}: system_prompt needs chat_template: true")
+    for t in (d.get("prompt"), d.get("target"), d.get("shot_target")):
         if t is not None:
             try:
                 list(string.Formatter().parse(t))
@@ -233,6 +309,81 @@ def load_task(path: str | Path) -> Task:
         fewshot_separator=d.get("fewshot_separator", "\n"),
         shuffle_seed=int(d.get("shuffle_seed", 0)),
         description=d.get("description", ""),
+        generation=_generation(p, d.get("generation")) if "generation" in d else None,
+        extract=Extractor.parse(d.get("extract"), str(p)),
+        normalize=Normalizer.parse(d.get("normalize"), str(p)),
+        shot_target=d.get("shot_target"),
+        chat_template=bool(d.get("chat_template", False)),
+        system_prompt=d.get("system_prompt"),
+    )
+
+
+def _generation(p: Path, g) -> Generation:
+    if not isinstance(g, dict) or set(g) - {"until", "max_new_tokens"}:
+        raise MergeSearchError(f"{p}: generation takes until (a list of stop strings) and max_new_tokens")
+    until = g.get("until", ["\n\n"])
+    if isinstance(until, str):
+        until = [until]
+    if not isinstance(until, list) or not all(isinstance(u, str) and u for u in until):
+        raise MergeSearchError(f"{p}: generation.until must be a list of non-empty stop strings")
+    n = g.get("max_new_tokens", 256)
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise MergeSearchError(f"{p}: generation.max_new_tokens is {n!r}; it must be a whole number > 0")
+    return Generation(tuple(until), n)
+
+
+@dataclass(frozen=True)
+class LMEvalSpec:
+    """`lm_eval:` of a task file: an lm-eval task scored on the live model."""
+
+    task: str  # a registered name, or the absolute path of a local task YAML
+    metric: str = "exact_match"
+    filter: str | None = None
+    search_fraction: float = 0.5
+    split_seed: int = 0
+
+    @property
+    def is_path(self) -> bool:
+        return self.task.endswith((".yaml", ".yml"))
+
+
+LM_EVAL_KEYS = {"task", "metric", "filter", "search_fraction", "split_seed"}
+
+
+def _load_lm_eval_task(p: Path, d: dict) -> Task:
+    extra = set(d) - {"name", "description", "lm_eval"}
+    if extra:
+        raise MergeSearchError(
+            f"{p}: an lm_eval task takes name, description and lm_eval only (not {', '.join(sorted(extra))}); "
+            "prompts, data and metrics come from the lm-eval task"
+        )
+    spec = d["lm_eval"]
+    if isinstance(spec, str):
+        spec = {"task": spec}
+    if not isinstance(spec, dict) or "task" not in spec or set(spec) - LM_EVAL_KEYS:
+        raise MergeSearchError(f"{p}: lm_eval takes {', '.join(sorted(LM_EVAL_KEYS))} (task is required)")
+    task = str(spec["task"])
+    if task.endswith((".yaml", ".yml")):
+        path = (p.parent / task).resolve()
+        if not path.is_file():
+            raise MergeSearchError(f"{p}: lm_eval.task {task} does not exist at {path}")
+        task = str(path)
+    frac = spec.get("search_fraction", 0.5)
+    if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac < 1:
+        raise MergeSearchError(f"{p}: lm_eval.search_fraction is {frac!r}; it must be between 0 and 1")
+    seed = spec.get("split_seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise MergeSearchError(f"{p}: lm_eval.split_seed is {seed!r}; it must be a whole number ≥ 0")
+    lm = LMEvalSpec(task, str(spec.get("metric", "exact_match")), spec.get("filter"), float(frac), seed)
+    return Task(
+        name=str(d.get("name") or Path(task).stem),
+        path=p,
+        metric=lm.metric,
+        prompt="",
+        target=None,
+        data_files={"search": "", "test": ""},
+        description=d.get("description", ""),
+        lm_eval=lm,
     )
 
 
