@@ -31,7 +31,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _cmd_zoo(args: argparse.Namespace) -> int:
     from .zoo import build_zoo
 
-    zoo = build_zoo(args.out, progress=not args.quiet, log=(lambda s: None) if args.quiet else print)
+    zoo = build_zoo(
+        args.out, progress=not args.quiet, log=(lambda s: None) if args.quiet else print, rebuild=args.rebuild
+    )
     print(f"zoo at {zoo.root} (built in {zoo.seconds:.0f}s)")
     skills = list(next(iter(zoo.scores.values())))
     print("exact match on test splits:")
@@ -219,12 +221,19 @@ def build_parser() -> argparse.ArgumentParser:
     zsub = z.add_subparsers(dest="zoo_command", required=True, metavar="ACTION")
     zb = zsub.add_parser(
         "build",
-        help="build or reuse the cached zoo and print its scores",
-        description="Pretrain a tiny Llama on close variants of each skill, fine-tune one specialist per "
-        "skill, score all on the test splits. Cached: a second call returns at once. The cache lives "
-        "under $MERGESEARCH_HOME/zoo (default ~/.cache/mergesearch/zoo).",
+        help="the demo zoo (shipped with mergesearch, or built) and its scores",
+        description="The demo zoo: a tiny Llama pretrained on close variants of each skill and one "
+        "specialist per skill. Its weights ship with mergesearch (the same on every machine); --rebuild "
+        "or --out trains it again: pretraining, fine-tuning, scoring on the test splits, cached under "
+        "$MERGESEARCH_HOME/zoo (default ~/.cache/mergesearch/zoo).",
     )
-    zb.add_argument("--out", default=None, help="zoo folder (default: the cache under $MERGESEARCH_HOME)")
+    zb.add_argument("--out", default=None, help="zoo folder (default: the shipped zoo, else the cache under $MERGESEARCH_HOME)")
+    zb.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="train the zoo again instead of using the weights shipped with mergesearch (on another CPU "
+        "the weights, and so every merge result, differ from the shipped ones)",
+    )
     zb.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     zb.set_defaults(func=_cmd_zoo)
 

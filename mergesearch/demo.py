@@ -15,7 +15,7 @@ DEMO_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 
 def run_demo(*, trials: int | None = None, study: str = "demo", progress: bool = True) -> dict:
     t0 = time.perf_counter()
-    print("1/4 model zoo (built once, then cached)")
+    print("1/4 model zoo (shipped with mergesearch; `mergesearch zoo build --rebuild` trains it again)")
     zoo = build_zoo(progress=progress)
     print(f"    {zoo.root}")
     for name, scores in zoo.scores.items():

@@ -107,3 +107,45 @@ def smollm2_folder(out: str | Path | None = None, *, log=print) -> Path:
         shutil.rmtree(work, ignore_errors=True)
     log(f"SmolLM2-135M-Instruct at {dest}")
     return dest
+
+
+DERIVED_NOISE = 0.15  # relative to each tensor's std; measured in benchmarks/RESULTS.md
+
+
+def derived_models(base: str | Path, *, noise: float = DERIVED_NOISE, log=print) -> list[Path]:
+    """Two models derived from the base for tests and benchmarks of the pipeline: `noisy-0` and
+    `noisy-1` add seeded Gaussian noise (`noise` × the tensor's std) to the attention and MLP
+    weights of the even and odd layers respectively. They are stand-ins with real structure
+    (per-layer differences) and real formats, not skills: the real-model zoo fine-tunes those.
+    Cached beside the base; deterministic (torch's CPU generator, fixed seeds)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    base = Path(base)
+    out = []
+    for k in (0, 1):
+        dest = base.parent / f"{base.name}-noisy-{k}-{noise:g}"
+        out.append(dest)
+        if (dest / "model.safetensors").is_file():
+            continue
+        log(f"deriving {dest.name} from {base.name}")
+        tensors = load_file(str(base / "model.safetensors"))
+        gen = torch.Generator().manual_seed(1000 + k)
+        for name in sorted(tensors):
+            parts = name.split(".")
+            if len(parts) > 3 and parts[1] == "layers" and int(parts[2]) % 2 == k and name.endswith("proj.weight"):
+                t = tensors[name].float()
+                t += torch.randn(t.shape, generator=gen) * (noise * float(t.std()))
+                tensors[name] = t.to(tensors[name].dtype)
+        work = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+        try:
+            for f in base.iterdir():
+                if f.is_file() and f.name != "model.safetensors":
+                    shutil.copy(f, work / f.name)
+            save_file(tensors, str(work / "model.safetensors"), metadata={"format": "pt"})
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(work, dest)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return out

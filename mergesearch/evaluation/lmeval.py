@@ -234,7 +234,7 @@ class LMEvalBackend:
         """Resolve the lm-eval task, count its documents and split them (cached per task)."""
         if task.name in self._loaded:
             return self._loaded[task.name]
-        from lm_eval.tasks import TaskManager, get_task_dict
+        from lm_eval.tasks import TaskManager
 
         spec = task.lm_eval
         if spec.is_path:
@@ -251,7 +251,7 @@ class LMEvalBackend:
                 "(not registered, and no such local task YAML); `lm_eval ls tasks` lists registered ones"
             )
         try:
-            obj = get_task_dict([name], manager)[name]
+            obj = manager.load([name])["tasks"][name]
             docs = obj.eval_docs
             n = len(docs)
         except Exception as e:
