@@ -109,8 +109,10 @@ def smollm2(args) -> None:
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     del near
     print(f"SmolLM2-135M-Instruct ({base}), {args.device}, fp32 compute, {limit} test examples per task")
-    print("| threads | task | EM | lm-eval s | native cold s | native drafted s | ex/s lm-eval / cold / drafted "
-          "| cold vs lm-eval | drafted vs lm-eval | agree cold | agree drafted | drafts accepted |")
+    print(
+        "| threads | task | EM | lm-eval s | native cold s | native drafted s | ex/s lm-eval / cold / drafted "
+        "| cold vs lm-eval | drafted vs lm-eval | agree cold | agree drafted | drafts accepted |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)

@@ -227,7 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
         "or --out trains it again: pretraining, fine-tuning, scoring on the test splits, cached under "
         "$MERGESEARCH_HOME/zoo (default ~/.cache/mergesearch/zoo).",
     )
-    zb.add_argument("--out", default=None, help="zoo folder (default: the shipped zoo, else the cache under $MERGESEARCH_HOME)")
+    zb.add_argument(
+        "--out",
+        default=None,
+        help="zoo folder (default: the shipped zoo, else the cache under $MERGESEARCH_HOME)",
+    )
     zb.add_argument(
         "--rebuild",
         action="store_true",

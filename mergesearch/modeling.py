@@ -68,6 +68,10 @@ def live_model(path: str | Path, weights: dict[str, torch.Tensor], device: str =
         from contextlib import nullcontext as no_init_weights
     with no_init_weights():
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    if getattr(config, "tie_word_embeddings", False):
+        # Without weight init, from_config leaves the head untied (an uninitialized copy): tie it
+        # to the embeddings, as from_pretrained does, so a tied model's head is its embeddings.
+        model.tie_weights()
     model.to(device)
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -397,7 +397,9 @@ class _Objective:
             trial.set_user_attr("scores", scores)
             trial.set_user_attr("examples", n)
             trial.set_user_attr("fidelity", limit)
-            unextracted = {k: v.extra["unextracted"] for k, v in results.items() if v.extra.get("unextracted")}
+            unextracted = {
+                k: v.extra["unextracted"] for k, v in results.items() if v.extra.get("unextracted")
+            }
             if unextracted:  # outputs where the answer extraction found nothing (scored wrong)
                 trial.set_user_attr("unextracted", unextracted)
             if r == len(rungs) - 1:

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from mergesearch.errors import MergeSearchError
 from mergesearch.evaluation import find_task, load_task
 from mergesearch.evaluation.answers import EXTRACTORS, Extractor, Normalizer, verdict
 from mergesearch.evaluation.generate import Generator
@@ -54,7 +53,9 @@ def test_custom_regex_with_groups_matches_lm_eval():
     pattern = r"(-?[$0-9.,]{2,})|(-?[0-9]+)"  # lm-eval's gsm8k flexible-extract: two groups
     for group in (0, -1):
         ours = Extractor(pattern, group)
-        want = RegexFilter(regex_pattern=pattern, group_select=group).apply([[t] for t in TEXTS], [{}] * len(TEXTS))
+        want = RegexFilter(regex_pattern=pattern, group_select=group).apply(
+            [[t] for t in TEXTS], [{}] * len(TEXTS)
+        )
         assert [ours(t) if ours(t) is not None else "[invalid]" for t in TEXTS] == [w[0] for w in want]
 
 
@@ -85,7 +86,9 @@ def test_normalization_matches_lm_eval_exact_match(steps):
             assert (ours, theirs) == (1.0, 0.0)  # the one documented difference
         else:
             assert ours == theirs, (a, b, steps)
-    assert verdict("x #### 1,000", "1000", Extractor(r"#### (\S+)"), Normalizer.parse(["strip", "numbers"], "t")) == (
+    assert verdict(
+        "x #### 1,000", "1000", Extractor(r"#### (\S+)"), Normalizer.parse(["strip", "numbers"], "t")
+    ) == (
         1.0,
         "1,000",
     )
@@ -118,12 +121,30 @@ def test_fixture_is_the_real_model(smol):
     assert tok(" 12", add_special_tokens=False)["input_ids"] == tok.convert_tokens_to_ids(["Ġ", "1", "2"])
 
 
+def test_live_model_of_a_tied_model_is_the_model(smol):
+    """A study's live model (built from config, weights copied in) equals from_pretrained's,
+    tied head included: an untied head once scored every SmolLM2 candidate 0."""
+    from safetensors.torch import load_file
+
+    from mergesearch.modeling import live_model
+
+    model, tok = smol
+    live = live_model(smollm2_path(), load_file(str(smollm2_path() / "model.safetensors")))
+    assert live.lm_head.weight.data_ptr() == live.model.embed_tokens.weight.data_ptr()
+    ids = tok("Question: What is 2+3?\nAnswer:", return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(live(**ids).logits, model(**ids).logits)
+
+
 def test_generator_equals_hf_generate(smol):
     """Batched, left-padded, shared-prefix decoding with rows leaving the batch: the same
     continuations as transformers' generate, one prompt at a time."""
     model, tok = smol
     task = find_task("word_problems")
-    texts = [ex.prompt for ex in task.examples("test", 6)] + ["The capital of France is", "Q: What is 12 plus 30?\nA:"]
+    texts = [ex.prompt for ex in task.examples("test", 6)] + [
+        "The capital of France is",
+        "Q: What is 12 plus 30?\nA:",
+    ]
     g = Generator(model, tok, batch_size=4)
     stops = g.stops(["\n\n", "Question:"])
     prompts = [tok(t)["input_ids"] for t in texts]
@@ -178,7 +199,9 @@ def test_native_verdicts_equal_lm_eval_generate_until(smol, name):
 
 def test_chat_template_renders_system_prompt_and_shots(smol, tmp_path):
     _, tok = smol
-    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"q": f"q{i}", "a": str(i)}) + "\n" for i in range(6)))
+    (tmp_path / "d.jsonl").write_text(
+        "".join(json.dumps({"q": f"q{i}", "a": str(i)}) + "\n" for i in range(6))
+    )
     p = tmp_path / "c.yaml"
     p.write_text(
         "name: c\nmetric: exact_match\ndata_files: {search: d.jsonl, test: d.jsonl}\nprompt: '{q}'\n"
@@ -191,7 +214,10 @@ def test_chat_template_renders_system_prompt_and_shots(smol, tmp_path):
     shots = task.records("search")[:2]
     assert text == (
         "<|im_start|>system\nBe brief.<|im_end|>\n"
-        + "".join(f"<|im_start|>user\n{r['q']}<|im_end|>\n<|im_start|>assistant\n{r['a']}<|im_end|>\n" for r in shots)
+        + "".join(
+            f"<|im_start|>user\n{r['q']}<|im_end|>\n<|im_start|>assistant\n{r['a']}<|im_end|>\n"
+            for r in shots
+        )
         + f"<|im_start|>user\n{task.records('search')[2]['q']}<|im_end|>\n<|im_start|>assistant\n"
     )
 
@@ -207,8 +233,12 @@ def _cli(tmp_path, *args):
 
 
 def _task_file(tmp_path: Path, name: str, extra: str, rows: int = 4) -> Path:
-    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"q": f"{i}+1=", "a": str(i + 1)}) + "\n" for i in range(rows)))
-    (tmp_path / "e.jsonl").write_text("".join(json.dumps({"q": f"{i}+2=", "a": str(i + 2)}) + "\n" for i in range(rows)))
+    (tmp_path / "d.jsonl").write_text(
+        "".join(json.dumps({"q": f"{i}+1=", "a": str(i + 1)}) + "\n" for i in range(rows))
+    )
+    (tmp_path / "e.jsonl").write_text(
+        "".join(json.dumps({"q": f"{i}+2=", "a": str(i + 2)}) + "\n" for i in range(rows))
+    )
     p = tmp_path / f"{name}.yaml"
     p.write_text(
         f"name: {name}\nmetric: exact_match\ndata_files: {{search: d.jsonl, test: e.jsonl}}\n"
@@ -218,7 +248,9 @@ def _task_file(tmp_path: Path, name: str, extra: str, rows: int = 4) -> Path:
 
 
 def _lm_eval_yaml(tmp_path: Path, docs: int) -> Path:
-    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"q": f"{i}+1=", "a": str(i + 1)}) + "\n" for i in range(docs)))
+    (tmp_path / "docs.jsonl").write_text(
+        "".join(json.dumps({"q": f"{i}+1=", "a": str(i + 1)}) + "\n" for i in range(docs))
+    )
     p = tmp_path / "tiny_lmeval.yaml"
     p.write_text(
         "task: tiny_lmeval\ndataset_path: json\ndataset_kwargs: {data_files: {test: docs.jsonl}}\n"
@@ -276,13 +308,14 @@ def test_extraction_that_never_matches_is_reported_with_counts(zoo, tmp_path):
 # -- lm-eval tasks as a search fitness ----------------------------------------------------------
 
 
-def test_lm_eval_task_splits_are_disjoint_seeded_and_limits_are_prefixes(zoo, tmp_path):
-    from mergesearch.modeling import load_model
-
-    src = EVALS / "data" / "add.test.jsonl"
-    rows = src.read_text().splitlines()[:30]
-    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"q": json.loads(r)["prompt"], "a": json.loads(r)["answer"]}) for r in rows) + "\n")
-    (tmp_path / "sub").mkdir()
+def _add_lm_eval_task(tmp_path: Path, docs: int, extra: str = "") -> Path:
+    """A local lm-eval task over the zoo's addition items, and a task file that names it."""
+    rows = (EVALS / "data" / "add.test.jsonl").read_text().splitlines()[:docs]
+    recs = [json.loads(r) for r in rows]
+    (tmp_path / "docs.jsonl").write_text(
+        "".join(json.dumps({"q": r["prompt"], "a": r["answer"]}) + "\n" for r in recs)
+    )
+    (tmp_path / "sub").mkdir(exist_ok=True)
     (tmp_path / "sub" / "add_lmeval.yaml").write_text(
         "task: add_lmeval\ndataset_path: json\ndataset_kwargs: {data_files: {test: ../docs.jsonl}}\n"
         "test_split: test\noutput_type: generate_until\ndoc_to_text: '{{q}}'\ndoc_to_target: '{{a}}'\n"
@@ -290,7 +323,14 @@ def test_lm_eval_task_splits_are_disjoint_seeded_and_limits_are_prefixes(zoo, tm
         "metric_list: [{metric: exact_match, aggregation: mean, higher_is_better: true}]\n"
     )
     p = tmp_path / "add_lm.yaml"
-    p.write_text("name: add_lm\nlm_eval: {task: sub/add_lmeval.yaml, search_fraction: 0.6, split_seed: 3}\n")
+    p.write_text(f"name: add_lm\nlm_eval: {{task: sub/add_lmeval.yaml{extra}}}\n")
+    return p
+
+
+def test_lm_eval_task_splits_are_disjoint_seeded_and_limits_are_prefixes(zoo, tmp_path):
+    from mergesearch.modeling import load_model
+
+    p = _add_lm_eval_task(tmp_path, 30, ", search_fraction: 0.6, split_seed: 3")
     task = load_task(p)
     model, tok = load_model(zoo.models["add"])
     ev = NativeEvaluator(model, tok)
@@ -303,3 +343,42 @@ def test_lm_eval_task_splits_are_disjoint_seeded_and_limits_are_prefixes(zoo, tm
     assert full.n == 18 and small.n == 5 and small.scores.tolist() == full.scores[:5].tolist()
     test = ev.evaluate(task, "test")
     assert test.n == 12 and 0 < full.value and 0 < test.value  # the add specialist solves these
+
+
+def test_search_and_report_with_an_lm_eval_task(zoo, tmp_path):
+    """lm-eval as the fitness of a real study: the split recorded, rungs as sample limits, the
+    report's test scores from the task's test documents."""
+    import optuna
+    import yaml
+
+    task = _add_lm_eval_task(tmp_path, 24)
+    space = {
+        "name": "lmfit",
+        "base": str(zoo.models["base"]),
+        "models": [str(zoo.models["add"]), str(zoo.models["reverse"])],
+        "method": "task_arithmetic",
+        "granularity": "model",
+        "parameters": {"weight": [0.0, 1.5]},
+        "tasks": [str(task)],
+        "objective": "mean",
+        "fidelity": [4, 12],
+        "trials": 4,
+        "baselines": False,
+        "sampler": "random",
+    }
+    (tmp_path / "lmfit.yaml").write_text(yaml.safe_dump(space))
+    r = _cli(tmp_path, "search", "lmfit.yaml", "-q")
+    assert r.returncode == 0, r.stderr[-3000:]
+    study = optuna.load_study(
+        study_name="lmfit", storage=f"sqlite:///{tmp_path / 'results' / 'lmfit' / 'study.db'}"
+    )
+    split = study.user_attrs["task_splits"]["add_lm"]
+    assert split["documents"] == 24 and len(split["search"]) == len(split["test"]) == 12
+    assert not set(split["search"]) & set(split["test"])
+    assert {t.user_attrs["fidelity"] for t in study.trials} <= {4, 12}
+    assert all(t.user_attrs["examples"]["add_lm"] == t.user_attrs["fidelity"] for t in study.trials)
+    r = _cli(tmp_path, "report", "lmfit")
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((tmp_path / "results" / "lmfit" / "test_scores.json").read_text())
+    assert all(c["test"]["add_lm"]["n"] == 12 for c in summary["candidates"])
+    assert max(c["test"]["add_lm"]["value"] for c in summary["candidates"]) > 0

@@ -4,15 +4,13 @@ export → mergekit-yaml rebuild → `mergesearch eval` of the rebuilt model equ
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import optuna
 import pytest
 import yaml
 
-from tests.test_search import cli
+from tests.test_search import cli, mergekit_yaml
 
 EVALS = Path(__file__).resolve().parents[1] / "evals"
 
@@ -38,6 +36,7 @@ def small_word_problems(tmp_path: Path, n_search: int, n_test: int) -> Path:
     return p
 
 
+@pytest.mark.slow  # about 6 minutes on 2 cores: .venv/bin/python -m pytest -m slow
 def test_smollm2_search_report_export_mergekit_eval(smol_models, tmp_path):
     base, (m0, m1) = smol_models
     task = small_word_problems(tmp_path, 11, 10)  # 3 shots + 8 scored on search; 10 on test
@@ -59,31 +58,21 @@ def test_smollm2_search_report_export_mergekit_eval(smol_models, tmp_path):
     sp = tmp_path / "smol.yaml"
     sp.write_text(yaml.safe_dump(space))
     cli(tmp_path, "search", str(sp), "-q")
-    study = optuna.load_study(study_name="smol", storage=f"sqlite:///{tmp_path / 'results' / 'smol' / 'study.db'}")
+    study = optuna.load_study(
+        study_name="smol", storage=f"sqlite:///{tmp_path / 'results' / 'smol' / 'study.db'}"
+    )
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert done and all(t.user_attrs["examples"] == {"wp": 8} for t in done)
     assert all(t.user_attrs["eval_seconds"] > 0 and t.user_attrs["merge_seconds"] > 0 for t in done)
     cli(tmp_path, "report", "smol")
     cli(tmp_path, "export", "smol", "--best", "-o", "best.yaml")
-    mk = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "mergekit-yaml"),
-            "best.yaml",
-            "mk_out",
-            "--random-seed",
-            "0",
-            "--no-write-model-card",
-            "--quiet",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
-    assert mk.returncode == 0, mk.stderr[-3000:]
+    mergekit_yaml(tmp_path, "best.yaml", "mk_out")
     summary = json.loads((tmp_path / "results" / "smol" / "test_scores.json").read_text())
     best = next(c for c in summary["candidates"] if c["label"].endswith("(best)"))
     for split in ("test", "search"):
-        got = json.loads(cli(tmp_path, "eval", "mk_out", "--tasks", str(task), "--split", split, "--json").stdout)
+        got = json.loads(
+            cli(tmp_path, "eval", "mk_out", "--tasks", str(task), "--split", split, "--json").stdout
+        )
         reported = best[split]["wp"]["value"] if split == "test" else best[split]["wp"]
         assert got[0]["value"] == reported, (split, got, reported)
     # Not vacuous: the scores are not all 0 (the base solves most of these) ...

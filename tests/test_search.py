@@ -62,6 +62,18 @@ def cli(tmp_path: Path, *args, check=True, **kw) -> subprocess.CompletedProcess:
     return p
 
 
+def mergekit_yaml(cwd: Path, recipe: str, out: str) -> None:
+    """mergekit itself builds the model of an exported recipe (the draws of `--random-seed 0`)."""
+    mk = subprocess.run(
+        [str(Path(sys.executable).parent / "mergekit-yaml"), recipe, out, "--random-seed", "0"]
+        + ["--no-write-model-card", "--quiet"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+    )
+    assert mk.returncode == 0, mk.stderr[-3000:]
+
+
 def trials(db: str, name: str) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=name, storage=db).trials
 
@@ -81,21 +93,7 @@ def test_export_runs_in_mergekit_and_scores_as_reported(zoo, tmp_path):
     text = (tmp_path / "best.yaml").read_text()
     assert text.startswith("# mergesearch export: study exp, trial ") and "# test scores: {" in text
     # mergekit-yaml builds the model from the exported YAML ...
-    mk = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "mergekit-yaml"),
-            "best.yaml",
-            "mk_out",
-            "--random-seed",
-            "0",
-            "--no-write-model-card",
-            "--quiet",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
-    assert mk.returncode == 0, mk.stderr[-3000:]
+    mergekit_yaml(tmp_path, "best.yaml", "mk_out")
     # ... equal to mergesearch merge's output, bit for bit (DARE with the same seed) ...
     cli(tmp_path, "merge", "best.yaml", "ms_out", "--seed", "0", "-q")
     a, b = load_weights(tmp_path / "ms_out"), load_weights(tmp_path / "mk_out")

@@ -71,7 +71,9 @@ class Extractor:
                 )
             return cls(*EXTRACTORS[spec])
         if not isinstance(spec, dict) or "regex" not in spec or set(spec) - {"regex", "group"}:
-            raise MergeSearchError(f"{where}: extract must be a name or {{regex: PATTERN, group: first|last}}")
+            raise MergeSearchError(
+                f"{where}: extract must be a name or {{regex: PATTERN, group: first|last}}"
+            )
         group = spec.get("group", "first")
         if group not in ("first", "last"):
             raise MergeSearchError(f"{where}: extract.group is {group!r}; use first or last")

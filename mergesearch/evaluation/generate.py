@@ -59,7 +59,11 @@ class Generator:
         self.batch_size = batch_size
         self.eos = _eos_ids(model, tok)
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else min(self.eos)
-        eos_text = tok.decode([tok.eos_token_id], skip_special_tokens=False) if tok.eos_token_id is not None else None
+        eos_text = (
+            tok.decode([tok.eos_token_id], skip_special_tokens=False)
+            if tok.eos_token_id is not None
+            else None
+        )
         self.eos_text = eos_text
         self.stats = {"sequences": 0, "forward_passes": 0, "draft_tokens": 0, "accepted_tokens": 0}
 

@@ -161,7 +161,8 @@ class LMEvalBackend:
                 "doc_to_target": "{{label}}",
                 "target_delimiter": task.choice_prefix,
                 "metric_list": [
-                    {"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")
+                    {"metric": m, "aggregation": "mean", "higher_is_better": True}
+                    for m in ("acc", "acc_norm")
                 ],
             }
         return spec
@@ -170,12 +171,19 @@ class LMEvalBackend:
         """Write the rendered examples and an lm-eval task YAML (absolute paths: lm-eval
         resolves data_files against the working directory, not the YAML)."""
         if task.metric == "perplexity":
-            raise MergeSearchError(f"task {task.name}: perplexity tasks are scored by the native backend only")
+            raise MergeSearchError(
+                f"task {task.name}: perplexity tasks are scored by the native backend only"
+            )
         name = f"ms_{task.name}_{split}_{limit or 'all'}"
         data = self._dir / f"{name}.jsonl"
         with open(data, "w") as fh:
             for ex in task.examples(split, limit):
-                row = {"prompt": prompt_text(self.tok, ex), "target": ex.target, "choices": ex.choices, "label": ex.label}
+                row = {
+                    "prompt": prompt_text(self.tok, ex),
+                    "target": ex.target,
+                    "choices": ex.choices,
+                    "label": ex.label,
+                }
                 fh.write(json.dumps(row) + "\n")
         (self._dir / f"{name}.yaml").write_text(yaml.safe_dump(self.task_spec(task, name, data)))
         return name
@@ -213,7 +221,9 @@ class LMEvalBackend:
         t0 = time.perf_counter()
         samples = sorted(self._run(name, self._managers[key]), key=lambda s: s["doc_id"])
         if task.metric == "exact_match":
-            res = TaskResult(task.name, "exact_match", split, np.array([float(s["exact_match"]) for s in samples]))
+            res = TaskResult(
+                task.name, "exact_match", split, np.array([float(s["exact_match"]) for s in samples])
+            )
             res.extra["responses"] = [s["resps"][0][0] for s in samples]
             res.extra["answers"] = [s["filtered_resps"][0] for s in samples]
             if task.extract is not None:
@@ -255,7 +265,9 @@ class LMEvalBackend:
             docs = obj.eval_docs
             n = len(docs)
         except Exception as e:
-            raise MergeSearchError(f"{task.path}: lm-eval task {name} cannot be loaded ({type(e).__name__}: {e})") from e
+            raise MergeSearchError(
+                f"{task.path}: lm-eval task {name} cannot be loaded ({type(e).__name__}: {e})"
+            ) from e
         agg = {m["metric"]: m.get("aggregation", "mean") for m in (obj.config.metric_list or [])}
         if spec.metric in agg and agg[spec.metric] != "mean":
             raise MergeSearchError(
@@ -299,7 +311,9 @@ class LMEvalBackend:
     def _evaluate_lm_eval(self, task: Task, split: str, limit: int | None) -> TaskResult:
         t = self.load(task)
         if split not in ("search", "test"):
-            raise MergeSearchError(f"{task.path}: lm-eval tasks have the splits search and test, not {split!r}")
+            raise MergeSearchError(
+                f"{task.path}: lm-eval tasks have the splits search and test, not {split!r}"
+            )
         ids = (t.search if split == "search" else t.test)[: limit if limit is not None else None]
         t0 = time.perf_counter()
         samples = self._run(t.name, t.manager, samples={t.name: ids})
@@ -311,8 +325,27 @@ class LMEvalBackend:
         metric = task.lm_eval.metric
         first = next(iter(by_doc.values()))
         if metric not in first:
-            known = [k for k in first if k not in {"doc_id", "doc", "target", "arguments", "resps", "filtered_resps", "filter", "metrics", "doc_hash", "prompt_hash", "target_hash"}]
-            raise MergeSearchError(f"{task.path}: lm-eval task {t.name} reports {known}, not metric {metric!r}")
+            known = [
+                k
+                for k in first
+                if k
+                not in {
+                    "doc_id",
+                    "doc",
+                    "target",
+                    "arguments",
+                    "resps",
+                    "filtered_resps",
+                    "filter",
+                    "metrics",
+                    "doc_hash",
+                    "prompt_hash",
+                    "target_hash",
+                }
+            ]
+            raise MergeSearchError(
+                f"{task.path}: lm-eval task {t.name} reports {known}, not metric {metric!r}"
+            )
         rows = [by_doc[i] for i in ids]
         res = TaskResult(task.name, metric, split, np.array([float(s[metric]) for s in rows]))
         res.extra["responses"] = [s["resps"][0][0] if s["resps"] and s["resps"][0] else "" for s in rows]

@@ -68,6 +68,10 @@ class TaskResult:
         return float(self.scores.mean()) if len(self.scores) else float("nan")
 
 
+DRAFT_MIN_ACCEPTANCE = 0.5
+DRAFT_RETRY = 8
+
+
 class NativeEvaluator:
     """Scores tasks on one in-memory model whose weights may change between calls.
 
@@ -98,6 +102,7 @@ class NativeEvaluator:
         self.generator = Generator(model, tokenizer, batch_size=gen_batch_size)
         self.reuse_outputs = reuse_outputs
         self._outputs: dict[tuple[str, str], list[int]] = {}
+        self._draft_rate: dict[str, list] = {}  # task -> [last acceptance rate, calls]
 
     def prompt_text(self, ex: Example) -> str:
         return prompt_text(self.tok, ex)
@@ -116,13 +121,21 @@ class NativeEvaluator:
         prompts = [self.encode_prompt(t) for t in texts]
         g = self.generator
         stops = g.stops(list(task.generation.until))
-        # Drafts are previous outputs only: the gold answer as a draft was rejected too often to
-        # pay for its positions (RESULTS.md, "Generative scoring").
-        drafts = [self._outputs.get((task.name, t)) for t in texts] if self.reuse_outputs else None
+        # Drafts are previous outputs only (the gold answer was rejected too often to pay for its
+        # positions), and only while they pay: a rejected draft token costs a prompt position, so
+        # after a call that accepted less than DRAFT_MIN_ACCEPTANCE of them the task decodes
+        # without drafts, trying them again every DRAFT_RETRY calls (RESULTS.md, "Generative").
+        seen = self._draft_rate.setdefault(task.name, [1.0, 0])
+        use = self.reuse_outputs and (seen[0] >= DRAFT_MIN_ACCEPTANCE or seen[1] % DRAFT_RETRY == 0)
+        seen[1] += 1
+        drafts = [self._outputs.get((task.name, t)) for t in texts] if use else None
         before = dict(g.stats)
         outs = g.generate(prompts, max_new_tokens=task.generation.max_new_tokens, stops=stops, drafts=drafts)
         if self.reuse_outputs:
             self._outputs.update({(task.name, t): o for t, o in zip(texts, outs)})
+            offered = g.stats["draft_tokens"] - before["draft_tokens"]
+            if offered:
+                seen[0] = (g.stats["accepted_tokens"] - before["accepted_tokens"]) / offered
         responses = [g.text(o, stops) for o in outs]
         scores, answers = [], []
         for resp, ex in zip(responses, examples):

@@ -216,7 +216,8 @@ class Task:
         rendered = {}
         for split in self.data_files:
             rendered[split] = {
-                ex.prompt if ex.messages is None else json.dumps(ex.messages[-1]) for ex in self.examples(split)
+                ex.prompt if ex.messages is None else json.dumps(ex.messages[-1])
+                for ex in self.examples(split)
             }
         if "search" in rendered and "test" in rendered:
             both = rendered["search"] & rendered["test"]
@@ -282,7 +283,9 @@ def load_task(path: str | Path) -> Task:
         raise MergeSearchError(f"{p}: data_files must map split names (search, test) to files")
     generative = {k for k in GENERATIVE_KEYS if k in d} - {"chat_template", "system_prompt"}
     if generative and "generation" not in d:
-        raise MergeSearchError(f"{p}: {', '.join(sorted(generative))} need a 'generation:' block (until, max_new_tokens)")
+        raise MergeSearchError(
+            f"{p}: {', '.join(sorted(generative))} need a 'generation:' block (until, max_new_tokens)"
+        )
     if generative and d["metric"] != "exact_match":
         raise MergeSearchError(f"{p}: generation is scored by exact_match; metric is {d['metric']!r}")
     if "system_prompt" in d and not d.get("chat_template"):
