@@ -30,6 +30,10 @@ Speed, without changing the result:
   is rejected at the first differing token — less saving, never a different output. The
   teacher-forced "target then EOS" metric (the demo zoo's `exact_match` without `generation:`)
   is exact only when the target's tokens are the model's own spelling; hence real tasks generate.
+Plain greedy argmax: logits processors that a model's `generation_config.json` asks for
+(`repetition_penalty`, `no_repeat_ngram_size`, suppressed or forced tokens, a minimum length) are
+not applied, though transformers' `generate` (and so lm-eval) applies them even to greedy decoding;
+`Generator` warns, naming them, when a model sets any.
 The only difference from step-by-step decoding is floating-point rounding: logits computed in one
 pass over many positions and one position at a time differ in the last bits, which can flip an
 argmax only between two near-equal logits (lm-eval's own results move the same way with batch
@@ -38,7 +42,34 @@ size and padding).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+
+# generation_config fields that change greedy decoding in transformers' generate, with their neutral values
+_PROCESSORS = {
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "min_new_tokens": None,
+    "min_length": 0,
+    "sequence_bias": None,
+}
+
+
+def _ignored_processors(gen) -> list[str]:
+    if gen is None:
+        return []
+    return [
+        f"{k}={getattr(gen, k)!r}"
+        for k, neutral in _PROCESSORS.items()
+        if getattr(gen, k, neutral) not in (neutral, None)
+    ]
 
 
 def _eos_ids(model, tok) -> set[int]:
@@ -65,6 +96,13 @@ class Generator:
             else None
         )
         self.eos_text = eos_text
+        ignored = _ignored_processors(getattr(model, "generation_config", None))
+        if ignored:
+            warnings.warn(
+                f"the model's generation_config sets {', '.join(ignored)}; native generation is plain greedy "
+                "decoding and ignores them (transformers' generate and lm-eval apply them): scores can differ",
+                stacklevel=2,
+            )
         self.stats = {"sequences": 0, "forward_passes": 0, "draft_tokens": 0, "accepted_tokens": 0}
 
     @property
