@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .errors import MergeSearchError
 from .methods import sparsify
 
 try:  # numba: the one-pass CPU kernels; without it every candidate takes the eager path
@@ -586,7 +587,13 @@ class TaskVectorBank:
                 None if d >= 1 else _DellaMask(self, key, t, d, e)
                 for key, t, d, e in zip(keys, taus, density, epsilon)
             ]
-        return [None] * len(taus)
+        if sparsification is None:  # task arithmetic: every element kept
+            return [None] * len(taus)
+        # Never search a sparsifier the bank does not know as "no mask" (plain task arithmetic).
+        raise MergeSearchError(
+            f"the search engine has no {sparsification!r} sparsification; score this method with the "
+            "exact engine (ResidentEngine(exact=True)) or add it to task_vector_bank.py"
+        )
 
     def _rescale(self, key: str, tau: torch.Tensor, mask) -> torch.Tensor | None:
         """‖τ‖₁ / ‖τ⊙m‖₁ in the work dtype (None when either is below 1e-7, as in mergekit)."""

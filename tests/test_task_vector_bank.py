@@ -301,3 +301,22 @@ def test_cached_della_ranks_equal_mergekits(dtype):
                 bank.della_ranks("0:w", tau, s, min(256, n - s), out=buf).clone() for s in range(0, n, 256)
             ]
             assert torch.equal(torch.cat(parts), expected), (shape, cache, "out=")
+
+
+def test_an_unknown_sparsification_is_refused_not_merged_without_a_mask():
+    """A sparsifier the bank does not know must never be searched as plain task arithmetic."""
+    from mergesearch.errors import MergeSearchError
+
+    base, taus = _inputs(SHAPES[0], k=2)
+    with pytest.raises(MergeSearchError, match="no 'mystery' sparsification"):
+        TaskVectorBank(chunk=256).merge(
+            ["0:w", "1:w"],
+            base,
+            taus,
+            weight=[0.5, 0.5],
+            density=[0.5, 0.5],
+            sparsification="mystery",
+            consensus=False,
+            normalize=False,
+            rescale=False,
+        )
