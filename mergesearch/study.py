@@ -46,6 +46,7 @@ def open_storage(url: str | None, study: str) -> optuna.storages.BaseStorage:
         from optuna.storages.journal import JournalFileBackend
 
         Path(url).parent.mkdir(parents=True, exist_ok=True)
+        repair_journal(Path(url))
         return optuna.storages.JournalStorage(JournalFileBackend(url))
     try:
         with warnings.catch_warnings():  # heartbeats are "experimental" but long-standing
@@ -53,6 +54,44 @@ def open_storage(url: str | None, study: str) -> optuna.storages.BaseStorage:
             return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=90)
     except Exception as e:  # SQLAlchemy raises many types for a bad URL or an unreachable server
         raise MergeSearchError(f"storage {url!r} cannot be opened ({type(e).__name__}: {e})") from e
+
+
+def repair_journal(path: Path) -> int:
+    """Drop the records an interrupted write left unreadable (a full disk, a kill mid-write).
+
+    Optuna's journal reader stops at a record without its newline, so a torn *last* record hides
+    nothing; but the next append lands after it, and from then on the file fails to load and every
+    completed trial is out of reach. Under the journal's own lock, records that do not parse are
+    removed (the file is rewritten atomically) before anyone appends. Returns how many."""
+    import json
+
+    from optuna.storages.journal import JournalFileSymlinkLock
+    from optuna.storages.journal._file import get_lock_file
+
+    if not path.is_file() or path.stat().st_size == 0:
+        return 0
+    with get_lock_file(JournalFileSymlinkLock(str(path))):
+        data = path.read_bytes()
+        lines = data.split(b"\n")
+        tail = lines.pop()  # b"" when the file ends with a newline, else a torn record
+        good, bad = [], 0 if not tail else 1
+        for line in lines:
+            try:
+                json.loads(line)
+                good.append(line)
+            except ValueError:
+                bad += 1
+        if not bad:
+            return 0
+        tmp = path.with_name(path.name + ".repair")
+        tmp.write_bytes(b"".join(x + b"\n" for x in good))
+        os.replace(tmp, path)
+    warnings.warn(
+        f"{path}: removed {bad} unreadable journal record(s) left by an interrupted write "
+        "(a full disk or a killed process); every completed record is kept",
+        stacklevel=2,
+    )
+    return bad
 
 
 def resolve_model(ref: str, space_path: Path | None) -> Path:

@@ -378,3 +378,35 @@ def test_every_shipped_space_runs(zoo, results, path):
             assert values and all(
                 abs((v - rng.low) / rng.step - round((v - rng.low) / rng.step)) < 1e-6 for v in values
             ), name
+
+
+def _journal_trials(path: Path, name: str) -> list[optuna.trial.FrozenTrial]:
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    return optuna.load_study(study_name=name, storage=storage).trials
+
+
+def test_a_torn_journal_record_is_repaired_and_the_study_goes_on(zoo, tmp_path):
+    """An interrupted write (a full disk, a kill mid-write) leaves a record without its newline;
+    the next append would make the whole journal unreadable. The same command repairs it first."""
+    space = write_space(tmp_path, name="torn", fidelity=[20], trials=4)
+    journal = tmp_path / "j" / "torn.log"
+    cli(tmp_path, "search", str(space), "-q", "--storage", str(journal))
+    done = {t.number: t.values for t in _journal_trials(journal, "torn") if t.state.is_finished()}
+    assert len(done) == 4
+    with open(journal, "ab") as fh:  # what a write cut short by a full disk leaves
+        fh.write(b'{"op_code":4,"worker_id":"x","trial_id":9,"da')
+    r = cli(tmp_path, "search", str(space), "-q", "--storage", str(journal), "--trials", "6")
+    assert "removed 1 unreadable journal record" in r.stderr
+    after = {t.number: t for t in _journal_trials(journal, "torn")}
+    assert all(after[n].values == v for n, v in done.items())
+    assert sum(t.state.is_finished() for t in after.values()) == 6  # and the study went on
+    # A journal already damaged by an append after the torn record loads again too.
+    text = journal.read_bytes()
+    cut = text.rindex(b"\n", 0, len(text) - 1)
+    journal.write_bytes(text[: cut + 1] + b'{"op_code":4,"wor\n' + text[cut + 1 :])
+    with pytest.raises(Exception):
+        _journal_trials(journal, "torn")  # Optuna alone cannot read it
+    cli(tmp_path, "report", "torn", "--storage", str(journal))
+    assert len(_journal_trials(journal, "torn")) == len(after)
