@@ -145,3 +145,9 @@ def test_native_matches_lm_eval_example_by_example(zoo):
     mc_lm = LMEvalBackend(model, tok).evaluate(find_task("add_choice"), "test", limit=40)
     assert mc_lm.scores.tolist() == mc_native.scores.tolist()
     assert mc_lm.extra["acc_norm"].tolist() == mc_native.extra["acc_norm"].tolist()
+
+
+def test_a_record_with_an_empty_field_is_refused_not_rendered_as_none(tmp_path):
+    p = _task(tmp_path, BASIC, ['{"q": "x", "a": "1"}', '{"q": null, "a": "2"}'])
+    with pytest.raises(MergeSearchError, match=r"no value for field 'q' of the prompt template"):
+        load_task(p).check()

@@ -196,12 +196,24 @@ class Task:
         if template is None:
             return None
         try:
-            return template.format(**r)
+            text = template.format(**r)
         except KeyError as e:
             raise MergeSearchError(
                 f"{self.path}: {which} template names field {e.args[0]!r}, which the data lacks; "
                 f"fields: {', '.join(sorted(r))}"
             ) from e
+        # A field present but empty (null in JSON, a missing CSV cell) would render as "None".
+        empty = [
+            f
+            for _, f, _, _ in string.Formatter().parse(template)
+            if f and f.isidentifier() and r.get(f) is None
+        ]
+        if empty:
+            raise MergeSearchError(
+                f"{self.path}: a record has no value for field {empty[0]!r} of the {which} template "
+                f"({json.dumps(r, default=str)[:200]}); fill or remove that record"
+            )
+        return text
 
     def check(self, tokenizer=None) -> None:
         """Load every split, render every record, and refuse overlapping search/test splits;
