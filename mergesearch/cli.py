@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mergesearch",
         description="Learn model-merge coefficients: search, merge, evaluate, export mergekit recipes.",
     )
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"mergesearch {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     m = sub.add_parser(

@@ -33,6 +33,12 @@ MERGE_SEED = 0  # DARE/DELLA draws of every candidate; exported recipes carry it
 
 
 def study_dir(study: str) -> Path:
+    """results/<study>; a name that would leave results/ (a path, `..`) is refused."""
+    if not study or study in (".", "..") or "/" in study or "\\" in study or "\0" in study:
+        raise MergeSearchError(
+            f"study name {study!r} is not a plain name (no '/', '\\' or '..'): it names the folder "
+            f"results/<study>; pick a name like my_study"
+        )
     return RESULTS / study
 
 

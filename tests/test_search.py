@@ -410,3 +410,14 @@ def test_a_torn_journal_record_is_repaired_and_the_study_goes_on(zoo, tmp_path):
         _journal_trials(journal, "torn")  # Optuna alone cannot read it
     cli(tmp_path, "report", "torn", "--storage", str(journal))
     assert len(_journal_trials(journal, "torn")) == len(after)
+
+
+def test_study_names_stay_inside_results_and_version(zoo, tmp_path):
+    space = write_space(tmp_path, name="ok")
+    for bad in ("../outside", "a/b", ".."):
+        r = cli(tmp_path, "search", str(space), "--study", bad, "-q", check=False)
+        assert r.returncode == 2 and "is not a plain name" in r.stderr and "Traceback" not in r.stderr, (
+            r.stderr
+        )
+    assert not (tmp_path / "outside").exists() and not (tmp_path / "results" / "a").exists()
+    assert cli(tmp_path, "--version").stdout.startswith("mergesearch ")
