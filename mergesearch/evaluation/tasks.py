@@ -41,7 +41,7 @@ from __future__ import annotations
 import json
 import string
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -203,11 +203,7 @@ class Task:
                 f"fields: {', '.join(sorted(r))}"
             ) from e
         # A field present but empty (null in JSON, a missing CSV cell) would render as "None".
-        empty = [
-            f
-            for _, f, _, _ in string.Formatter().parse(template)
-            if f and f.isidentifier() and r.get(f) is None
-        ]
+        empty = [f for f in _fields(template) if r.get(f) is None]
         if empty:
             raise MergeSearchError(
                 f"{self.path}: a record has no value for field {empty[0]!r} of the {which} template "
@@ -238,6 +234,12 @@ class Task:
                     f"{self.path}: {len(both)} prompt(s) appear in both the search and test splits "
                     f"(e.g. {sorted(both)[0]!r}); test scores must come from unseen examples"
                 )
+
+
+@lru_cache(maxsize=256)
+def _fields(template: str) -> tuple[str, ...]:
+    """The plain field names a template reads (parsed once, not per record and candidate)."""
+    return tuple(f for _, f, _, _ in string.Formatter().parse(template) if f and f.isidentifier())
 
 
 def _load_records(task: Task, split: str) -> list[dict]:
