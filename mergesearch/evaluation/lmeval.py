@@ -110,7 +110,9 @@ class LMEvalBackend:
             device=str(next(model.parameters()).device),
         )
         self.max_gen_toks = max_gen_toks
-        self._dir = Path(tempfile.mkdtemp(prefix="mergesearch-lmeval-"))
+        # Exported tasks and staged YAMLs; removed when the backend goes (or the process exits).
+        self._tmp = tempfile.TemporaryDirectory(prefix="mergesearch-lmeval-")
+        self._dir = Path(self._tmp.name)
         self._managers: dict[tuple[str, ...], object] = {}
         self._loaded: dict[str, LMEvalTask] = {}
 
