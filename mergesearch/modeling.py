@@ -17,6 +17,16 @@ def compute_dtype(device: str | torch.device, stored: torch.dtype) -> torch.dtyp
     return torch.float32 if torch.device(device).type == "cpu" else stored
 
 
+def resolve_device(device: str | None = "auto") -> str:
+    """`auto` (the default everywhere) is CUDA when PyTorch sees a GPU, else the CPU; anything
+    else is passed through (`cpu`, `cuda`, `cuda:1`), refused early when CUDA is named but absent."""
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise MergeSearchError(f"device {device!r}: PyTorch sees no CUDA GPU here; use --device cpu or auto")
+    return str(device)
+
+
 def load_model(path: str | Path, device: str = "cpu", dtype: str | None = None):
     """(model, tokenizer) from a local folder; never runs remote code, never downloads."""
     import transformers

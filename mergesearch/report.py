@@ -51,6 +51,9 @@ def trials_frame(s: optuna.Study) -> pd.DataFrame:
         for task, v in (t.user_attrs.get("scores") or {}).items():
             row[f"search:{task}"] = v
         row["examples_per_task"] = t.user_attrs.get("fidelity", np.nan)
+        row["examples"] = sum((t.user_attrs.get("examples") or {}).values()) or np.nan
+        if "fitness" in t.user_attrs:  # anchor studies: "reference" (whole split) or "anchors"
+            row["fitness"] = t.user_attrs["fitness"]
         row["stopped_at"] = t.user_attrs.get("stopped_at", np.nan)
         row["merge_s"] = t.user_attrs.get("merge_seconds", np.nan)
         row["eval_s"] = t.user_attrs.get("eval_seconds", np.nan)
@@ -166,6 +169,7 @@ def report(
         "best_trial": best.number,
         "merge_seed": MERGE_SEED,
         "specialist_ceiling": ceiling,
+        "cost": _cost(s, df),
         "candidates": [],
     }
     for x in scored + baselines:
@@ -190,6 +194,38 @@ def report(
     plots = _plots(s, searcher, best, fr, baselines, out)
     _atomic_text(out / "report.md", _markdown(summary, plots, best, searcher))
     return summary
+
+
+def _cost(s: optuna.Study, df: pd.DataFrame) -> dict[str, Any]:
+    """What the search spent: per-trial merge and eval seconds, examples scored, trials per hour
+    (from the trials' own start and end times, so several workers count together)."""
+    done = df[df["state"].isin(["COMPLETE", "PRUNED"])]
+    finished = [t for t in s.trials if t.datetime_start and t.datetime_complete]
+    hours = (
+        (max(t.datetime_complete for t in finished) - min(t.datetime_start for t in finished)).total_seconds()
+        / 3600
+        if finished
+        else float("nan")
+    )
+    out = {
+        "trials": len(done),
+        "merge_s_median": float(done["merge_s"].median()),
+        "eval_s_median": float(done["eval_s"].median()),
+        "examples_total": int(done["examples"].fillna(0).sum()),
+        "examples_per_trial_mean": float(done["examples"].mean()),
+        "wall_hours": hours,
+        "trials_per_hour": len(finished) / hours if hours > 0 else float("nan"),
+    }
+    if "fitness" in done:
+        ref = done[done["fitness"] == "reference"]
+        out["anchors"] = {
+            "reference_trials": len(ref),
+            "reference_examples": int(ref["examples"].sum()),
+            "anchor_trials": int((done["fitness"] == "anchors").sum()),
+            "per_task": s.user_attrs.get("anchors")
+            and {k: len(v["indices"]) for k, v in s.user_attrs["anchors"].items()},
+        }
+    return out
 
 
 def _row(x: Scored) -> dict[str, Any]:
@@ -381,6 +417,23 @@ def _markdown(summary: dict, plots: dict[str, str], best, searcher: Searcher) ->
             "beyond sweeping one knob.",
             "",
         ]
+    c = summary["cost"]
+    lines += [
+        f"Search cost: {c['trials']} trials in {c['wall_hours'] * 60:.1f} min ({c['trials_per_hour']:.0f} trials/hour); "
+        f"per trial, median merge {c['merge_s_median']:.2f}s and eval {c['eval_s_median']:.2f}s; "
+        f"{c['examples_total']} examples scored in all ({c['examples_per_trial_mean']:.0f} per trial)."
+        + (
+            f" Few-example fitness: {c['anchors']['reference_trials']} reference trials on the whole search "
+            f"split ({c['anchors']['reference_examples']} examples), then {c['anchors']['anchor_trials']} trials "
+            f"on anchors ({', '.join(f'{k} {v}' for k, v in (c['anchors']['per_task'] or {}).items())} per task)."
+            if "anchors" in c
+            else ""
+        ),
+        "",
+        "The gap column is search mean minus test mean: how much a candidate's search score overstates "
+        "what it does on examples the search never saw.",
+        "",
+    ]
     head = "| candidate | search mean | " + " | ".join(f"test {t}" for t in tasks) + " | test mean | gap |"
     lines += [head, "|" + "---|" * (4 + len(tasks))]
     for c in summary["candidates"]:

@@ -37,6 +37,7 @@ KEYS = {
     "trials",
     "timeout",
     "fidelity",
+    "anchors",
     "baselines",
     "seed",
     "dtype",
@@ -85,6 +86,9 @@ class SearchSpace:
     trials: int = 100
     timeout: float | None = None
     fidelity: list[int] = field(default_factory=lambda: [50, 200])  # examples per task at each rung
+    # Few-example fitness (evaluation/anchors.py): {per_task: A, reference: R}. The first R trials
+    # are scored on the whole search split; later ones on A anchors per task chosen from them.
+    anchors: dict[str, int] | None = None
     baselines: bool = True
     seed: int = 0
     dtype: str | None = None
@@ -209,7 +213,10 @@ class SearchSpace:
         method = spec["method"]
         if method not in self.methods or self.order == "sequential":
             return None
-        if len(self.models) != 2:
+        # As in baseline_recipe: uniform recipes (ties 0.5/0.5, task arithmetic 1/1) extend to
+        # any number of models; slerp and unequal weights are defined for two.
+        uneven = any(len(set(v)) > 1 for v in spec.values() if isinstance(v, list))
+        if len(self.models) != 2 and (method == "slerp" or uneven):
             return None
         m = METHODS[method]
         groups = self.groups(num_layers)
@@ -223,13 +230,14 @@ class SearchSpace:
                 )
                 if v is None:
                     return None
-                vs = v if isinstance(v, list) else [v, v]
-                for i in range(2):
-                    if not rng.contains(vs[i]):
+                vs = v if isinstance(v, list) else [v]
+                for i in range(len(self.models)):
+                    vi = vs[i % len(vs)]
+                    if not rng.contains(vi):
                         return None
                     for c in self.components:
                         for g in range(len(groups)):
-                            values[f"{pname}.{i}.{c}.{g}"] = vs[i]
+                            values[f"{pname}.{i}.{c}.{g}"] = vi
             elif pname in m.shared_params:
                 v = spec.get(pname, m.shared_params[pname])
                 if not isinstance(v, float) or not rng.contains(v):
@@ -369,6 +377,21 @@ def space_from_dict(d: dict, p: Path | None = None) -> SearchSpace:
         raise MergeSearchError(
             f"{where}: fidelity: an increasing list of example counts per task, e.g. [50, 200]"
         )
+    anchors = d.get("anchors")
+    if anchors is not None:
+        if not isinstance(anchors, dict) or set(anchors) != {"per_task", "reference"}:
+            raise MergeSearchError(
+                f"{where}: anchors: a mapping {{per_task: A, reference: R}} (A examples per task score "
+                "a candidate once R reference trials have been scored on the whole search split)"
+            )
+        for k, v in anchors.items():
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise MergeSearchError(f"{where}: anchors.{k}: a whole number ≥ 1, not {v!r}")
+        if len(fid) > 1:
+            raise MergeSearchError(
+                f"{where}: anchors and several fidelity rungs are two ways to spend fewer examples; "
+                "use one (with anchors, give fidelity: [N], the search examples per task of the reference trials)"
+            )
     constraints = dict(d.get("constraints") or {})
     for k in constraints:
         if k != "weight_sum_max":
@@ -390,6 +413,7 @@ def space_from_dict(d: dict, p: Path | None = None) -> SearchSpace:
         trials=trials,
         timeout=d.get("timeout"),
         fidelity=fid,
+        anchors=dict(anchors) if anchors else None,
         baselines=bool(d.get("baselines", True)),
         seed=int(d.get("seed", 0)),
         dtype=d.get("dtype"),

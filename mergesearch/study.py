@@ -101,14 +101,20 @@ def repair_journal(path: Path) -> int:
 
 
 def resolve_model(ref: str, space_path: Path | None) -> Path:
-    """`zoo:<name>` (the demo zoo, built on first use) or a folder path."""
-    if ref.startswith("zoo:"):
-        from .zoo import build_zoo
+    """`zoo:<name>` (the demo zoo), `smollm2:<name>` (the SmolLM2 zoo, `zoo build --base
+    smollm2`; built on first use), or a folder path."""
+    prefix, _, name = ref.partition(":")
+    if name and prefix in ("zoo", "smollm2"):
+        if prefix == "zoo":
+            from .zoo import build_zoo
 
-        zoo = build_zoo(log=lambda s: None)
-        name = ref[4:]
+            zoo = build_zoo(log=lambda s: None)
+        else:
+            from .smollm2_zoo import build_smollm2_zoo
+
+            zoo = build_smollm2_zoo()
         if name not in zoo.models:
-            raise MergeSearchError(f"model {ref}: the zoo has {', '.join(zoo.models)}")
+            raise MergeSearchError(f"model {ref}: the {prefix} zoo has {', '.join(zoo.models)}")
         return zoo.models[name]
     p = Path(ref).expanduser()
     if not p.exists() and space_path is not None and (space_path.parent / ref).exists():
@@ -157,6 +163,13 @@ class Searcher:
             t.name: self.evaluator.lm_eval().load(t).record(t) for t in self.tasks if t.lm_eval is not None
         }
         self.directions = ["maximize" if t.higher_is_better else "minimize" for t in self.tasks]
+        if space.anchors:
+            bad = [t.name for t in self.tasks if t.lm_eval is not None or t.metric == "perplexity"]
+            if bad:
+                raise MergeSearchError(
+                    f"{space.path or space.name}: anchors need per-example verdicts from the native "
+                    f"harness; task(s) {', '.join(bad)} (lm-eval or perplexity) have none: remove anchors"
+                )
 
     def hold_models(self) -> None:
         """Keep the models themselves resident (instead of task vectors) in the exact engine, so any
@@ -430,6 +443,8 @@ class _Objective:
         s.engine.write_into(s.model, recipes, seed=MERGE_SEED)
         merge_s = time.perf_counter() - t0
         trial.set_user_attr("merge_seconds", merge_s)
+        if s.space.anchors:
+            return self._anchor_fitness(trial, merge_s)
         eval_s, scores, n = 0.0, {}, {}
         rungs = s.space.fidelity
         for r, limit in enumerate(rungs):
@@ -452,9 +467,66 @@ class _Objective:
             if self._stop_early(trial, scores, min(n.values())):
                 trial.set_user_attr("stopped_at", limit)
                 raise optuna.TrialPruned(f"cannot matter after {limit} examples per task")
-        if not self.multi:
-            return s.objective_value(scores)
-        return [scores[t.name] for t in s.tasks]
+        return self._result(scores)
+
+    def _result(self, scores: dict[str, float]):
+        return [scores[t.name] for t in self.s.tasks] if self.multi else self.s.objective_value(scores)
+
+    def _anchor_fitness(self, trial: optuna.Trial, merge_s: float):
+        """Reference trials (the first `reference` of the study) on the whole search split, with
+        their verdicts recorded; every later one on the anchors chosen from those verdicts."""
+        s = self.s
+        anchors = self._anchors()
+        t1 = time.perf_counter()
+        if anchors is None:
+            limit = s.space.fidelity[-1]
+            results = {t.name: s.evaluator.evaluate(t, "search", limit) for t in s.tasks}
+            scores = {k: v.value for k, v in results.items()}
+            trial.set_user_attr(
+                "verdicts", {k: "".join("1" if x else "0" for x in v.scores) for k, v in results.items()}
+            )
+            trial.set_user_attr("fitness", "reference")
+        else:
+            from .evaluation.anchors import estimate
+
+            results = {
+                t.name: s.evaluator.evaluate(t, "search", indices=anchors[t.name]["indices"]) for t in s.tasks
+            }
+            scores = {k: estimate(v.scores, anchors[k]["weights"]) for k, v in results.items()}
+            trial.set_user_attr("fitness", "anchors")
+        trial.set_user_attr("eval_seconds", time.perf_counter() - t1)
+        trial.set_user_attr("scores", scores)
+        trial.set_user_attr("examples", {k: v.n for k, v in results.items()})
+        trial.set_user_attr("fidelity", max(v.n for v in results.values()))
+        return self._result(scores)
+
+    def _anchors(self) -> dict | None:
+        """The study's anchors, chosen and recorded once `reference` trials scored on the whole
+        search split have completed (the first ones by number, so racing workers agree); None
+        until then."""
+        from .evaluation.anchors import choose_anchors
+
+        attrs = self.study.user_attrs
+        if "anchors" in attrs:
+            return attrs["anchors"]
+        want = self.s.space.anchors["reference"]
+        ref = [
+            t
+            for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if t.user_attrs.get("fitness") == "reference"
+        ]
+        if len(ref) < want:
+            return None
+        ref = sorted(ref, key=lambda t: t.number)[:want]
+        out = {}
+        for task in self.s.tasks:
+            correct = np.array([[c == "1" for c in t.user_attrs["verdicts"][task.name]] for t in ref])
+            idx, w = choose_anchors(correct, self.s.space.anchors["per_task"], seed=self.s.space.seed)
+            out[task.name] = {"indices": idx, "weights": w}
+        out_attrs = {**out}
+        self.study.set_user_attr("anchors", out_attrs)
+        self.study.set_user_attr("anchor_reference_trials", [t.number for t in ref])
+        return self.study.user_attrs.get("anchors", out_attrs)
 
     def _stop_early(self, trial: optuna.Trial, scores: dict[str, float], n: int) -> bool:
         if not self.multi:  # Optuna's pruner on the mean score at this fidelity
@@ -491,6 +563,10 @@ class _Progress:
         if trial.state == optuna.trial.TrialState.COMPLETE:
             self.best = max(self.best, float(np.mean(trial.values)))
         post = {"best mean": f"{self.best:.3f}" if self.best > -math.inf else "-"}
+        a = trial.user_attrs
+        if "merge_seconds" in a:  # the last trial's cost: what a user tunes fidelity against
+            n = sum((a.get("examples") or {}).values())
+            post["last"] = f"merge {a['merge_seconds']:.1f}s eval {a.get('eval_seconds', 0):.1f}s {n} ex"
         if self.timeout:
             post["time left"] = f"{max(0, self.timeout - (time.perf_counter() - self.t0)):.0f}s"
         self.bar.set_postfix(post)

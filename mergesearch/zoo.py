@@ -322,7 +322,9 @@ def _write_manifest(zoo: Zoo, cfg: ZooConfig) -> None:
         json.dumps(
             {
                 "config": asdict(cfg),
-                "models": {k: v.name for k, v in zoo.models.items()},
+                "models": {
+                    k: v.name if v.parent == zoo.root else str(v.resolve()) for k, v in zoo.models.items()
+                },
                 "scores": zoo.scores,
                 "checks": zoo.checks,
                 "seconds": zoo.seconds,

@@ -78,3 +78,38 @@ def test_smollm2_search_report_export_mergekit_eval(smol_models, tmp_path):
     # Not vacuous: the scores are not all 0 (the base solves most of these) ...
     values = [c["test"]["wp"]["value"] for c in summary["candidates"]]
     assert max(values) > 0.3 and len(set(values)) > 1
+
+
+@pytest.mark.slow  # builds the SmolLM2 zoo once (~20 min on 2 cores, then cached): pytest -m slow
+def test_smollm2_zoo_specialists_lead_on_their_skill_and_its_spaces_search():
+    """`zoo build --base smollm2`: every specialist leads the base and the other specialists on its
+    own skill by the zoo's margin, as recorded in zoo.json and its model card; the shipped SmolLM2
+    spaces then search it for real (the anchors space past its reference trials)."""
+    from mergesearch.smollm2_zoo import MARGIN, SKILLS, build_smollm2_zoo
+    from mergesearch.space import load_space
+    from mergesearch.study import run_search
+
+    zoo = build_smollm2_zoo(progress=False, log=lambda s: None)
+    for skill in SKILLS:
+        own = zoo.scores[skill][skill]
+        rivals = [zoo.scores[m][skill] for m in zoo.models if m != skill]
+        assert own - max(rivals) >= MARGIN, (skill, zoo.scores)
+        assert zoo.checks[f"{skill} specialist leads on {skill}"]["ok"]
+        card = (zoo.models[skill] / "README.md").read_text()
+        assert f"| {skill} | " in card and f"{own:.3f}" in card
+    space = load_space(
+        Path(__file__).resolve().parents[1] / "search_spaces" / "smollm2_ta_blocks_anchors.yaml"
+    )
+    import tempfile
+
+    import mergesearch.study as study_mod
+
+    old = study_mod.RESULTS
+    study_mod.RESULTS = Path(tempfile.mkdtemp(prefix="smolzoo-"))
+    try:
+        s = run_search(space, trials=6, progress=False)
+    finally:
+        study_mod.RESULTS = old
+    fit = [t.user_attrs.get("fitness") for t in sorted(s.trials, key=lambda t: t.number)]
+    assert fit == ["reference"] * 4 + ["anchors"] * 2, fit
+    assert all(sum(t.user_attrs["examples"].values()) <= 21 for t in s.trials[4:])

@@ -358,12 +358,17 @@ def test_postgres_study_with_a_worker(zoo, tmp_path, postgres):
     assert len({t.user_attrs.get("worker") for t in ts}) == 2
 
 
-@pytest.mark.parametrize(
-    "path", sorted((Path(__file__).parents[1] / "search_spaces").glob("*.yaml")), ids=lambda p: p.stem
-)
+DEMO_SPACES = [
+    p
+    for p in sorted((Path(__file__).parents[1] / "search_spaces").glob("*.yaml"))
+    if not p.name.startswith("smollm2_")  # the SmolLM2 zoo's spaces: tests/test_realmodel_search.py (slow)
+]
+
+
+@pytest.mark.parametrize("path", DEMO_SPACES, ids=lambda p: p.stem)
 def test_every_shipped_space_runs(zoo, results, path):
-    """Each space in search_spaces/ searches the zoo for real (baselines, then sampled trials),
-    through the search engine; stepped ranges give values on their grid."""
+    """Each demo-zoo space in search_spaces/ searches the zoo for real (baselines, then sampled
+    trials), through the search engine; stepped ranges give values on their grid."""
     from mergesearch.study import run_search
 
     space = load_space(path)

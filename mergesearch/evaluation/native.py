@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..errors import MergeSearchError
 from .tasks import Example, Task
 
 
@@ -38,6 +39,45 @@ def configure_threads(num_parameters: int | None = None) -> int:
         n = 1
     torch.set_num_threads(n)
     return n
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for evaluation: the GPU's free memory, or the system's MemAvailable."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30  # unknown (not Linux): assume a small machine
+
+
+def batch_sizes(model, device: torch.device, tokens: int = 256, share: float = 0.25) -> tuple[int, int]:
+    """(teacher-forced, generation) batch sizes from the memory a batch of `tokens`-long sequences
+    needs: the KV cache and activations per token, plus full-vocabulary fp32 logits when teacher
+    forcing. A quarter of the free memory by default; powers of two, at least 8. On the CPU, where
+    a 135M model is compute-bound from batch 16 on, at most 128 / 64 (larger batches only carry
+    more padding); on a GPU at most 1024 / 512."""
+    cfg = model.config
+    elem = next(model.parameters()).element_size()
+    heads = getattr(cfg, "num_attention_heads", 1) or 1
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    hidden = getattr(cfg, "hidden_size", 1024)
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    layers = getattr(cfg, "num_hidden_layers", 1)
+    per_token = 2 * layers * kv_heads * head_dim * elem + 16 * hidden * elem
+    logits = getattr(cfg, "vocab_size", 32000) * 4
+    budget = available_memory(device) * share
+    cap_tf, cap_gen = (128, 64) if device.type == "cpu" else (1024, 512)
+
+    def fit(per_seq: float, cap: int) -> int:
+        n = max(8, int(budget // per_seq))
+        return min(cap, 1 << (n.bit_length() - 1))
+
+    return fit(tokens * (per_token + logits), cap_tf), fit(tokens * per_token, cap_gen)
 
 
 def prompt_text(tok, ex: Example) -> str:
@@ -85,8 +125,8 @@ class NativeEvaluator:
         model,
         tokenizer,
         *,
-        batch_size: int = 128,
-        gen_batch_size: int = 64,
+        batch_size: int | None = None,
+        gen_batch_size: int | None = None,
         device: str | torch.device | None = None,
         reuse_outputs: bool = False,
     ):
@@ -94,8 +134,12 @@ class NativeEvaluator:
 
         self.model = model
         self.tok = tokenizer
-        self.batch_size = batch_size
         self.device = torch.device(device) if device else next(model.parameters()).device
+        if batch_size is None or gen_batch_size is None:  # from the free memory (batch_sizes)
+            auto_tf, auto_gen = batch_sizes(model, self.device)
+            batch_size = batch_size or auto_tf
+            gen_batch_size = gen_batch_size or auto_gen
+        self.batch_size = batch_size
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
         self._enc: dict[str, list[int]] = {}
@@ -235,10 +279,22 @@ class NativeEvaluator:
             self._lm_eval = LMEvalBackend(self.model, self.tok)
         return self._lm_eval
 
-    def evaluate(self, task: Task, split: str = "search", limit: int | None = None) -> TaskResult:
+    def evaluate(
+        self, task: Task, split: str = "search", limit: int | None = None, indices: list[int] | None = None
+    ) -> TaskResult:
+        """Score the split's first `limit` examples, or the examples at `indices` (anchors)."""
         if task.lm_eval is not None:
+            if indices is not None:
+                raise MergeSearchError(f"task {task.name}: anchors are not supported for lm-eval tasks")
             return self.lm_eval().evaluate(task, split, limit)
         examples = task.examples(split, limit)
+        if indices is not None:
+            if not all(0 <= i < len(examples) for i in indices):
+                raise MergeSearchError(
+                    f"task {task.name}: anchor indices out of range for its {split} split of "
+                    f"{len(examples)} examples (the data changed since the anchors were chosen)"
+                )
+            examples = [examples[i] for i in indices]
         t0 = time.perf_counter()
         was_training = self.model.training
         self.model.eval()

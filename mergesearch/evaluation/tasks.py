@@ -169,20 +169,21 @@ class Task:
         recs = recs[start:]
         if limit is not None:
             recs = recs[:limit]
-        out = []
-        for i, r in enumerate(recs):
-            if self.chat_template:
-                turns = [*self._chat_turns, {"role": "user", "content": self._render(r, "prompt")}]
-                ex = Example(i, "", messages=turns)
-            else:
-                ex = Example(i, self._fewshot_prefix + self._render(r, "prompt"))
-            if self.metric == "exact_match":
-                ex.target = self._render(r, "target")
-            elif self.metric == "multiple_choice":
-                ex.choices = [str(c) for c in self._field(r, self.choices)]
-                ex.label = int(self._field(r, self.label))
-            out.append(ex)
-        return out
+        return [self.example(r, i) for i, r in enumerate(recs)]
+
+    def example(self, r: dict, i: int = 0) -> Example:
+        """One record as the model sees it (also how the SmolLM2 zoo renders its training data)."""
+        if self.chat_template:
+            turns = [*self._chat_turns, {"role": "user", "content": self._render(r, "prompt")}]
+            ex = Example(i, "", messages=turns)
+        else:
+            ex = Example(i, self._fewshot_prefix + self._render(r, "prompt"))
+        if self.metric == "exact_match":
+            ex.target = self._render(r, "target")
+        elif self.metric == "multiple_choice":
+            ex.choices = [str(c) for c in self._field(r, self.choices)]
+            ex.label = int(self._field(r, self.label))
+        return ex
 
     def _field(self, r: dict, name: str) -> Any:
         if name not in r:
