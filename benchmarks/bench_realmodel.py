@@ -128,6 +128,9 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=12, help="trials per phase (default: 12)")
     ap.add_argument("--train-steps", type=int, default=3, help="fine-tuning steps to time (default: 3)")
     ap.add_argument("--threads", default="", help="CPU thread counts for eval scaling, e.g. 1,2,4,8,16")
+    ap.add_argument(
+        "--phases", default="full,anchors", help="searches to time: full, anchors (default: both)"
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = ap.parse_args()
 
@@ -164,15 +167,13 @@ def main() -> None:
     from mergesearch.space import load_space, space_from_dict
     from mergesearch.study import run_search
 
-    raw = dict(load_space(ROOT / "search_spaces" / "smollm2_ta_blocks.yaml").raw)
-    raw["base"] = str(models["base"])
-    raw["models"] = [str(models[m]) for m in ("largest", "nth_word", "to_digits")]
-    for phase, anchors in (("full", None), ("anchors", raw.get("anchors"))):
-        d = dict(raw, name=f"bench_{phase}")
-        d.pop("anchors", None)
-        if anchors:
-            d["anchors"] = anchors
-        space = space_from_dict(d, ROOT / "search_spaces" / "smollm2_ta_blocks.yaml")
+    for phase, file in (("full", "smollm2_ta_blocks.yaml"), ("anchors", "smollm2_ta_blocks_anchors.yaml")):
+        if args.phases and phase not in args.phases.split(","):
+            continue
+        path = ROOT / "search_spaces" / file
+        d = dict(load_space(path).raw, name=f"bench_{phase}", base=str(models["base"]))
+        d["models"] = [str(models[m]) for m in ("largest", "nth_word", "to_digits")]
+        space = space_from_dict(d, path)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()

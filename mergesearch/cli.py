@@ -153,7 +153,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from .report import report
     from .study import study_dir
 
-    summary = report(args.study, args.storage, device=args.device)
+    summary = report(
+        args.study,
+        args.storage,
+        device=args.device,
+        log=(lambda m: None) if args.quiet else (lambda m: print(m, flush=True)),
+    )
     out = study_dir(args.study)
     if "gain" in summary:
         g = summary["gain"]
@@ -373,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("study", help="study name")
     storage_flags(r, False)
     r.add_argument("--device", default="auto", help=DEVICE_HELP)
+    r.add_argument("-q", "--quiet", action="store_true", help="no line per candidate scored")
     r.set_defaults(func=_cmd_report)
 
     x = sub.add_parser(

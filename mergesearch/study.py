@@ -444,7 +444,7 @@ class _Objective:
         merge_s = time.perf_counter() - t0
         trial.set_user_attr("merge_seconds", merge_s)
         if s.space.anchors:
-            return self._anchor_fitness(trial, merge_s)
+            return self._anchor_fitness(trial)
         eval_s, scores, n = 0.0, {}, {}
         rungs = s.space.fidelity
         for r, limit in enumerate(rungs):
@@ -472,7 +472,7 @@ class _Objective:
     def _result(self, scores: dict[str, float]):
         return [scores[t.name] for t in self.s.tasks] if self.multi else self.s.objective_value(scores)
 
-    def _anchor_fitness(self, trial: optuna.Trial, merge_s: float):
+    def _anchor_fitness(self, trial: optuna.Trial):
         """Reference trials (the first `reference` of the study) on the whole search split, with
         their verdicts recorded; every later one on the anchors chosen from those verdicts."""
         s = self.s
@@ -523,10 +523,9 @@ class _Objective:
             correct = np.array([[c == "1" for c in t.user_attrs["verdicts"][task.name]] for t in ref])
             idx, w = choose_anchors(correct, self.s.space.anchors["per_task"], seed=self.s.space.seed)
             out[task.name] = {"indices": idx, "weights": w}
-        out_attrs = {**out}
-        self.study.set_user_attr("anchors", out_attrs)
+        self.study.set_user_attr("anchors", out)
         self.study.set_user_attr("anchor_reference_trials", [t.number for t in ref])
-        return self.study.user_attrs.get("anchors", out_attrs)
+        return out
 
     def _stop_early(self, trial: optuna.Trial, scores: dict[str, float], n: int) -> bool:
         if not self.multi:  # Optuna's pruner on the mean score at this fidelity

@@ -92,3 +92,18 @@ def test_a_study_scores_later_trials_on_anchors(zoo, tmp_path):
     assert (
         "Few-example fitness: 3 reference trials" in (tmp_path / "results" / "anc" / "report.md").read_text()
     )
+
+
+def test_uniform_known_recipes_extend_to_three_models():
+    """A three-specialist space starts from task arithmetic λ=1 (every weight 1.0), as the report
+    compares with it; uneven recipes (linear 70/30) and slerp stay two-model only."""
+    from pathlib import Path
+
+    from mergesearch.space import load_space
+
+    space = load_space(Path(__file__).parents[1] / "search_spaces" / "smollm2_ta_blocks.yaml")
+    values = space.baseline_values("task_arithmetic λ=1", 30)
+    assert len(values) == 3 * 2 * 6 and set(values.values()) == {1.0}
+    linear = space_from_dict(dict(space.raw, method="linear", parameters={"weight": [0.0, 1.0]}))
+    assert set(linear.baseline_values("linear 50/50", 30).values()) == {0.5}
+    assert linear.baseline_values("linear 70/30", 30) is None

@@ -124,8 +124,19 @@ def test_multiple_choice_and_perplexity_tasks(zoo):
 
 
 def test_committed_task_data_is_disjoint():
-    for name in ("add", "reverse", "count", "add_choice", "add_ppl"):
+    for name in ("add", "reverse", "count", "add_choice", "add_ppl", "largest", "nth_word", "to_digits"):
         find_task(name).check()
+    # The SmolLM2 zoo's skills: the committed files are what its generator makes (its training
+    # questions avoid exactly these), and their answers are right.
+    from mergesearch.smollm2_zoo import SKILLS, eval_records, number_words
+
+    for skill in SKILLS:
+        for split, rows in eval_records(skill).items():
+            assert find_task(skill).records(split) and sorted(
+                map(json.dumps, find_task(skill).records(split))
+            ) == sorted(map(json.dumps, rows)), (skill, split)
+    assert number_words(964) == "nine hundred sixty-four" and number_words(310) == "three hundred ten"
+    assert number_words(507) == "five hundred seven" and number_words(800) == "eight hundred"
     rows = [json.loads(line) for line in open(Path(__file__).parents[1] / "evals/data/add.test.jsonl")]
     assert len(rows) == 300
 
@@ -151,3 +162,44 @@ def test_a_record_with_an_empty_field_is_refused_not_rendered_as_none(tmp_path):
     p = _task(tmp_path, BASIC, ['{"q": "x", "a": "1"}', '{"q": null, "a": "2"}'])
     with pytest.raises(MergeSearchError, match=r"no value for field 'q' of the prompt template"):
         load_task(p).check()
+
+
+def test_batch_sizes_follow_free_memory_and_the_device(monkeypatch):
+    """Powers of two, at least 8, capped per device, smaller when less memory is free."""
+    import transformers
+
+    from mergesearch.evaluation import native
+
+    config = transformers.LlamaConfig(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+    )  # SmolLM2-135M's shape
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    sizes = {}
+    for free in (1 << 30, 8 << 30, 64 << 30):
+        monkeypatch.setattr(native, "available_memory", lambda device, free=free: free)
+        sizes[free] = native.batch_sizes(model, torch.device("cpu"))
+        gpu = native.batch_sizes(model, torch.device("cuda"))
+        for n in (*sizes[free], *gpu):
+            assert n >= 8 and n & (n - 1) == 0
+        assert sizes[free][0] <= 128 and sizes[free][1] <= 64 and gpu[0] <= 1024 and gpu[1] <= 512
+    assert sizes[1 << 30] < sizes[64 << 30]  # (teacher-forced, generation), element-wise here
+    assert sizes[1 << 30][0] < sizes[1 << 30][1]  # full-vocabulary logits make teacher forcing dearer
+
+
+def test_device_auto_and_a_missing_gpu():
+    from mergesearch.cli import main
+    from mergesearch.modeling import resolve_device
+
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(MergeSearchError, match="sees no CUDA GPU"):
+            resolve_device("cuda:0")
+        assert main(["eval", "nowhere", "--tasks", "add", "--device", "cuda"]) == 2
+    assert main(["zoo", "build", "--device", "cpu"]) == 2  # the demo zoo has no device to choose
