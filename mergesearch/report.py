@@ -494,7 +494,8 @@ def export(
                 test = {k: round(v["value"], 4) for k, v in c["test"].items()}
     header = [
         f"# mergesearch export: study {study}, trial {t.number}",
-        f"# search scores: {json.dumps({k: round(v, 4) for k, v in (t.user_attrs.get('scores') or {}).items()})}",
+        f"# search scores{' (anchor estimates)' if t.user_attrs.get('fitness') == 'anchors' else ''}: "
+        f"{json.dumps({k: round(v, 4) for k, v in (t.user_attrs.get('scores') or {}).items()})}",
         f"# test scores: {json.dumps(test) if test else 'not measured yet (run mergesearch report)'}",
         f"# seed: {MERGE_SEED} (mergesearch merge --seed {MERGE_SEED} / mergekit-yaml --random-seed {MERGE_SEED})",
         "",

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import shutil
 import tempfile
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .errors import MergeSearchError
-from .zoo import Zoo, _write_manifest, default_home
+from .zoo import Zoo, _write_manifest, default_home, publish
 
 SKILLS = ("largest", "nth_word", "to_digits")
 
@@ -243,9 +242,7 @@ def build_smollm2_zoo(
         for name in cfg.skills:
             (tmp / name / "README.md").write_text(_card(name, cfg, zoo.scores, train_s[name], str(dev)))
         _write_manifest(zoo, cfg)
-        if root.exists():
-            shutil.rmtree(root)
-        os.rename(tmp, root)
+        publish(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

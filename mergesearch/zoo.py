@@ -300,13 +300,19 @@ def build_zoo(
         for name, path in zoo.models.items():
             (path / "README.md").write_text(_card(name, cfg, zoo.scores[name]))
         _write_manifest(zoo, cfg)
-        if root.exists():
-            shutil.rmtree(root)
-        os.rename(tmp, root)
+        publish(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Zoo.load(root)
+
+
+def publish(tmp: Path, root: Path) -> None:
+    """Put a finished build in place of `root` (a rename on the same filesystem), so a reader never
+    sees a half-written zoo."""
+    if root.exists():
+        shutil.rmtree(root)
+    os.rename(tmp, root)
 
 
 def _save(model, tok, path: Path) -> None:
