@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 import shutil
 import tempfile
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .errors import MergeSearchError
-from .zoo import Zoo, _write_manifest, default_home, publish
+from .zoo import Zoo, _write_manifest, default_home, publish, warmup_cosine
 
 SKILLS = ("largest", "nth_word", "to_digits")
 
@@ -133,14 +132,7 @@ def _finetune(
     torch.manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-
-    def schedule(step: int) -> float:  # linear warmup, cosine to 10 %
-        if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
-        p = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup, cfg.steps, 0.1))
     model.train()
     bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False)
     loss = float("nan")

@@ -411,6 +411,7 @@ def _enqueue_baselines(s: optuna.Study, searcher: Searcher) -> None:
 class _Objective:
     def __init__(self, searcher: Searcher, study: optuna.Study, multi: bool, artifacts) -> None:
         self.s, self.study, self.multi, self.artifacts = searcher, study, multi, artifacts
+        self._anchor_cache: dict | None = None
 
     def __call__(self, trial: optuna.Trial):
         s = self.s
@@ -506,9 +507,12 @@ class _Objective:
         until then."""
         from .evaluation.anchors import choose_anchors
 
+        if self._anchor_cache is not None:  # fixed once chosen: no storage read per trial
+            return self._anchor_cache
         attrs = self.study.user_attrs
         if "anchors" in attrs:
-            return attrs["anchors"]
+            self._anchor_cache = attrs["anchors"]
+            return self._anchor_cache
         want = self.s.space.anchors["reference"]
         ref = [
             t
@@ -525,6 +529,7 @@ class _Objective:
             out[task.name] = {"indices": idx, "weights": w}
         self.study.set_user_attr("anchors", out)
         self.study.set_user_attr("anchor_reference_trials", [t.number for t in ref])
+        self._anchor_cache = out
         return out
 
     def _stop_early(self, trial: optuna.Trial, scores: dict[str, float], n: int) -> bool:

@@ -148,6 +148,19 @@ def _batch(tok, items: list[tuple[str, str]], answer_only: bool) -> tuple[torch.
     return ids, labels
 
 
+def warmup_cosine(warm: int, steps: int, final_frac: float) -> Callable[[int], float]:
+    """The learning-rate factor of both zoos: linear warmup over `warm` steps, then a cosine
+    from 1 down to `final_frac` at `steps`."""
+
+    def schedule(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        p = (step - warm) / max(1, steps - warm)
+        return final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * p))
+
+    return schedule
+
+
 def _train(
     model,
     tok,
@@ -167,15 +180,7 @@ def _train(
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    warm = max(1, steps // 20)
-
-    def schedule(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        p = (step - warm) / max(1, steps - warm)
-        return final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * p))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(max(1, steps // 20), steps, final_frac))
     model.train()
     loss = 0.0
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)

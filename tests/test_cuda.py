@@ -4,8 +4,6 @@ GPU (CI); run where one is: `python -m pytest tests/test_cuda.py`."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -80,9 +78,9 @@ def test_generation_on_cuda_equals_hf_generate_and_the_cpu_verdicts(zoo):
         if tok.eos_token_id in want:
             want = want[: want.index(tok.eos_token_id) + 1]
         assert mine[: len(want)] == want, (p, mine, want)
+    cpu_model, _ = load_model(zoo.models["add"], device="cpu")
     for task in ("add", "reverse"):
         gpu = NativeEvaluator(model, tok).evaluate(find_task(task), "test", 100)
-        cpu_model, _ = load_model(zoo.models["add"], device="cpu")
         cpu = NativeEvaluator(cpu_model, tok).evaluate(find_task(task), "test", 100)
         assert (gpu.scores == cpu.scores).mean() >= 0.99, task
 
@@ -90,7 +88,7 @@ def test_generation_on_cuda_equals_hf_generate_and_the_cpu_verdicts(zoo):
 def test_search_and_report_on_cuda_by_default(zoo, tmp_path):
     """`search` and `report` pick the GPU by themselves (--device auto) and finish; the report's
     numbers for the best recipe agree with `eval` of the exported recipe's merge on the CPU."""
-    import os
+    from tests.test_search import cli  # a real subprocess of the CLI, results under tmp_path
 
     space = {
         "name": "gpu",
@@ -105,27 +103,26 @@ def test_search_and_report_on_cuda_by_default(zoo, tmp_path):
         "trials": 6,
     }
     (tmp_path / "gpu.yaml").write_text(yaml.safe_dump(space))
-    env = dict(os.environ, MERGESEARCH_RESULTS=str(tmp_path / "results"))
 
-    def cli(*args):
-        p = subprocess.run(
-            [sys.executable, "-m", "mergesearch", *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=tmp_path,
-        )
-        assert p.returncode == 0, p.stderr[-3000:]
-        return p.stdout
-
-    cli("search", "gpu.yaml", "-q")
-    cli("report", "gpu")
+    cli(tmp_path, "search", "gpu.yaml", "-q")
+    cli(tmp_path, "report", "gpu")
     summary = json.loads((tmp_path / "results" / "gpu" / "test_scores.json").read_text())
     best = next(c for c in summary["candidates"] if c["label"].endswith("(best)"))
-    cli("export", "gpu", "--best", "-o", "best.yaml")
-    cli("merge", "best.yaml", "merged", "-q")
+    cli(tmp_path, "export", "gpu", "--best", "-o", "best.yaml")
+    cli(tmp_path, "merge", "best.yaml", "merged", "-q")
     got = json.loads(
-        cli("eval", "merged", "--tasks", "add,reverse", "--split", "test", "--device", "cpu", "--json")
+        cli(
+            tmp_path,
+            "eval",
+            "merged",
+            "--tasks",
+            "add,reverse",
+            "--split",
+            "test",
+            "--device",
+            "cpu",
+            "--json",
+        ).stdout
     )
     for row in got:
         assert abs(row["value"] - best["test"][row["task"]]["value"]) <= 0.02, (row, best["test"])
