@@ -104,6 +104,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.quiet,
         cache_ranks=args.cache_ranks,
+        set_budget=args.set_budget,
     )
     _print_study(study, name, args.storage)
     if args.storage is None:
@@ -115,17 +116,16 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from .study import load_study_space, run_search
 
     space = load_study_space(args.study, args.storage)
-    seed = space.seed + os.getpid()  # workers must not propose the same points as each other
     study = run_search(
         space,
         study=args.study,
         storage=args.storage,
         trials=args.trials,
         timeout=args.timeout,
-        seed=seed,
         device=args.device,
         progress=not args.quiet,
         cache_ranks=args.cache_ranks,
+        worker=True,
     )
     _print_study(study, args.study, args.storage)
     return 0
@@ -193,6 +193,39 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error (exit 2)."""
+
+    def error(self, message: str):
+        raise MergeSearchError(f"{message} (see {self.prog} --help)")
+
+
+def whole(minimum: int):
+    """An argparse type: a whole number ≥ minimum, with a message that says so."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = None
+        if v is None or v < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number ≥ {minimum}")
+        return v
+
+    parse.__name__ = "whole number"
+    return parse
+
+
+def seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return v
+
+
 DEVICE_HELP = (
     "where models run: auto (CUDA when PyTorch sees a GPU, else the CPU), cpu, cuda or cuda:N; scores are "
     "computed in float32 on the CPU and in the checkpoint's dtype (bf16) on a GPU (default: auto)"
@@ -200,7 +233,7 @@ DEVICE_HELP = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="mergesearch",
         description="Learn model-merge coefficients: search, merge, evaluate, export mergekit recipes.",
     )
@@ -219,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("out_dir", help="output model folder (written atomically)")
     m.add_argument(
         "--seed",
-        type=int,
+        type=whole(0),
         default=None,
         help="seed for DARE/DELLA draws; equals mergekit-yaml --random-seed N bit for bit (on CPU)",
     )
@@ -292,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--split", default="test", help="split to score: search or test (default: test)")
     e.add_argument(
-        "--limit", type=int, default=None, help="score only the first N examples of the fixed shuffle"
+        "--limit", type=whole(1), default=None, help="score only the first N examples of the fixed shuffle"
     )
     e.add_argument(
         "--backend",
@@ -333,14 +366,25 @@ def build_parser() -> argparse.ArgumentParser:
     se = sub.add_parser(
         "search",
         help="learn merge coefficients: run (or resume) an Optuna study over a space",
-        description="Create or resume the study and run trials until it holds --trials finished "
-        "trials. Running the same command again resumes.",
+        description="Create the study (or resume it) and run trials until it holds its budget of "
+        "finished trials. Running the same command again resumes; another process on the same storage "
+        "(search or worker) joins it. Everything that can be checked (space, models, tasks) is checked "
+        "before the study is created.",
     )
     se.add_argument("space", help="search space YAML (see search_spaces/README.md)")
     se.add_argument(
-        "--trials", type=int, default=None, help="total finished trials for the study (default: the space's)"
+        "--trials",
+        type=whole(1),
+        default=None,
+        help="the study's budget of finished trials, set when it is created (default: the space's); "
+        "resuming with another value is refused unless --set-budget",
     )
-    se.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
+    se.add_argument(
+        "--set-budget",
+        action="store_true",
+        help="change an existing study's budget to --trials (every worker then stops there)",
+    )
+    se.add_argument("--timeout", type=seconds, default=None, help="stop after this many seconds")
     storage_flags(se, False)
     se.add_argument(
         "--study", default=None, help="study name (default: the space's name); results go to results/<study>/"
@@ -351,7 +395,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "cmaes", "nsga2", "tpe", "gp", "random"],
         help="optimizer (default: the space's; auto = CMA-ES for one objective, NSGA-II for several)",
     )
-    se.add_argument("--seed", type=int, default=None, help="sampler seed (default: the space's)")
+    se.add_argument(
+        "--seed",
+        type=whole(0),
+        default=None,
+        help="sampler seed of a new study (default: the space's); a resumed study or another process "
+        "derives its own from it, so no two processes propose the same candidates",
+    )
     run_flags(se)
     se.set_defaults(func=_cmd_search)
 
@@ -363,9 +413,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     storage_flags(w, True)
     w.add_argument(
-        "--trials", type=int, default=None, help="total finished trials (default: the study's budget)"
+        "--trials",
+        type=whole(1),
+        default=None,
+        help="stop this worker when the study holds this many finished trials (default: the study's "
+        "budget, which this flag does not change)",
     )
-    w.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
+    w.add_argument("--timeout", type=seconds, default=None, help="stop after this many seconds")
     run_flags(w)
     w.set_defaults(func=_cmd_worker)
 
@@ -389,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument("study", help="study name")
     g = x.add_mutually_exclusive_group()
-    g.add_argument("--trial", type=int, default=None, help="trial number")
+    g.add_argument("--trial", type=whole(0), default=None, help="trial number")
     g.add_argument("--best", action="store_true", help="the best trial (default)")
     x.add_argument(
         "-o", "--output", default=None, help="output file (default: results/<study>/trial_<N>.yaml)"
@@ -400,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("dashboard", help="serve optuna-dashboard on the study's storage (127.0.0.1)")
     d.add_argument("study", help="study name")
     storage_flags(d, False)
-    d.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default: 8080)")
+    d.add_argument("--port", type=whole(1), default=8080, help="port on 127.0.0.1 (default: 8080)")
     d.set_defaults(func=_cmd_dashboard)
 
     dm = sub.add_parser(
@@ -410,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dm.add_argument(
         "--trials",
-        type=int,
+        type=whole(1),
         default=None,
         help="trials for the demo study (default: search_spaces/demo.yaml)",
     )
@@ -420,9 +474,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    import warnings
+
+    warnings.formatwarning = _one_line_warning  # what happened, not where in our code
     try:
+        args = build_parser().parse_args(argv)
         if getattr(args, "device", None) is not None:
             from .modeling import resolve_device
 
@@ -434,3 +495,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk, a read-only folder: say which file and what to do
+        print(f"error: {os_error(e)}", file=sys.stderr)
+        return 2
+
+
+def os_error(e: OSError) -> str:
+    import errno
+
+    where = e.filename or "a file"
+    advice = {
+        errno.ENOSPC: "the disk is full; free space (completed trials are kept) and run the command again",
+        errno.EROFS: "the file system is read-only; choose a writable folder (MERGESEARCH_RESULTS, --storage, -o, OUT_DIR)",
+        errno.EACCES: "permission denied; choose a folder you can write (MERGESEARCH_RESULTS, --storage, -o, OUT_DIR)",
+        errno.EDQUOT: "the disk quota is used up; free space and run the command again",
+    }.get(e.errno, "check the path and run the command again")
+    return f"{where}: {e.strerror or e}; {advice}"

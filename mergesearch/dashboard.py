@@ -11,7 +11,7 @@ def serve(study: str, storage: str | None = None, *, port: int = 8080) -> None:
     from optuna.artifacts import FileSystemArtifactStore
     from optuna_dashboard import run_server
 
-    st = open_storage(storage, study)
+    st = open_storage(storage, study, create=False)
     names = [s.study_name for s in optuna.get_all_study_summaries(st)]
     if study not in names:
         raise MergeSearchError(

@@ -18,6 +18,7 @@ import yaml
 
 from .errors import MergeSearchError
 from .methods.registry import UNIT_INTERVAL, get_method
+from .yaml_files import read_text, yaml_error
 
 TOP_KEYS = {
     "merge_method",
@@ -313,7 +314,7 @@ def parse_recipes(text: str, where: str = "recipe") -> list[Recipe]:
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as e:
-        raise MergeSearchError(f"{where}: not valid YAML ({e})") from e
+        raise yaml_error(where, e) from e
     if not docs:
         raise MergeSearchError(f"{where}: empty recipe")
     recipes = [
@@ -335,7 +336,4 @@ def parse_recipes(text: str, where: str = "recipe") -> list[Recipe]:
 
 
 def load_recipes(path: str | Path) -> list[Recipe]:
-    p = Path(path)
-    if not p.is_file():
-        raise MergeSearchError(f"{p}: recipe file does not exist")
-    return parse_recipes(p.read_text(), str(p))
+    return parse_recipes(read_text(path, "recipe file"), str(path))

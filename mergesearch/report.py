@@ -28,12 +28,8 @@ from .study import MERGE_SEED, Searcher, open_storage, space_of, study_dir
 
 
 def load(study: str, storage: str | None = None) -> optuna.Study:
-    if storage is None and not (study_dir(study) / "study.db").is_file():
-        raise MergeSearchError(
-            f"study {study!r}: no {study_dir(study) / 'study.db'}; pass --storage URL for another storage"
-        )
     try:
-        return optuna.load_study(study_name=study, storage=open_storage(storage, study))
+        return optuna.load_study(study_name=study, storage=open_storage(storage, study, create=False))
     except KeyError as e:
         raise MergeSearchError(f"study {study!r} is not in that storage") from e
 
@@ -124,9 +120,10 @@ def report(
     """Write the study's report; returns the summary (also in test_scores.json). `log` receives
     a line per candidate scored (each costs both splits: minutes on a real model)."""
     s = load(study, storage)
+    space = space_of(s)
+    best = best_trial(s)  # refuses a study with no completed trial before anything is written
     out = Path(out) if out else study_dir(study)
     out.mkdir(parents=True, exist_ok=True)
-    space = space_of(s)
     if searcher is None:
         log(f"loading the base and {len(space.models)} models of study {study!r}")
         searcher = Searcher(space, device=device)
@@ -135,7 +132,6 @@ def report(
     df = trials_frame(s)
     _atomic_csv(df, out / "trials.csv")
     fr = front(s)
-    best = best_trial(s)
     _atomic_csv(df[df["trial"].isin([t.number for t in fr])], out / "pareto.csv")
 
     def score(label: str, recipes: list[Recipe], recorded: dict[str, float] | None) -> Scored:
@@ -323,7 +319,7 @@ def _plots(s, searcher: Searcher, best, fr, baselines: list[Scored], out: Path) 
         ax.set_title(f"{s.study_name}: Pareto front and known recipes")
         ax.legend(fontsize=7, loc="best")
         fig.tight_layout()
-        fig.savefig(out / "pareto.png", dpi=110)
+        _atomic(out / "pareto.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
         plt.close(fig)
         files["pareto"] = "pareto.png"
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -335,7 +331,7 @@ def _plots(s, searcher: Searcher, best, fr, baselines: list[Scored], out: Path) 
     ax.set_ylabel("mean search score")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "history.png", dpi=110)
+    _atomic(out / "history.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     files["history"] = "history.png"
     prof = coefficient_profile(best, searcher)
@@ -348,18 +344,20 @@ def _plots(s, searcher: Searcher, best, fr, baselines: list[Scored], out: Path) 
         ax.set_title(f"per-layer coefficients of trial {best.number}")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out / "coefficients.png", dpi=110)
+        _atomic(out / "coefficients.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
         plt.close(fig)
         files["coefficients"] = "coefficients.png"
     try:
         from optuna.visualization import plot_optimization_history, plot_pareto_front
 
         if len(names) >= 2:
-            plot_pareto_front(s, target_names=names).write_html(out / "pareto.html", include_plotlyjs="cdn")
+            fig_p = plot_pareto_front(s, target_names=names)
+            _atomic(out / "pareto.html", lambda tmp: fig_p.write_html(tmp, include_plotlyjs="cdn"))
             files["pareto_html"] = "pareto.html"
-        plot_optimization_history(
+        fig_h = plot_optimization_history(
             s, target=lambda t: float(np.mean(t.values)), target_name="mean score"
-        ).write_html(out / "history.html", include_plotlyjs="cdn")
+        )
+        _atomic(out / "history.html", lambda tmp: fig_h.write_html(tmp, include_plotlyjs="cdn"))
         files["history_html"] = "history.html"
     except ImportError:  # plotly is optional for the report
         pass
@@ -506,14 +504,21 @@ def export(
     return path
 
 
+def _atomic(path: Path, write) -> None:
+    """write(tmp) then rename over `path`: readers see the old file or the new one, and a failed
+    write (a full disk) leaves neither a partial file nor the temporary one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _atomic_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    _atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def _atomic_csv(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    _atomic(path, lambda tmp: df.to_csv(tmp, index=False))

@@ -17,7 +17,7 @@ from .architecture import Architecture
 from .errors import MergeSearchError
 from .methods.registry import METHODS, get_method
 from .recipe import Recipe, Source
-from .yaml_files import read_mapping
+from .yaml_files import names, number, read_mapping
 
 KEYS = {
     "name",
@@ -292,20 +292,26 @@ def filter_for(arch: Architecture, component: str) -> str:
 
 def _range(v: Any, where: str) -> Range:
     if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return Range(float(v), float(v))
+        x = number(v, where)
+        return Range(x, x)
     if isinstance(v, list) and len(v) == 2:
         v = {"low": v[0], "high": v[1]}
     if not isinstance(v, dict) or "low" not in v or "high" not in v:
-        raise MergeSearchError(f"{where}: expected [low, high] or {{low, high}}")
+        raise MergeSearchError(f"{where}: expected [low, high] or {{low, high}}, not {v!r}")
     extra = set(v) - {"low", "high", "log", "step"}
     if extra:
         raise MergeSearchError(f"{where}: unknown key {sorted(extra)[0]!r}")
-    step = float(v["step"]) if v.get("step") is not None else None
-    r = Range(float(v["low"]), float(v["high"]), bool(v.get("log", False)), step)
+    low, high = number(v["low"], f"{where}: low"), number(v["high"], f"{where}: high")
+    step = number(v["step"], f"{where}: step") if v.get("step") is not None else None
+    if not isinstance(v.get("log", False), bool):
+        raise MergeSearchError(f"{where}: log is true or false, not {v['log']!r}")
+    r = Range(low, high, v.get("log", False), step)
     if r.low > r.high:
         raise MergeSearchError(f"{where}: inverted range (low {r.low} > high {r.high})")
     if step is not None and (step <= 0 or r.log):
         raise MergeSearchError(f"{where}: step must be positive and cannot be combined with log")
+    if r.log and r.low <= 0:
+        raise MergeSearchError(f"{where}: a log range needs low > 0, not {r.low}")
     return r
 
 
@@ -314,6 +320,7 @@ def load_space(path: str | Path) -> SearchSpace:
 
 
 def space_from_dict(d: dict, p: Path | None = None) -> SearchSpace:
+    """Check every key of a space (types, ranges, finite numbers) and build it."""
     where = str(p) if p else "search space"
     for k in d:
         if k not in KEYS:
@@ -323,25 +330,35 @@ def space_from_dict(d: dict, p: Path | None = None) -> SearchSpace:
     for k in ("base", "models", "method", "tasks"):
         if k not in d:
             raise MergeSearchError(f"{where}: missing key {k!r}")
+    if not isinstance(d["base"], str) or not d["base"]:
+        raise MergeSearchError(f"{where}: base: a model folder or zoo reference, not {d['base']!r}")
     methods = d["method"] if isinstance(d["method"], list) else [d["method"]]
     for mname in methods:
+        if not isinstance(mname, str):
+            raise MergeSearchError(f"{where}: method: a method name or a list of them, not {mname!r}")
         get_method(mname, f"{where}: method")
-    models = list(d["models"])
+    models = names(d["models"], f"{where}: models", "[zoo:add, zoo:reverse]")
     if len(models) < 2:
         raise MergeSearchError(f"{where}: models needs at least two entries")
+    tasks = names(d["tasks"], f"{where}: tasks", "[add, reverse]")
     gran = str(d.get("granularity", "layer"))
     if gran not in ("model", "layer") and not (
         gran.startswith("block:") and gran[6:].isdigit() and int(gran[6:]) > 0
     ):
         raise MergeSearchError(f"{where}: granularity {gran!r}: use model, layer or block:N")
     comps = d.get("components", ["all"])
-    comps = [comps] if isinstance(comps, str) else list(comps)
-    if comps != ["all"] and (not comps or any(c not in COMPONENTS for c in comps)):
+    comps = [comps] if isinstance(comps, str) else comps
+    if comps != ["all"] and (
+        not isinstance(comps, list) or not comps or any(c not in COMPONENTS for c in comps)
+    ):
         raise MergeSearchError(
             f"{where}: components {comps}: use 'all' or a list from {', '.join(COMPONENTS)}"
         )
     params = {}
-    for name, v in (d.get("parameters") or {}).items():
+    raw_params = d.get("parameters") or {}
+    if not isinstance(raw_params, dict):
+        raise MergeSearchError(f"{where}: parameters: a mapping of names to ranges, e.g. {{weight: [0, 1.5]}}")
+    for name, v in raw_params.items():
         if name not in MODEL_PARAMS + SHARED_PARAMS:
             raise MergeSearchError(
                 f"{where}: parameters.{name}: not searchable; use {', '.join(MODEL_PARAMS + SHARED_PARAMS)}"
@@ -368,15 +385,38 @@ def space_from_dict(d: dict, p: Path | None = None) -> SearchSpace:
     sampler = d.get("sampler", "auto")
     if sampler not in SAMPLERS:
         raise MergeSearchError(f"{where}: sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
-    trials = int(d.get("trials", 100))
-    if trials < 1:
-        raise MergeSearchError(f"{where}: trials must be at least 1")
+    if sampler == "cmaes" and len(methods) > 1:
+        raise MergeSearchError(
+            f"{where}: sampler cmaes cannot choose among methods (a categorical); use tpe or auto"
+        )
+    trials = number(d.get("trials", 100), f"{where}: trials", whole=True, minimum=1)
     fid = d.get("fidelity", [50, 200])
-    fid = [int(x) for x in (fid if isinstance(fid, list) else [fid])]
-    if not fid or any(x < 1 for x in fid) or fid != sorted(fid):
+    fid = fid if isinstance(fid, list) else [fid]
+    fid = [number(x, f"{where}: fidelity", whole=True, minimum=1) for x in fid]
+    if not fid or fid != sorted(fid) or len(set(fid)) != len(fid):
         raise MergeSearchError(
             f"{where}: fidelity: an increasing list of example counts per task, e.g. [50, 200]"
         )
+    timeout = d.get("timeout")
+    if timeout is not None:
+        timeout = number(timeout, f"{where}: timeout (seconds)", minimum=1)
+    seed = number(d.get("seed", 0), f"{where}: seed", whole=True, minimum=0)
+    weights = d.get("task_weights") or {}
+    if not isinstance(weights, dict):
+        raise MergeSearchError(f"{where}: task_weights: a mapping of task to weight, e.g. {{add: 2, reverse: 1}}")
+    for k, v in weights.items():
+        if k not in tasks:
+            raise MergeSearchError(f"{where}: task_weights.{k}: not one of the space's tasks ({', '.join(tasks)})")
+        number(v, f"{where}: task_weights.{k}", minimum=0)
+    if weights and not sum(float(weights.get(t, 1.0)) for t in tasks) > 0:
+        raise MergeSearchError(f"{where}: task_weights: at least one task needs a weight above 0")
+    if not isinstance(d.get("baselines", True), bool):
+        raise MergeSearchError(f"{where}: baselines: true or false, not {d['baselines']!r}")
+    dtype = d.get("dtype")
+    if dtype is not None:
+        from .checkpoint import parse_dtype
+
+        parse_dtype(dtype, f"{where}: dtype")
     anchors = d.get("anchors")
     if anchors is not None:
         if not isinstance(anchors, dict) or set(anchors) != {"per_task", "reference"}:
@@ -385,38 +425,40 @@ def space_from_dict(d: dict, p: Path | None = None) -> SearchSpace:
                 "a candidate once R reference trials have been scored on the whole search split)"
             )
         for k, v in anchors.items():
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise MergeSearchError(f"{where}: anchors.{k}: a whole number ≥ 1, not {v!r}")
+            number(v, f"{where}: anchors.{k}", whole=True, minimum=1)
         if len(fid) > 1:
             raise MergeSearchError(
                 f"{where}: anchors and several fidelity rungs are two ways to spend fewer examples; "
                 "use one (with anchors, give fidelity: [N], the search examples per task of the reference trials)"
             )
-    constraints = dict(d.get("constraints") or {})
-    for k in constraints:
+    constraints = d.get("constraints") or {}
+    if not isinstance(constraints, dict):
+        raise MergeSearchError(f"{where}: constraints: a mapping, e.g. {{weight_sum_max: 1.5}}")
+    for k, v in constraints.items():
         if k != "weight_sum_max":
             raise MergeSearchError(f"{where}: constraints.{k}: unknown; supported: weight_sum_max")
+        number(v, f"{where}: constraints.{k}")
     return SearchSpace(
         name=str(d.get("name", p.stem if p else "space")),
         base=str(d["base"]),
-        models=[str(m) for m in models],
+        models=models,
         methods=methods,
-        tasks=list(d["tasks"]),
+        tasks=tasks,
         granularity=gran,
         components=comps,
         parameters=params,
         order=order,
         objective=objective,
-        task_weights=dict(d.get("task_weights") or {}),
-        constraints=constraints,
+        task_weights=dict(weights),  # as written: the study's fingerprint hashes them
+        constraints=dict(constraints),
         sampler=sampler,
         trials=trials,
-        timeout=d.get("timeout"),
+        timeout=timeout,
         fidelity=fid,
         anchors=dict(anchors) if anchors else None,
         baselines=bool(d.get("baselines", True)),
-        seed=int(d.get("seed", 0)),
-        dtype=d.get("dtype"),
+        seed=seed,
+        dtype=dtype,
         description=str(d.get("description", "")),
         path=p,
         raw=dict(d),

@@ -42,24 +42,44 @@ def study_dir(study: str) -> Path:
     return RESULTS / study
 
 
-def open_storage(url: str | None, study: str) -> optuna.storages.BaseStorage:
-    """SQLite file by default, a journal file for *.log/*.journal paths, else an RDB URL."""
+def open_storage(url: str | None, study: str, *, create: bool = True) -> optuna.storages.BaseStorage:
+    """SQLite file by default, a journal file for *.log/*.journal paths, else an RDB URL.
+
+    `create=False` (report, export, worker, dashboard) opens only what exists: a missing SQLite file
+    or journal is an error, not a new empty one left behind."""
     if url is None:
-        d = study_dir(study)
-        d.mkdir(parents=True, exist_ok=True)
-        url = f"sqlite:///{d / 'study.db'}"
+        db = study_dir(study) / "study.db"
+        if not create and not db.is_file():
+            raise MergeSearchError(
+                f"no study {study!r}: {db} does not exist; run `mergesearch search` first, or pass "
+                "--storage where the study lives"
+            )
+        db.parent.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite:///{db}"
     if url.endswith((".log", ".journal")) and "://" not in url:
         from optuna.storages.journal import JournalFileBackend
 
-        Path(url).parent.mkdir(parents=True, exist_ok=True)
-        repair_journal(Path(url))
+        path = Path(url)
+        if not create and not path.is_file():
+            raise MergeSearchError(f"{path}: journal file does not exist; check --storage (a study's journal path)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        repair_journal(path)
         return optuna.storages.JournalStorage(JournalFileBackend(url))
+    if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///") :])
+        if not create and not path.is_file():
+            raise MergeSearchError(f"{path}: SQLite file does not exist; check --storage")
+        if not path.parent.is_dir():
+            raise MergeSearchError(
+                f"{path.parent}: folder of the SQLite file in --storage {url} does not exist; create it or fix the URL"
+            )
     try:
         with warnings.catch_warnings():  # heartbeats are "experimental" but long-standing
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=90)
     except Exception as e:  # SQLAlchemy raises many types for a bad URL or an unreachable server
-        raise MergeSearchError(f"storage {url!r} cannot be opened ({type(e).__name__}: {e})") from e
+        msg = " ".join(str(e).split("(Background on this error")[0].split())
+        raise MergeSearchError(f"storage {url!r} cannot be opened ({type(e).__name__}: {msg})") from e
 
 
 def repair_journal(path: Path) -> int:
@@ -171,6 +191,31 @@ class Searcher:
                     f"harness; task(s) {', '.join(bad)} (lm-eval or perplexity) have none: remove anchors"
                 )
 
+    def validate(self) -> None:
+        """What can be known before the first trial: every rung fits every task's search split,
+        and the space's recipes can be built from these models (one candidate per method is
+        merged in memory: architecture, shapes, layer counts, method arity, dtype)."""
+        where = self.space.path or self.space.name
+        for t in self.tasks:
+            if t.lm_eval is not None:
+                continue
+            n = len(t.examples("search"))
+            if self.space.fidelity[-1] > n:
+                raise MergeSearchError(
+                    f"{where}: fidelity rung {self.space.fidelity[-1]} is more than the {n} search examples "
+                    f"of task {t.name}; use rungs up to {n}"
+                )
+        for method in self.space.methods:
+            recipes = self.recipes(self.space.suggest(_Midpoint(method), self.num_layers))
+            try:
+                self.engine.write_into(self.model, recipes, seed=MERGE_SEED)
+            except MergeSearchError as e:
+                raise MergeSearchError(f"{where}: the models cannot be merged by {method}: {e}") from e
+            except (RuntimeError, ValueError) as e:  # torch's shape errors
+                raise MergeSearchError(
+                    f"{where}: the models cannot be merged by {method} ({type(e).__name__}: {e})"
+                ) from e
+
     def hold_models(self) -> None:
         """Keep the models themselves resident (instead of task vectors) in the exact engine, so any
         recipe can be scored (the report scores linear and slerp baselines too) and scores are those
@@ -233,7 +278,7 @@ def _fail_dead_trials(study: optuna.Study) -> int:
         worker = t.user_attrs.get("worker", "")
         h, _, pid = worker.rpartition(":")
         if h == host and pid.isdigit() and not _alive(int(pid)):
-            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
             n += 1
     return n
 
@@ -251,7 +296,7 @@ def _alive(pid: int) -> bool:
 def load_study_space(study: str, storage: str | None) -> SearchSpace:
     """The search space a study was created with (for workers)."""
     try:
-        s = optuna.load_study(study_name=study, storage=open_storage(storage, study))
+        s = optuna.load_study(study_name=study, storage=open_storage(storage, study, create=False))
     except KeyError as e:
         raise MergeSearchError(
             f"study {study!r} does not exist in that storage; start it with mergesearch search"
@@ -279,22 +324,25 @@ def create_or_load(
     *,
     directions: list[str],
     objective_names: list[str],
-) -> optuna.Study:
+) -> tuple[optuna.Study, bool]:
+    """The study, and whether this call created it."""
     storage = open_storage(storage_url, study)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress bar says what happens
     fingerprint = space.fingerprint()
     try:
+        s = optuna.create_study(study_name=study, storage=storage, directions=directions)
+    except optuna.exceptions.DuplicatedStudyError:  # atomic: of racing processes, one creates
         existing = optuna.load_study(study_name=study, storage=storage)
-    except KeyError:
-        existing = None
-    if existing is not None:
+        for _ in range(50):  # its creator may not have recorded the space yet
+            if "space_fingerprint" in existing.user_attrs:
+                break
+            time.sleep(0.1)
         if existing.user_attrs.get("space_fingerprint") != fingerprint:
             raise MergeSearchError(
                 f"study {study!r} already exists with a different search space; start a new one with "
                 f"--study NEW_NAME (or delete {study_dir(study)} to start over)"
-            )
-        return existing
-    s = optuna.create_study(study_name=study, storage=storage, directions=directions)
+            ) from None
+        return existing, False
     s.set_user_attr("space_fingerprint", fingerprint)
     s.set_user_attr("space", {"raw": space.raw, "path": str(space.path) if space.path else None})
     s.set_user_attr("objective_names", objective_names)
@@ -302,7 +350,7 @@ def create_or_load(
     with warnings.catch_warnings():  # metric names are "experimental"; the dashboard shows them
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         s.set_metric_names(objective_names)
-    return s
+    return s, True
 
 
 def _record_task_splits(s: optuna.Study, splits: dict[str, dict]) -> None:
@@ -339,50 +387,135 @@ def run_search(
     progress: bool = True,
     searcher: Searcher | None = None,
     cache_ranks: bool = False,
+    worker: bool = False,
+    set_budget: bool = False,
 ) -> optuna.Study:
-    """Create or resume a study and run trials until the budget is used."""
+    """Create or resume a study and run trials until its budget is used.
+
+    The budget (`trials`) is set when the study is created; a later `trials` that differs is
+    refused unless `set_budget`, and a `worker`'s only says when that process stops. Everything
+    that can be checked before the first trial is checked before the study is created.
+    """
     study_name = study or space.name
+    study_dir(study_name)  # a bad name fails before anything is loaded
     if trials is not None and trials < 1:
         raise MergeSearchError("--trials must be at least 1 (the study's total budget of trials)")
-    seed = space.seed if seed is None else seed
+    if timeout is not None and not timeout > 0:
+        raise MergeSearchError(f"--timeout {timeout}: seconds, more than 0")
+    if seed is not None and not 0 <= seed < 2**32:
+        raise MergeSearchError(f"--seed {seed}: a whole number from 0 to 2**32-1")
     searcher = searcher or Searcher(space, device=device, cache_ranks=cache_ranks)
     multi = space.objective == "pareto" and len(searcher.tasks) > 1
+    sampler_name = sampler or space.sampler
+    _sampler(space, sampler_name, 0, multi, 1)  # refuse a sampler that cannot search this space
+    searcher.validate()
     names = [t.name for t in searcher.tasks] if multi else ["mean score"]
     directions = searcher.directions if multi else ["maximize"]
-    s = create_or_load(space, study_name, storage, directions=directions, objective_names=names)
+    s, created = create_or_load(space, study_name, storage, directions=directions, objective_names=names)
     _record_task_splits(s, searcher.task_splits)
-    target = trials if trials is not None else int(s.user_attrs.get("trials", space.trials))
-    s.sampler = _sampler(space, sampler or space.sampler, seed, multi, target)
+    budget = s.user_attrs.get("trials")
+    if created or budget is None:
+        budget = trials or space.trials
+        s.set_user_attr("trials", budget)
+    elif trials is not None and trials != budget and not worker:
+        if not set_budget:
+            raise MergeSearchError(
+                f"study {study_name!r} has a budget of {budget} trials, set when it was created; "
+                f"--trials {trials} would change it for every worker. Omit --trials to resume, or add "
+                f"--set-budget to make the budget {trials}"
+            )
+        budget = trials
+        s.set_user_attr("trials", budget)
+    target = trials if worker and trials is not None else budget
+    # The first process of a new study uses the space's seed (a study is reproducible); any other
+    # process (a resume, a second search, a worker) derives its own, so that it never proposes
+    # the candidates another process already ran.
+    base_seed = space.seed if seed is None else seed
+    seed = base_seed if created else _process_seed(base_seed, s)
+    s.sampler = _sampler(space, sampler_name, seed, multi, target)
     if not multi:
         s.pruner = optuna.pruners.PercentilePruner(50.0, n_startup_trials=8, n_warmup_steps=0)
     _fail_dead_trials(s)
-    if space.baselines and "baselines_enqueued" not in s.user_attrs:
+    if created and space.baselines:
         _enqueue_baselines(s, searcher)
     artifacts = _artifact_store(study_name)
-    objective = _Objective(searcher, s, multi, artifacts)
-    # The budget is the study's: running the command again (or another worker) continues
-    # until that many trials have finished, whoever ran them.
-    s.set_user_attr("trials", target)
+    objective = _Objective(searcher, s, multi, artifacts, seed)
     todo = target - _finished(s)
     if todo <= 0:
         return s
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     bar = _Progress(todo, timeout or space.timeout, progress)
+    failures = _Failures()
 
     def stop_at_budget(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        _fail_dead_trials(study)  # a killed worker's trial is released within one trial's time
         if _finished(study) >= target:
             study.stop()
 
-    s.optimize(
-        objective,
-        n_trials=todo,
-        timeout=timeout or space.timeout,
-        callbacks=[bar, stop_at_budget],
-        catch=(MergeSearchError,),
-        gc_after_trial=False,
-    )
-    bar.close()
+    # Failed trials are reported by _Failures, not by Optuna's warning with a traceback per trial.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        s.optimize(
+            objective,
+            n_trials=todo,
+            timeout=timeout or space.timeout,
+            callbacks=[bar, failures, stop_at_budget],
+            catch=(MergeSearchError,),
+            gc_after_trial=False,
+        )
+    except Exception as e:
+        # A full or read-only disk under the storage: Optuna's failure handling then fails too
+        # and raises its own AssertionError; the OSError under it is what the user must see.
+        cause = _os_error_within(e)
+        if cause is None:
+            raise
+        if cause.filename is None:
+            cause.filename = storage or str(study_dir(study_name) / "study.db")
+        raise cause from None
+    finally:
+        bar.close()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if failures.stopped:
+        raise MergeSearchError(
+            f"stopped after {failures.limit} trials in a row failed (trials {failures.numbers}); "
+            f"the first error: {objective.first_error}"
+        )
     return s
+
+
+def _os_error_within(e: BaseException | None) -> OSError | None:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _process_seed(seed: int, s: optuna.Study) -> int:
+    """A sampler seed for a process joining an existing study: derived from the study (its name
+    and size), the host and the process, so that no two processes draw the same proposals."""
+    import hashlib
+
+    key = f"{seed}:{s.study_name}:{len(s.get_trials(deepcopy=False))}:{socket.gethostname()}:{os.getpid()}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
+
+
+class _Failures:
+    """Stops the study after `limit` failed trials in a row: a space that cannot produce a valid
+    candidate should end the command with its error, not spend the budget."""
+
+    def __init__(self, limit: int = 3) -> None:
+        self.limit, self.numbers, self.stopped = limit, [], False
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state != optuna.trial.TrialState.FAIL:
+            self.numbers = []
+            return
+        self.numbers.append(trial.number)
+        if len(self.numbers) >= self.limit:
+            self.stopped = True
+            study.stop()
 
 
 def _finished(study: optuna.Study) -> int:
@@ -408,14 +541,40 @@ def _enqueue_baselines(s: optuna.Study, searcher: Searcher) -> None:
     s.set_user_attr("baselines_enqueued", list(enq))
 
 
+class _Midpoint:
+    """A stand-in trial that answers every suggestion with a point inside its range."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+
+    def suggest_categorical(self, name: str, choices: list) -> Any:
+        return self.method
+
+    def suggest_float(self, name: str, low: float, high: float, *, log: bool = False, step=None) -> float:
+        if step is not None:
+            return low
+        return math.sqrt(low * high) if log else (low + high) / 2
+
+
 class _Objective:
-    def __init__(self, searcher: Searcher, study: optuna.Study, multi: bool, artifacts) -> None:
+    def __init__(self, searcher: Searcher, study: optuna.Study, multi: bool, artifacts, seed: int) -> None:
         self.s, self.study, self.multi, self.artifacts = searcher, study, multi, artifacts
+        self.seed = seed
+        self.first_error: MergeSearchError | None = None
         self._anchor_cache: dict | None = None
 
     def __call__(self, trial: optuna.Trial):
+        try:
+            return self._run(trial)
+        except MergeSearchError as e:
+            self.first_error = self.first_error or e
+            trial.set_user_attr("error", str(e))
+            raise
+
+    def _run(self, trial: optuna.Trial):
         s = self.s
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        trial.set_user_attr("sampler_seed", self.seed)
         values = s.space.suggest(trial, s.num_layers)
         recipes = s.recipes(values)
         yaml_text = dump_recipes(recipes)

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import MergeSearchError
-from ..yaml_files import read_mapping
+from ..yaml_files import number, read_mapping
 from .answers import Extractor, Normalizer
 
 METRICS = ("exact_match", "multiple_choice", "perplexity")
@@ -181,8 +181,19 @@ class Task:
         if self.metric == "exact_match":
             ex.target = self._render(r, "target")
         elif self.metric == "multiple_choice":
-            ex.choices = [str(c) for c in self._field(r, self.choices)]
-            ex.label = int(self._field(r, self.label))
+            choices, label = self._field(r, self.choices), self._field(r, self.label)
+            if not isinstance(choices, list) or not choices:
+                raise MergeSearchError(
+                    f"{self.path}: field {self.choices!r} of a record is {choices!r}, not a list of choices "
+                    f"({json.dumps(r, default=str)[:200]})"
+                )
+            if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(choices):
+                raise MergeSearchError(
+                    f"{self.path}: label field {self.label!r} is {label!r}, not an index into its "
+                    f"{len(choices)} choices (0 to {len(choices) - 1}) ({json.dumps(r, default=str)[:200]}); "
+                    "fix or remove that record"
+                )
+            ex.choices, ex.label = [str(c) for c in choices], label
         return ex
 
     def _field(self, r: dict, name: str) -> Any:
@@ -222,6 +233,11 @@ class Task:
                 f"{self.path}: chat_template: true, but the model's tokenizer has no chat template "
                 "(tokenizer_config.json or chat_template.jinja); remove the option or use an instruct model"
             )
+        if "search" in self.data_files and self.fewshot >= len(self.records("search")):
+            raise MergeSearchError(
+                f"{self.path}: fewshot {self.fewshot} leaves no example to score: the search split has "
+                f"{len(self.records('search'))} records and the shots come from it; lower fewshot or add records"
+            )
         rendered = {}
         for split in self.data_files:
             rendered[split] = {
@@ -259,20 +275,29 @@ def _load_records(task: Task, split: str) -> list[dict]:
         raise MergeSearchError(f"{task.path}: cannot tell the format of {spec}; set format: json|csv|parquet")
     if fmt == "json":
         # Check line by line first: datasets' own error does not say which line is bad.
-        with open(path) as fh:
-            for n, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        if not isinstance(json.loads(line), dict):
-                            raise ValueError("not an object")
-                    except ValueError as e:
-                        raise MergeSearchError(f"{path}:{n}: malformed JSON line ({e})") from e
+        try:
+            lines = path.read_bytes().decode("utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise MergeSearchError(f"{path}: not UTF-8 text (byte {e.start}); save the data as UTF-8") from e
+        for n, line in enumerate(lines, 1):
+            if line.strip():
+                try:
+                    if not isinstance(json.loads(line), dict):
+                        raise ValueError("not an object")
+                except ValueError as e:
+                    raise MergeSearchError(f"{path}:{n}: malformed JSON line ({e})") from e
+        if not any(line.strip() for line in lines):
+            raise MergeSearchError(f"{path}: data file has no records (split {split} of task {task.name})")
     if path.stat().st_size == 0:
         raise MergeSearchError(f"{path}: data file is empty")
     import datasets
 
     datasets.disable_progress_bars()
-    ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
+    try:
+        ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
+    except Exception as e:  # datasets raises many types for unreadable files; name the file
+        msg = " ".join(str(e).split())[:300]
+        raise MergeSearchError(f"{path}: cannot be read as {fmt} ({type(e).__name__}: {msg})") from e
     return list(ds)
 
 
@@ -323,9 +348,9 @@ def load_task(path: str | Path) -> Task:
         choices=d.get("choices"),
         label=d.get("label"),
         choice_prefix=d.get("choice_prefix", " "),
-        fewshot=int(d.get("fewshot", 0)),
+        fewshot=number(d.get("fewshot", 0), f"{p}: fewshot", whole=True, minimum=0),
         fewshot_separator=d.get("fewshot_separator", "\n"),
-        shuffle_seed=int(d.get("shuffle_seed", 0)),
+        shuffle_seed=number(d.get("shuffle_seed", 0), f"{p}: shuffle_seed", whole=True, minimum=0),
         description=d.get("description", ""),
         generation=_generation(p, d.get("generation")) if "generation" in d else None,
         extract=Extractor.parse(d.get("extract"), str(p)),

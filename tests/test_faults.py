@@ -1,0 +1,236 @@
+"""Faults the storage and the user can cause: a full disk, a read-only folder, Ctrl-C, a killed
+worker, several processes on one study. Full and read-only disks are real tmpfs mounts (root only:
+CI runs as root; elsewhere these tests are skipped with that reason)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from mergesearch import study as study_mod
+from mergesearch.cli import main
+from mergesearch.errors import MergeSearchError
+from tests.test_search import cli, env, write_space
+
+COMPLETE, RUNNING, FAIL = (
+    optuna.trial.TrialState.COMPLETE,
+    optuna.trial.TrialState.RUNNING,
+    optuna.trial.TrialState.FAIL,
+)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(name, size, ro=False): a tmpfs folder under tmp_path; unmounted afterwards."""
+    mounted: list[Path] = []
+
+    def mount(name: str, size: str = "1m", ro: bool = False) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        opts = f"size={size}" + (",ro" if ro else "")
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(d)], capture_output=True)
+        if r.returncode:
+            pytest.skip(f"mounting a tmpfs needs root (CI runs as root): {r.stderr.decode().strip()}")
+        mounted.append(d)
+        return d
+
+    yield mount
+    for d in mounted:
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+def journal_trials(path: Path, name: str) -> list[optuna.trial.FrozenTrial]:
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    return optuna.load_study(study_name=name, storage=storage).trials
+
+
+def one_error_line(stderr: str, *says: str) -> None:
+    lines = [x for x in stderr.splitlines() if x.strip() and not x.startswith("warning: ")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-3000:]
+    assert "Traceback" not in stderr
+    for s in says:
+        assert s in lines[0], lines[0]
+
+
+def test_a_full_disk_mid_search_loses_no_completed_trial(zoo, tmp_path, tmpfs):
+    disk = tmpfs("disk", "48k")  # holds the journal of about six trials
+    space = write_space(tmp_path, name="full", fidelity=[20], trials=30)
+    journal = disk / "full.log"
+    r = cli(tmp_path, "search", str(space), "-q", "--device", "cpu", "--storage", str(journal), check=False)
+    assert r.returncode == 2, r.stderr[-3000:]
+    one_error_line(r.stderr, "No space left on device", "full.log", "free space")
+    done = {t.number: t.values for t in journal_trials(journal, "full") if t.state == COMPLETE}
+    assert len(done) >= 3
+    subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)  # space freed
+    r = cli(tmp_path, "search", str(space), "-q", "--device", "cpu", "--storage", str(journal))
+    after = {t.number: t for t in journal_trials(journal, "full")}
+    assert all(after[n].state == COMPLETE and after[n].values == v for n, v in done.items())
+    assert sum(t.state.is_finished() for t in after.values()) == 30  # the study went on to its budget
+    # report reads it too
+    cli(tmp_path, "export", "full", "--storage", str(journal), "-o", "best.yaml")
+
+
+def _run(argv, capfd) -> tuple[int, str]:
+    capfd.readouterr()
+    rc = main(argv)
+    return rc, capfd.readouterr().err
+
+
+def test_read_only_and_full_folders_fail_cleanly(zoo, tmp_path, tmpfs, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(study_mod, "RESULTS", tmp_path / "results")
+    space = str(write_space(tmp_path, name="ro", fidelity=[20], trials=2))
+    assert _run(["search", space, "-q", "--device", "cpu"], capfd)[0] == 0
+    ro = tmpfs("ro", ro=True)
+    full = tmpfs("full", "64k")
+    (full / "filler").write_bytes(b"\0" * 60_000)
+    cases = {
+        "results folder": (["search", space, "-q", "--device", "cpu", "--study", "ro2"], "ro", "read-only"),
+        "journal folder": (["search", space, "-q", "--device", "cpu", "--storage", str(ro / "j.log")], "ro", "read-only"),
+        "export to read-only": (["export", "ro", "-o", str(ro / "best.yaml")], "ro", "read-only"),
+        "export to a full disk": (["export", "ro", "-o", str(full / "best.yaml")], "full", "disk is full"),
+        "merge to read-only": (["merge", "recipe.yaml", str(ro / "m"), "-q"], "ro", "read-only"),
+        "merge to a full disk": (["merge", "recipe.yaml", str(full / "m"), "-q"], "full", "disk is full"),
+    }
+    (tmp_path / "recipe.yaml").write_text(
+        f"merge_method: linear\nmodels:\n  - model: {zoo.models['add']}\n    parameters: {{weight: 0.5}}\n"
+        f"  - model: {zoo.models['reverse']}\n    parameters: {{weight: 0.5}}\n"
+    )
+    for name, (argv, disk, says) in cases.items():
+        if name == "results folder":
+            monkeypatch.setattr(study_mod, "RESULTS", ro / "results")
+        before = sorted(os.listdir(full))
+        rc, err = _run(argv, capfd)
+        monkeypatch.setattr(study_mod, "RESULTS", tmp_path / "results")
+        assert rc == 2, (name, err)
+        one_error_line(err, says)
+        assert sorted(os.listdir(full)) == before, (name, os.listdir(full))  # no temporary left
+        assert os.listdir(ro) == []
+
+
+def test_ctrl_c_exits_130_with_one_word_and_the_study_resumes(zoo, tmp_path):
+    space = write_space(tmp_path, name="intr", fidelity=[200], trials=60)
+    db = f"sqlite:///{tmp_path / 'results' / 'intr' / 'study.db'}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mergesearch", "search", str(space), "-q", "--device", "cpu"],
+        env=env(tmp_path),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+        try:
+            ts = optuna.load_study(study_name="intr", storage=db).trials
+        except Exception:
+            continue
+        if sum(t.state == COMPLETE for t in ts) >= 3 and any(t.state == RUNNING for t in ts):
+            proc.send_signal(signal.SIGINT)  # mid-trial: inside the merge or the model
+            break
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip() == "interrupted", err[-3000:]
+    done = {t.number: t.values for t in optuna.load_study(study_name="intr", storage=db).trials if t.state == COMPLETE}
+    cli(tmp_path, "search", str(space), "-q", "--device", "cpu", "--trials", str(len(done) + 3), "--set-budget")
+    after = {t.number: t for t in optuna.load_study(study_name="intr", storage=db).trials}
+    assert all(after[n].values == v for n, v in done.items())
+    assert not any(t.state == RUNNING for t in after.values())
+
+
+def _params(t: optuna.trial.FrozenTrial) -> str:
+    return json.dumps(t.params, sort_keys=True)
+
+
+def test_concurrent_and_resumed_searches_never_repeat_a_candidate(zoo, tmp_path):
+    """Two `search` processes on one journal study, one killed mid-trial; then the same command to
+    resume. No candidate is proposed twice, and the killed one's trial is released by the other
+    while it runs."""
+    space = write_space(tmp_path, name="conc", fidelity=[20, 60], trials=24)
+    journal = tmp_path / "conc.log"
+    cmd = [sys.executable, "-m", "mergesearch", "search", str(space), "-q", "--device", "cpu", "--storage", str(journal)]
+    procs = [
+        subprocess.Popen(cmd, env=env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    killed = None
+    deadline = time.time() + 180
+    while time.time() < deadline and killed is None:
+        time.sleep(0.05)
+        try:
+            ts = journal_trials(journal, "conc")
+        except Exception:
+            continue
+        for p in procs:
+            mine = [t for t in ts if t.user_attrs.get("worker", "").endswith(f":{p.pid}")]
+            running = [t for t in mine if t.state == RUNNING and "merge_seconds" in t.user_attrs]
+            if sum(t.state == COMPLETE for t in mine) >= 2 and running and procs[1 - procs.index(p)].poll() is None:
+                os.kill(p.pid, signal.SIGKILL)
+                p.wait()
+                killed = (p, running[0].number)
+                break
+    assert killed is not None, "no trial was running to kill"
+    other = procs[1 - procs.index(killed[0])]
+    out, err = other.communicate(timeout=300)
+    assert other.returncode == 0, err[-3000:]
+    ts = {t.number: t for t in journal_trials(journal, "conc")}
+    assert ts[killed[1]].state == FAIL  # released by the process still running, not at the next start
+    cli(tmp_path, "search", str(space), "-q", "--device", "cpu", "--storage", str(journal), "--trials", "32", "--set-budget")
+    ts = journal_trials(journal, "conc")
+    assert sum(t.state.is_finished() for t in ts) == 32
+    searched = [t for t in ts if "baseline" not in t.user_attrs and t.params]
+    seeds = {t.user_attrs["sampler_seed"] for t in searched}
+    assert len(seeds) == 3, seeds  # the creator (the space's seed), the other, the resume
+    assert 0 in seeds
+    keys = [_params(t) for t in searched]
+    assert len(keys) == len(set(keys)), "a candidate was proposed twice"
+
+
+def test_budget_is_the_studys_and_failing_trials_stop_the_search(zoo, tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(study_mod, "RESULTS", tmp_path / "results")
+    space = str(write_space(tmp_path, name="budget", fidelity=[20], trials=3))
+    assert _run(["search", space, "-q", "--device", "cpu"], capfd)[0] == 0
+    rc, err = _run(["search", space, "-q", "--device", "cpu", "--trials", "2"], capfd)
+    assert rc == 2
+    one_error_line(err, "budget of 3 trials", "--set-budget")
+    db = f"sqlite:///{tmp_path / 'results' / 'budget' / 'study.db'}"
+    assert optuna.load_study(study_name="budget", storage=db).user_attrs["trials"] == 3
+    # A worker's --trials says when it stops; the study's budget stays.
+    assert _run(["worker", "--study", "budget", "--trials", "5", "-q", "--device", "cpu"], capfd)[0] == 0
+    s = optuna.load_study(study_name="budget", storage=db)
+    assert len(s.trials) == 5 and s.user_attrs["trials"] == 3
+
+    # A space whose trials all fail (after validation passed) stops after three, with the first error.
+    from mergesearch.space import load_space
+    from mergesearch.study import Searcher, run_search
+
+    sp = load_space(write_space(tmp_path, name="failing", fidelity=[20], trials=20))
+    searcher = Searcher(sp)
+    calls = []
+
+    def broken(*a, **k):
+        calls.append(1)
+        raise MergeSearchError(f"broken merge {len(calls)}")
+
+    searcher.validate()
+    searcher.validate = lambda: None
+    searcher.engine.write_into = broken
+    with pytest.raises(MergeSearchError, match=r"3 trials in a row failed.*the first error: broken merge 1$"):
+        run_search(sp, searcher=searcher, progress=False)
+    _, err = capfd.readouterr()
+    assert "Traceback" not in err and "Trial 0 failed" not in err
+    s = optuna.load_study(study_name="failing", storage=f"sqlite:///{tmp_path / 'results' / 'failing' / 'study.db'}")
+    assert [t.state for t in s.trials] == [FAIL] * 3
+    assert s.trials[0].user_attrs["error"] == "broken merge 1"
