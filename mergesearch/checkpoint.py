@@ -345,7 +345,10 @@ class StreamingWriter:
 
     def abort(self) -> None:
         for fh in self._handles.values():
-            fh.close()
+            try:
+                fh.close()
+            except OSError:  # a full disk fails the last flush too; the folder goes anyway
+                pass
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
