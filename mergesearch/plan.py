@@ -215,12 +215,16 @@ def plan_layout(
         shapes = {m.shape for m in metas}
         if len(shapes) > 1:
             detail = ", ".join(f"{models[m].path}: {list(x.shape)}" for (m, _), x in zip(inputs, metas))
-            if arch.component_of(out_name) in ("embedding", "head"):
+            same_width = len({m.shape[1:] for m in metas}) == 1  # only the row count (vocabulary) differs
+            if arch.component_of(out_name) in ("embedding", "head") and same_width:
                 raise MergeSearchError(
                     f"tensor {out_name}: vocabulary sizes differ ({detail}); mergesearch does not "
                     "merge different vocabularies: resize the embeddings to one tokenizer first"
                 )
-            raise MergeSearchError(f"tensor {out_name}: shapes differ ({detail})")
+            raise MergeSearchError(
+                f"tensor {out_name}: shapes differ ({detail}); the models are not fine-tunes of one base "
+                "(hidden or intermediate sizes differ)"
+            )
         floating = all(m.dtype.is_floating_point for m in metas)
         if dtype is not None and floating:
             work = dtype

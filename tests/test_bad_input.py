@@ -141,7 +141,7 @@ CASES: list[tuple[str, Callable, str]] = [
     # -- models that cannot be merged in this recipe --------------------------------------------
     ("architectures differ", lambda t: ODD(t, "ft", "gpt2"), "gpt2"),
     ("layer counts differ", lambda t: ODD(t, "ft", "layers2"), "layers2"),
-    ("hidden sizes differ", lambda t: ODD(t, "ft", "hidden32"), "hidden32"),
+    ("hidden sizes differ", lambda t: ODD(t, "ft", "hidden32"), "shapes differ"),
     ("slerp of three", lambda t: ODD(t, "ft", "ft2", "base", method="slerp", parameters={"t": [0, 1]}), "slerp"),
     # -- flags ------------------------------------------------------------------------------------
     ("--trials zero", lambda t: search(t, "--trials", "0"), "--trials"),
@@ -159,6 +159,7 @@ CASES: list[tuple[str, Callable, str]] = [
     ("export from a missing journal", lambda t: ["export", "ghost", "--storage", str(t / "j.log")], "j.log"),
     ("worker on a missing journal", lambda t: ["worker", "--study", "ghost", "--storage", str(t / "j.log"), "-q", "--device", "cpu"], "j.log"),
     ("dashboard of no study", lambda t: ["dashboard", "ghost"], "ghost"),
+    ("report of a study with no completed trial", lambda t: ["report", _empty_study(t), "-q", "--device", "cpu"], "no completed trial"),
     ("sqlite study missing", lambda t: ["export", "ghost", "--storage", f"sqlite:///{t}/x.db"], "x.db"),
     # -- tasks ------------------------------------------------------------------------------------
     ("record lacks the prompt field", lambda t: task_search(t, records=[*RECORDS, {"a": "1"}]), "'q'"),
@@ -185,6 +186,18 @@ ODD_MODELS: dict[str, str] = {}
 
 def ODD(t: Path, *names, method="task_arithmetic", **over):
     return search(t, base=ODD_MODELS["base"], models=[ODD_MODELS[n] for n in names], method=method, **over)
+
+
+def _empty_study(t: Path) -> str:
+    """A study created by search whose only trial failed: nothing to report yet."""
+    import optuna
+
+    d = t / "results" / "empty"
+    d.mkdir(parents=True)
+    s = optuna.create_study(study_name="empty", storage=f"sqlite:///{d / 'study.db'}")
+    s.set_user_attr("space", {"raw": dict(SPACE, name="empty"), "path": None})
+    s.tell(s.ask(), state=optuna.trial.TrialState.FAIL)
+    return "empty"
 
 
 def _write(p: Path, data: bytes) -> str:
@@ -222,4 +235,4 @@ def test_bad_input(build, says, zoo, odd_models, tmp_path, monkeypatch, capfd):
 
 
 def test_the_battery_covers_what_it_says():
-    assert len(CASES) >= 80 and len({c[0] for c in CASES}) == len(CASES)
+    assert len(CASES) >= 81 and len({c[0] for c in CASES}) == len(CASES)

@@ -164,6 +164,8 @@ class Task:
         return turns
 
     def examples(self, split: str, limit: int | None = None) -> list[Example]:
+        if limit is not None and limit < 1:
+            raise MergeSearchError(f"task {self.name}: limit {limit}: score at least 1 example (or no limit)")
         recs = self.records(split)
         start = self.fewshot if split == "search" else 0  # shots are never scored
         recs = recs[start:]
@@ -287,7 +289,7 @@ def _load_records(task: Task, split: str) -> list[dict]:
                 except ValueError as e:
                     raise MergeSearchError(f"{path}:{n}: malformed JSON line ({e})") from e
         if not any(line.strip() for line in lines):
-            raise MergeSearchError(f"{path}: data file has no records (split {split} of task {task.name})")
+            raise MergeSearchError(f"{path}: data file is empty: no records (split {split} of task {task.name})")
     if path.stat().st_size == 0:
         raise MergeSearchError(f"{path}: data file is empty")
     import datasets
