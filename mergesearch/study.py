@@ -278,7 +278,8 @@ def _fail_dead_trials(study: optuna.Study) -> int:
         worker = t.user_attrs.get("worker", "")
         h, _, pid = worker.rpartition(":")
         if h == host and pid.isdigit() and not _alive(int(pid)):
-            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+            # Another live process may release it at the same moment: finished is fine.
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
             n += 1
     return n
 
@@ -477,7 +478,7 @@ def run_search(
     if failures.stopped:
         raise MergeSearchError(
             f"stopped after {failures.limit} trials in a row failed (trials {failures.numbers}); "
-            f"the first error: {objective.first_error}"
+            f"the first error: {failures.first_error}"
         )
     return s
 
@@ -506,12 +507,14 @@ class _Failures:
     candidate should end the command with its error, not spend the budget."""
 
     def __init__(self, limit: int = 3) -> None:
-        self.limit, self.numbers, self.stopped = limit, [], False
+        self.limit, self.numbers, self.stopped, self.first_error = limit, [], False, None
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if trial.state != optuna.trial.TrialState.FAIL:
             self.numbers = []
             return
+        if not self.numbers:
+            self.first_error = trial.user_attrs.get("error", "(no message recorded)")
         self.numbers.append(trial.number)
         if len(self.numbers) >= self.limit:
             self.stopped = True
@@ -560,15 +563,13 @@ class _Objective:
     def __init__(self, searcher: Searcher, study: optuna.Study, multi: bool, artifacts, seed: int) -> None:
         self.s, self.study, self.multi, self.artifacts = searcher, study, multi, artifacts
         self.seed = seed
-        self.first_error: MergeSearchError | None = None
         self._anchor_cache: dict | None = None
 
     def __call__(self, trial: optuna.Trial):
         try:
             return self._run(trial)
         except MergeSearchError as e:
-            self.first_error = self.first_error or e
-            trial.set_user_attr("error", str(e))
+            trial.set_user_attr("error", str(e))  # what _Failures reports
             raise
 
     def _run(self, trial: optuna.Trial):

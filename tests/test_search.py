@@ -400,7 +400,7 @@ def test_a_torn_journal_record_is_repaired_and_the_study_goes_on(zoo, tmp_path):
     journal.write_bytes(text[: cut + 1] + b'{"op_code":4,"wor\n' + text[cut + 1 :])
     with pytest.raises((ValueError, json.JSONDecodeError)):
         _journal_trials(journal, "torn")  # Optuna alone cannot read it
-    cli(tmp_path, "report", "torn", "--storage", str(journal))
+    cli(tmp_path, "export", "torn", "--storage", str(journal), "-o", "best.yaml")  # reads it all
     assert len(_journal_trials(journal, "torn")) == len(after)
 
 
