@@ -271,6 +271,54 @@ def _sampler(
     raise MergeSearchError(f"--sampler {name!r}: use cmaes, nsga2, tpe, gp or random")
 
 
+class _NoRepeats(optuna.samplers.BaseSampler):
+    """The space's sampler, except that it never proposes a candidate another process already ran.
+
+    Population samplers (NSGA-II) can return a parent unchanged, and processes on one study share
+    the population, so one process may run another's candidate again: the same score for one
+    trial's cost. When a whole proposal equals a trial run by another process, the sampler is asked
+    again (its generator has moved on), and after 10 tries the trial is sampled at random. A single
+    process's own repeats are left as they are, so a study run by one process stays the study the
+    space's seed gives."""
+
+    def __init__(self, inner: optuna.samplers.BaseSampler, me: str) -> None:
+        self.inner, self.me = inner, me
+
+    def infer_relative_search_space(self, study, trial):
+        return self.inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        params = self.inner.sample_relative(study, trial, search_space)
+        if not params or set(params) != set(search_space):
+            return params  # some parameters are drawn independently: no exact repeat to fear
+        others = {
+            _params_key(t.params)
+            for t in study.get_trials(deepcopy=False)
+            if t.params and t.user_attrs.get("worker", self.me) != self.me
+        }
+        for _ in range(10):
+            if _params_key(params) not in others:
+                return params
+            params = self.inner.sample_relative(study, trial, search_space)
+        return {}
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial):
+        self.inner.before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values):
+        self.inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.inner.reseed_rng()
+
+
+def _params_key(params: dict[str, Any]) -> tuple:
+    return tuple(sorted((k, v) for k, v in params.items()))
+
+
 def _fail_dead_trials(study: optuna.Study) -> int:
     """Trials left RUNNING by a killed worker on this host are marked FAIL, so resuming is clean."""
     host, n = socket.gethostname(), 0
@@ -433,7 +481,7 @@ def run_search(
     # the candidates another process already ran.
     base_seed = space.seed if seed is None else seed
     seed = base_seed if created else _process_seed(base_seed, s)
-    s.sampler = _sampler(space, sampler_name, seed, multi, target)
+    s.sampler = _NoRepeats(_sampler(space, sampler_name, seed, multi, target), _worker_id())
     if not multi:
         s.pruner = optuna.pruners.PercentilePruner(50.0, n_startup_trials=8, n_warmup_steps=0)
     _fail_dead_trials(s)
@@ -491,6 +539,10 @@ def _os_error_within(e: BaseException | None) -> OSError | None:
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     return None
+
+
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _process_seed(seed: int, s: optuna.Study) -> int:
@@ -574,7 +626,7 @@ class _Objective:
 
     def _run(self, trial: optuna.Trial):
         s = self.s
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        trial.set_user_attr("worker", _worker_id())
         trial.set_user_attr("sampler_seed", self.seed)
         values = s.space.suggest(trial, s.num_layers)
         recipes = s.recipes(values)
