@@ -206,9 +206,10 @@ def plan_layout(
             ck = models[src.model]
             stored = ck.resolve(in_name)
             if stored is None:
+                has = [models[x.model].path for x, n in zip(sl.sources, in_names) if models[x.model].resolve(n)]
                 raise MergeSearchError(
-                    f"{ck.path}: tensor {in_name} is missing (present in {ref.path}); "
-                    "these models do not share an architecture"
+                    f"{ck.path}: tensor {in_name} is missing (present in {has[0]}); a merge needs it in "
+                    "every input (mergekit refuses too): use a complete checkpoint of this model"
                 )
             inputs.append((src.model, in_name))
             metas.append(ck.meta[stored])
@@ -241,8 +242,15 @@ def plan_layout(
             _Slot(out_name, si, in_names, t, inputs, base_idx, receivers, metas[0].shape, work, out, floating)
         )
 
-    # Tied models store no lm_head; mergekit then writes none either.
-    for name in ref.by_layer.get(None, []):
+    # Every tensor any input holds is planned, so one an input lacks is refused in add(), never
+    # dropped. Tied names are the exception: a tied reference stores no lm_head, and mergekit then
+    # writes none either (an input that stores one is not asked for it).
+    tied = {n for pair in arch.tied for n in pair}
+    outside = list(ref.by_layer.get(None, []))
+    for sl in (slices[0], slices[-1]):
+        for src in sl.sources:
+            outside += [n for n in models[src.model].by_layer.get(None, []) if n not in tied]
+    for name in dict.fromkeys(outside):
         pre = arch.component_of(name) == "embedding"
         si = 0 if pre else len(slices) - 1
         add(name, si, [name] * len(slices[si].sources), 0.0)
@@ -252,10 +260,13 @@ def plan_layout(
         for idx in range(n):
             t = idx / (n - 1) if n > 1 else 1.0
             first = models[sl.sources[0].model]
-            names = first.by_layer.get(start + idx, [])
-            if not names:
+            if not first.by_layer.get(start + idx):
                 raise MergeSearchError(f"{first.path}: has no layer {start + idx}; check layer_range")
-            for nm in names:
+            names = []  # the layer's tensors in any input, named as in the first
+            for src in sl.sources:
+                m = models[src.model]
+                names += [m.arch.with_layer(x, start + idx) for x in m.by_layer.get(src.layer_range[0] + idx, [])]
+            for nm in dict.fromkeys(names):
                 out_name = arch.with_layer(nm, total_layers)
                 in_names = [models[s.model].arch.with_layer(nm, s.layer_range[0] + idx) for s in sl.sources]
                 add(out_name, si, in_names, t)

@@ -67,6 +67,40 @@ def test_tensor_missing(tiny, tmp_path, capsys):
     assert "model.layers.1.mlp.up_proj.weight" in err and "missing" in err and str(bad) in err
 
 
+@pytest.mark.parametrize(
+    "where,name",
+    [
+        ("first fine-tune", "model.layers.1.self_attn.q_proj.weight"),  # was dropped silently
+        ("base", "model.layers.0.mlp.down_proj.weight"),
+        ("base", "model.norm.weight"),  # outside the layers
+    ],
+)
+def test_a_tensor_missing_from_any_input_is_refused_never_dropped(tiny, tmp_path, capsys, where, name):
+    src = tiny["llama/base"] if where == "base" else tiny["llama/ft0"]
+    bad = _edit(src, tmp_path / "m" / "missing", lambda sd: sd.pop(name))
+    if where == "base":
+        r = recipe(tiny, base=str(bad))
+    else:
+        r = recipe(tiny, models=[bad, tiny["llama/ft1"]])
+    err = run(tmp_path, r, capsys)
+    assert name in err and "missing" in err and str(bad) in err
+
+
+def test_an_optional_tied_head_missing_from_a_fine_tune_merges_as_mergekit(tiny, tmp_path):
+    """mergekit's Llama declares lm_head optional, tied to the embeddings: a fine-tune that stores
+    none contributes its embedding matrix there. Ours is the same model."""
+    from tests.test_merge_vs_mergekit import assert_same, run_mergekit, run_ours
+
+    headless = _edit(tiny["llama/ft0"], tmp_path / "m" / "headless", lambda sd: sd.pop("lm_head.weight"))
+    config = recipe(tiny, models=[headless, tiny["llama/ft1"]])
+    for m in config["models"]:
+        m["parameters"]["density"] = 0.5
+    run_mergekit(config, tmp_path / "mk")
+    run_ours(config, tmp_path / "ours")
+    assert "lm_head.weight" in load_file(str(tmp_path / "ours" / "model.safetensors"))
+    assert_same(tmp_path / "ours", tmp_path / "mk", exact=False)
+
+
 def test_vocabulary_sizes_differ(tiny, tmp_path, capsys):
     other = make_base(tmp_path / "m" / "vocab", "llama", vocab=300, tokenizer=False)
     err = run(tmp_path, recipe(tiny, models=[tiny["llama/ft0"], other]), capsys)
