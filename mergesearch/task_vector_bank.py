@@ -574,6 +574,13 @@ class TaskVectorBank:
             )
         return kept.reshape(tau.shape)
 
+    # The sparsifications the bank implements; any other takes the reference (engine.py checks).
+    SPARSIFICATIONS = (None, "magnitude", "magnitude_outliers", "random", "della")
+
+    @classmethod
+    def supports(cls, sparsification: str | None) -> bool:
+        return sparsification in cls.SPARSIFICATIONS
+
     def _masks(self, keys, taus, sparsification, density, gamma, epsilon) -> list:
         if sparsification in ("magnitude", "magnitude_outliers"):
             params = {"density": density, "gamma": gamma}

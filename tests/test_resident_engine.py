@@ -169,3 +169,37 @@ def test_layouts_are_reused_only_by_recipes_of_the_same_structure(tiny, tmp_path
     # linear (whose layout linear_unnormalized shares: the same models and dtype, its parameters
     # set at the top level instead), slerp_slices, and linear in bf16
     assert len(engine._layouts) == 3
+
+
+def test_a_new_sparsifier_is_searched_through_its_reference(tiny, tmp_path, monkeypatch):
+    """A sparsifier registered in methods/ only (and a method using it) is searched as itself: the
+    search engine, which does not know it, takes the reference instead of merging it unmasked."""
+    from mergesearch.methods import registry, sparsify
+
+    def smallest(tau, density, gamma, epsilon, rescale, generator):  # keep the smallest |τ|
+        k = max(1, int(density * tau.numel()))
+        cut = tau.abs().flatten().kthvalue(k).values
+        return tau * (tau.abs() <= cut)
+
+    monkeypatch.setitem(sparsify.SPARSIFIERS, "smallest", smallest)
+    monkeypatch.setitem(registry.METHODS, "smallest_ta", registry._gta_method("smallest_ta", "smallest", False, False, False))
+    base = str(tiny["llama/base"])
+    config = {
+        "merge_method": "smallest_ta",
+        "base_model": base,
+        "models": [{"model": str(tiny[f"llama/ft{i}"]), "parameters": {"weight": 0.7, "density": 0.3}} for i in (0, 1)],
+    }
+    (recipe,) = parse_recipes(yaml.safe_dump(config))
+    merge(recipe, tmp_path / "disk", seed=0)
+    ta = dict(config, merge_method="task_arithmetic")
+    (plain,) = parse_recipes(yaml.safe_dump(ta))
+    merge(plain, tmp_path / "ta", seed=0)
+    disk, unmasked = load_weights(tmp_path / "disk"), load_weights(tmp_path / "ta")
+    searched = ResidentEngine([base, *config_models(config)], base=base, exact=False).state_dict(recipe, seed=0)
+    for k, v in disk.items():
+        assert torch.equal(searched[k], v), k
+    assert any(not torch.equal(disk[k], unmasked[k]) for k in disk)  # it is not task arithmetic
+
+
+def config_models(config: dict) -> list[str]:
+    return [m["model"] for m in config["models"]]

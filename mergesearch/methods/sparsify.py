@@ -131,3 +131,14 @@ def della(
     probs = (density - epsilon) + della_ranks(tau) * 2 * epsilon
     mask = torch.bernoulli(probs, generator=generator).to(work)
     return rescale_l1(t.to(work), mask, rescale).to(tau.dtype).reshape(tau.shape)
+
+
+# Every sparsifier by the name a method gives (`Method.sparsification`), called per task vector as
+# fn(tau, density, gamma, epsilon, rescale, generator). A new one registered here (and a method
+# using it in registry.py) is searched through this reference until the bank declares it.
+SPARSIFIERS = {
+    "magnitude": lambda tau, d, g, e, rescale, gen: magnitude(tau, d, rescale),
+    "random": lambda tau, d, g, e, rescale, gen: bernoulli(tau, d, rescale, gen),
+    "magnitude_outliers": lambda tau, d, g, e, rescale, gen: magnitude_outliers(tau, d, g, rescale),
+    "della": lambda tau, d, g, e, rescale, gen: della(tau, d, e, rescale, gen),
+}

@@ -85,16 +85,11 @@ def generalized_task_arithmetic(
         deltas = scratch[: n * base.numel()].view(n, *base.shape)
     else:
         deltas = base.new_empty((n, *base.shape))
+    fn = None if sparsification is None else sparsify.SPARSIFIERS[sparsification]
     for i in range(n):
         tau = task_vectors[i] if task_vectors is not None else models[i] - base
-        if sparsification == "magnitude":
-            tau = sparsify.magnitude(tau, density[i], rescale)
-        elif sparsification == "random":
-            tau = sparsify.bernoulli(tau, density[i], rescale, generator)
-        elif sparsification == "magnitude_outliers":
-            tau = sparsify.magnitude_outliers(tau, density[i], gamma[i], rescale)
-        elif sparsification == "della":
-            tau = sparsify.della(tau, density[i], epsilon[i], rescale, generator)
+        if fn is not None:
+            tau = fn(tau, density[i], gamma[i] if gamma else None, epsilon[i] if epsilon else None, rescale, generator)
         deltas[i] = tau
     w = torch.tensor(list(weight), dtype=deltas.dtype, device=deltas.device)
     w = w.reshape(-1, *([1] * base.dim()))
