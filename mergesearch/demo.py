@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from .report import export, report
+from .resources import data_dir
 from .space import load_space
 from .study import Searcher, run_search, study_dir
 from .zoo import build_zoo
 
-DEMO_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
+DEMO_SPACE = data_dir("search_spaces") / "demo.yaml"
 
 
 def run_demo(*, trials: int | None = None, study: str = "demo", progress: bool = True) -> dict:

@@ -339,7 +339,9 @@ class ResidentEngine:
         )
         names = [f"{self._position[ref]}:{name}" for ref, name in others]
         # The bank serves only what it declares; any other method is its reference, never another.
-        if self.bank.supports(m.sparsification) and (not self.exact or self.bank.exact_for(names, taus, **gta)):
+        if self.bank.supports(m.sparsification) and (
+            not self.exact or self.bank.exact_for(names, taus, **gta)
+        ):
             return self.bank.merge(names, base, taus, out=out, **gta).to(task.out_dtype)
         n = len(taus) * base.numel()
         scratch = self._scratch.get(base.dtype)

@@ -34,7 +34,9 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str | None = None):
     transformers.utils.logging.disable_progress_bar()  # a per-file bar for a tiny load is noise
     p = Path(path)
     if not p.exists():
-        raise MergeSearchError(f"{p}: model folder does not exist (a local Hugging Face folder; hub ids are not fetched)")
+        raise MergeSearchError(
+            f"{p}: model folder does not exist (a local Hugging Face folder; hub ids are not fetched)"
+        )
     if not (p / "config.json").is_file():
         raise MergeSearchError(f"{p}: not a model folder (no config.json)")
     tok = load_tokenizer(p)

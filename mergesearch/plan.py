@@ -206,7 +206,9 @@ def plan_layout(
             ck = models[src.model]
             stored = ck.resolve(in_name)
             if stored is None:
-                has = [models[x.model].path for x, n in zip(sl.sources, in_names) if models[x.model].resolve(n)]
+                has = [
+                    models[x.model].path for x, n in zip(sl.sources, in_names) if models[x.model].resolve(n)
+                ]
                 raise MergeSearchError(
                     f"{ck.path}: tensor {in_name} is missing (present in {has[0]}); a merge needs it in "
                     "every input (mergekit refuses too): use a complete checkpoint of this model"
@@ -265,7 +267,9 @@ def plan_layout(
             names = []  # the layer's tensors in any input, named as in the first
             for src in sl.sources:
                 m = models[src.model]
-                names += [m.arch.with_layer(x, start + idx) for x in m.by_layer.get(src.layer_range[0] + idx, [])]
+                names += [
+                    m.arch.with_layer(x, start + idx) for x in m.by_layer.get(src.layer_range[0] + idx, [])
+                ]
             for nm in dict.fromkeys(names):
                 out_name = arch.with_layer(nm, total_layers)
                 in_names = [models[s.model].arch.with_layer(nm, s.layer_range[0] + idx) for s in sl.sources]

@@ -357,7 +357,9 @@ def space_from_dict(d: dict, p: Path | None = None) -> SearchSpace:
     params = {}
     raw_params = d.get("parameters") or {}
     if not isinstance(raw_params, dict):
-        raise MergeSearchError(f"{where}: parameters: a mapping of names to ranges, e.g. {{weight: [0, 1.5]}}")
+        raise MergeSearchError(
+            f"{where}: parameters: a mapping of names to ranges, e.g. {{weight: [0, 1.5]}}"
+        )
     for name, v in raw_params.items():
         if name not in MODEL_PARAMS + SHARED_PARAMS:
             raise MergeSearchError(
@@ -403,10 +405,14 @@ def space_from_dict(d: dict, p: Path | None = None) -> SearchSpace:
     seed = number(d.get("seed", 0), f"{where}: seed", whole=True, minimum=0)
     weights = d.get("task_weights") or {}
     if not isinstance(weights, dict):
-        raise MergeSearchError(f"{where}: task_weights: a mapping of task to weight, e.g. {{add: 2, reverse: 1}}")
+        raise MergeSearchError(
+            f"{where}: task_weights: a mapping of task to weight, e.g. {{add: 2, reverse: 1}}"
+        )
     for k, v in weights.items():
         if k not in tasks:
-            raise MergeSearchError(f"{where}: task_weights.{k}: not one of the space's tasks ({', '.join(tasks)})")
+            raise MergeSearchError(
+                f"{where}: task_weights.{k}: not one of the space's tasks ({', '.join(tasks)})"
+            )
         number(v, f"{where}: task_weights.{k}", minimum=0)
     if weights and not sum(float(weights.get(t, 1.0)) for t in tasks) > 0:
         raise MergeSearchError(f"{where}: task_weights: at least one task needs a weight above 0")

@@ -61,7 +61,9 @@ def open_storage(url: str | None, study: str, *, create: bool = True) -> optuna.
 
         path = Path(url)
         if not create and not path.is_file():
-            raise MergeSearchError(f"{path}: journal file does not exist; check --storage (a study's journal path)")
+            raise MergeSearchError(
+                f"{path}: journal file does not exist; check --storage (a study's journal path)"
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         repair_journal(path)
         return optuna.storages.JournalStorage(JournalFileBackend(url))

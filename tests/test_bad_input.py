@@ -8,7 +8,6 @@ created or changed: no study, journal, results folder, temporary file or partial
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,7 +52,10 @@ def task(tmp: Path, records=RECORDS, test=None, **over) -> str:
     """A task file with its own data; returns the task file's path (usable in a space's tasks)."""
     d = {k: v for k, v in {**TASK, **over}.items() if v is not None}
     (tmp / "mytask.yaml").write_text(yaml.safe_dump(d))
-    for name, recs in (("s.jsonl", records), ("t.jsonl", test or [{"q": f"{i}+2=", "a": "x"} for i in range(9)])):
+    for name, recs in (
+        ("s.jsonl", records),
+        ("t.jsonl", test or [{"q": f"{i}+2=", "a": "x"} for i in range(9)]),
+    ):
         data = recs if isinstance(recs, (str, bytes)) else "".join(json.dumps(r) + "\n" for r in recs)
         (tmp / name).write_bytes(data if isinstance(data, bytes) else data.encode())
     return str(tmp / "mytask.yaml")
@@ -88,8 +90,16 @@ CASES: list[tuple[str, Callable, str]] = [
     # -- the space file ------------------------------------------------------------------------
     ("space missing", lambda t: ["search", str(t / "nope.yaml")], "does not exist"),
     ("space is a folder", lambda t: ["search", str(t)], "is a folder"),
-    ("space binary", lambda t: ["search", _write(t / "s.yaml", b"\x89PNG\r\n\x1a\n\xff\xfe\x00")], "not a UTF-8"),
-    ("space latin-1", lambda t: ["search", _write(t / "s.yaml", "name: caf\xe9\n".encode("latin-1"))], "not a UTF-8"),
+    (
+        "space binary",
+        lambda t: ["search", _write(t / "s.yaml", b"\x89PNG\r\n\x1a\n\xff\xfe\x00")],
+        "not a UTF-8",
+    ),
+    (
+        "space latin-1",
+        lambda t: ["search", _write(t / "s.yaml", "name: caf\xe9\n".encode("latin-1"))],
+        "not a UTF-8",
+    ),
     ("space not yaml", lambda t: ["search", _write(t / "s.yaml", b"a: [1, 2\n")], "not valid YAML"),
     ("space a list", lambda t: ["search", _write(t / "s.yaml", b"- a\n- b\n")], "expected a mapping"),
     ("unknown key", lambda t: search(t, wieght=1), "unknown key 'wieght'"),
@@ -109,7 +119,11 @@ CASES: list[tuple[str, Callable, str]] = [
     ("range inverted", lambda t: search(t, parameters={"weight": [1.0, 0.0]}), "inverted range"),
     ("range three", lambda t: search(t, parameters={"weight": [0, 1, 2]}), "parameters.weight"),
     ("step zero", lambda t: search(t, parameters={"weight": {"low": 0, "high": 1, "step": 0}}), "step"),
-    ("density above 1", lambda t: search(t, method="ties", parameters={"weight": [0, 1], "density": [0.5, 2]}), "[0, 1]"),
+    (
+        "density above 1",
+        lambda t: search(t, method="ties", parameters={"weight": [0, 1], "density": [0.5, 2]}),
+        "[0, 1]",
+    ),
     ("log from 0", lambda t: search(t, parameters={"weight": {"low": 0, "high": 1, "log": True}}), "log"),
     ("trials a string", lambda t: search(t, trials="many"), "trials"),
     ("trials fractional", lambda t: search(t, trials=2.5), "trials"),
@@ -122,8 +136,16 @@ CASES: list[tuple[str, Callable, str]] = [
     ("order", lambda t: search(t, order="random"), "order"),
     ("objective", lambda t: search(t, objective="max"), "objective"),
     ("sampler", lambda t: search(t, sampler="bayes"), "sampler"),
-    ("cmaes with methods", lambda t: search(t, sampler="cmaes", method=["ties", "task_arithmetic"],
-                                            parameters={"weight": [0, 1], "density": [0.2, 1]}), "cmaes"),
+    (
+        "cmaes with methods",
+        lambda t: search(
+            t,
+            sampler="cmaes",
+            method=["ties", "task_arithmetic"],
+            parameters={"weight": [0, 1], "density": [0.2, 1]},
+        ),
+        "cmaes",
+    ),
     ("seed negative", lambda t: search(t, seed=-1), "seed"),
     ("seed string", lambda t: search(t, seed="x"), "seed"),
     ("timeout negative", lambda t: search(t, timeout=-5), "timeout"),
@@ -142,41 +164,106 @@ CASES: list[tuple[str, Callable, str]] = [
     ("architectures differ", lambda t: ODD(t, "ft", "gpt2"), "gpt2"),
     ("layer counts differ", lambda t: ODD(t, "ft", "layers2"), "layers2"),
     ("hidden sizes differ", lambda t: ODD(t, "ft", "hidden32"), "shapes differ"),
-    ("slerp of three", lambda t: ODD(t, "ft", "ft2", "base", method="slerp", parameters={"t": [0, 1]}), "slerp"),
+    (
+        "slerp of three",
+        lambda t: ODD(t, "ft", "ft2", "base", method="slerp", parameters={"t": [0, 1]}),
+        "slerp",
+    ),
     # -- flags ------------------------------------------------------------------------------------
     ("--trials zero", lambda t: search(t, "--trials", "0"), "--trials"),
     ("--seed negative", lambda t: search(t, "--seed", "-3"), "--seed"),
     ("--timeout negative", lambda t: search(t, "--timeout", "-1"), "--timeout"),
-    ("eval --limit negative", lambda t: ["eval", str(ZOO["add"]), "--tasks", "add", "--limit", "-5", "--device", "cpu"], "--limit"),
-    ("eval split", lambda t: ["eval", str(ZOO["add"]), "--tasks", "add", "--split", "train", "--device", "cpu"], "split"),
-    ("eval model missing", lambda t: ["eval", str(t / "m"), "--tasks", "add", "--device", "cpu"], "does not exist"),
-    ("merge --seed negative", lambda t: ["merge", _recipe(t), str(t / "out"), "--seed", "-1", "-q"], "--seed"),
+    (
+        "eval --limit negative",
+        lambda t: ["eval", str(ZOO["add"]), "--tasks", "add", "--limit", "-5", "--device", "cpu"],
+        "--limit",
+    ),
+    (
+        "eval split",
+        lambda t: ["eval", str(ZOO["add"]), "--tasks", "add", "--split", "train", "--device", "cpu"],
+        "split",
+    ),
+    (
+        "eval model missing",
+        lambda t: ["eval", str(t / "m"), "--tasks", "add", "--device", "cpu"],
+        "does not exist",
+    ),
+    (
+        "merge --seed negative",
+        lambda t: ["merge", _recipe(t), str(t / "out"), "--seed", "-1", "-q"],
+        "--seed",
+    ),
     # -- storages -------------------------------------------------------------------------------
-    ("sqlite folder missing", lambda t: search(t, "--storage", f"sqlite:///{t}/no/such/dir/x.db"), "no/such/dir"),
+    (
+        "sqlite folder missing",
+        lambda t: search(t, "--storage", f"sqlite:///{t}/no/such/dir/x.db"),
+        "no/such/dir",
+    ),
     ("storage scheme", lambda t: search(t, "--storage", "notadb://x/y"), "cannot be opened"),
     ("report of no study", lambda t: ["report", "ghost", "-q", "--device", "cpu"], "ghost"),
     ("export of no study", lambda t: ["export", "ghost"], "ghost"),
     ("export from a missing journal", lambda t: ["export", "ghost", "--storage", str(t / "j.log")], "j.log"),
-    ("worker on a missing journal", lambda t: ["worker", "--study", "ghost", "--storage", str(t / "j.log"), "-q", "--device", "cpu"], "j.log"),
+    (
+        "worker on a missing journal",
+        lambda t: ["worker", "--study", "ghost", "--storage", str(t / "j.log"), "-q", "--device", "cpu"],
+        "j.log",
+    ),
     ("dashboard of no study", lambda t: ["dashboard", "ghost"], "ghost"),
-    ("report of a study with no completed trial", lambda t: ["report", _empty_study(t), "-q", "--device", "cpu"], "no completed trial"),
+    (
+        "report of a study with no completed trial",
+        lambda t: ["report", _empty_study(t), "-q", "--device", "cpu"],
+        "no completed trial",
+    ),
     ("sqlite study missing", lambda t: ["export", "ghost", "--storage", f"sqlite:///{t}/x.db"], "x.db"),
     # -- tasks ------------------------------------------------------------------------------------
     ("record lacks the prompt field", lambda t: task_search(t, records=[*RECORDS, {"a": "1"}]), "'q'"),
     ("record with a null field", lambda t: task_search(t, records=[*RECORDS, {"q": None, "a": "1"}]), "'q'"),
     ("whitespace-only split", lambda t: task_search(t, records="   \n\n  \n"), "s.jsonl"),
-    ("non-UTF-8 data", lambda t: task_search(t, records='{"q": "caf\xe9", "a": "1"}\n'.encode("latin-1")), "s.jsonl"),
+    (
+        "non-UTF-8 data",
+        lambda t: task_search(t, records='{"q": "caf\xe9", "a": "1"}\n'.encode("latin-1")),
+        "s.jsonl",
+    ),
     ("fewshot above split", lambda t: task_search(t, fewshot=40), "fewshot"),
     ("fewshot a string", lambda t: task_search(t, fewshot="two"), "fewshot"),
     ("shuffle_seed a string", lambda t: task_search(t, shuffle_seed="x"), "shuffle_seed"),
-    ("label out of range", lambda t: search(t, tasks=[task(
-        t, metric="multiple_choice", target=None, choices="c", label="l",
-        records=[{"q": "1+1=", "c": ["2", "3"], "l": i % 2} for i in range(29)] + [{"q": "x", "c": ["2", "3"], "l": 2}],
-        test=[{"q": "2+2=", "c": ["4", "5"], "l": 0}])]), "label"),
-    ("label not a number", lambda t: search(t, tasks=[task(
-        t, metric="multiple_choice", target=None, choices="c", label="l",
-        records=[{"q": f"{i}=", "c": ["2", "3"], "l": "first"} for i in range(20)],
-        test=[{"q": "2+2=", "c": ["4", "5"], "l": 0}])]), "label"),
+    (
+        "label out of range",
+        lambda t: search(
+            t,
+            tasks=[
+                task(
+                    t,
+                    metric="multiple_choice",
+                    target=None,
+                    choices="c",
+                    label="l",
+                    records=[{"q": "1+1=", "c": ["2", "3"], "l": i % 2} for i in range(29)]
+                    + [{"q": "x", "c": ["2", "3"], "l": 2}],
+                    test=[{"q": "2+2=", "c": ["4", "5"], "l": 0}],
+                )
+            ],
+        ),
+        "label",
+    ),
+    (
+        "label not a number",
+        lambda t: search(
+            t,
+            tasks=[
+                task(
+                    t,
+                    metric="multiple_choice",
+                    target=None,
+                    choices="c",
+                    label="l",
+                    records=[{"q": f"{i}=", "c": ["2", "3"], "l": "first"} for i in range(20)],
+                    test=[{"q": "2+2=", "c": ["4", "5"], "l": 0}],
+                )
+            ],
+        ),
+        "label",
+    ),
     ("task file a list", lambda t: search(t, tasks=[_write(t / "tl.yaml", b"- 1\n")]), "expected a mapping"),
 ]
 
@@ -206,8 +293,13 @@ def _write(p: Path, data: bytes) -> str:
 
 
 def _recipe(t: Path) -> str:
-    r = {"merge_method": "linear", "models": [{"model": str(ZOO["add"]), "parameters": {"weight": 0.5}},
-                                              {"model": str(ZOO["reverse"]), "parameters": {"weight": 0.5}}]}
+    r = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(ZOO["add"]), "parameters": {"weight": 0.5}},
+            {"model": str(ZOO["reverse"]), "parameters": {"weight": 0.5}},
+        ],
+    }
     (t / "r.yaml").write_text(yaml.safe_dump(r))
     return str(t / "r.yaml")
 

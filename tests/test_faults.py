@@ -100,18 +100,21 @@ def test_read_only_and_full_folders_fail_cleanly(zoo, tmp_path, tmpfs, monkeypat
         except OSError:
             pass
     cases = {
-        "results folder": (["search", space, "-q", "--device", "cpu", "--study", "ro2"], "ro", "read-only"),
-        "journal folder": (["search", space, "-q", "--device", "cpu", "--storage", str(ro / "j.log")], "ro", "read-only"),
-        "export to read-only": (["export", "ro", "-o", str(ro / "best.yaml")], "ro", "read-only"),
-        "export to a full disk": (["export", "ro", "-o", str(full / "best.yaml")], "full", "disk is full"),
-        "merge to read-only": (["merge", "recipe.yaml", str(ro / "m"), "-q"], "ro", "read-only"),
-        "merge to a full disk": (["merge", "recipe.yaml", str(full / "m"), "-q"], "full", "disk is full"),
+        "results folder": (["search", space, "-q", "--device", "cpu", "--study", "ro2"], "read-only"),
+        "journal folder": (
+            ["search", space, "-q", "--device", "cpu", "--storage", str(ro / "j.log")],
+            "read-only",
+        ),
+        "export to read-only": (["export", "ro", "-o", str(ro / "best.yaml")], "read-only"),
+        "export to a full disk": (["export", "ro", "-o", str(full / "best.yaml")], "disk is full"),
+        "merge to read-only": (["merge", "recipe.yaml", str(ro / "m"), "-q"], "read-only"),
+        "merge to a full disk": (["merge", "recipe.yaml", str(full / "m"), "-q"], "disk is full"),
     }
     (tmp_path / "recipe.yaml").write_text(
         f"merge_method: linear\nmodels:\n  - model: {zoo.models['add']}\n    parameters: {{weight: 0.5}}\n"
         f"  - model: {zoo.models['reverse']}\n    parameters: {{weight: 0.5}}\n"
     )
-    for name, (argv, disk, says) in cases.items():
+    for name, (argv, says) in cases.items():
         if name == "results folder":
             monkeypatch.setattr(study_mod, "RESULTS", ro / "results")
         before = sorted(os.listdir(full))
@@ -147,8 +150,22 @@ def test_ctrl_c_exits_130_with_one_word_and_the_study_resumes(zoo, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-3000:]
     assert err.strip() == "interrupted", err[-3000:]
-    done = {t.number: t.values for t in optuna.load_study(study_name="intr", storage=db).trials if t.state == COMPLETE}
-    cli(tmp_path, "search", str(space), "-q", "--device", "cpu", "--trials", str(len(done) + 3), "--set-budget")
+    done = {
+        t.number: t.values
+        for t in optuna.load_study(study_name="intr", storage=db).trials
+        if t.state == COMPLETE
+    }
+    cli(
+        tmp_path,
+        "search",
+        str(space),
+        "-q",
+        "--device",
+        "cpu",
+        "--trials",
+        str(len(done) + 3),
+        "--set-budget",
+    )
     after = {t.number: t for t in optuna.load_study(study_name="intr", storage=db).trials}
     assert all(after[n].values == v for n, v in done.items())
     assert not any(t.state == RUNNING for t in after.values())
@@ -164,9 +181,22 @@ def test_concurrent_and_resumed_searches_never_repeat_a_candidate(zoo, tmp_path)
     while it runs."""
     space = write_space(tmp_path, name="conc", fidelity=[20, 60], trials=24)
     journal = tmp_path / "conc.log"
-    cmd = [sys.executable, "-m", "mergesearch", "search", str(space), "-q", "--device", "cpu", "--storage", str(journal)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mergesearch",
+        "search",
+        str(space),
+        "-q",
+        "--device",
+        "cpu",
+        "--storage",
+        str(journal),
+    ]
     procs = [
-        subprocess.Popen(cmd, env=env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            cmd, env=env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         for _ in range(2)
     ]
     killed = None
@@ -192,7 +222,19 @@ def test_concurrent_and_resumed_searches_never_repeat_a_candidate(zoo, tmp_path)
     assert other.returncode == 0, err[-3000:]
     ts = {t.number: t for t in journal_trials(journal, "conc")}
     assert ts[killed[1]].state == FAIL  # released by the process still running, not at the next start
-    cli(tmp_path, "search", str(space), "-q", "--device", "cpu", "--storage", str(journal), "--trials", "32", "--set-budget")
+    cli(
+        tmp_path,
+        "search",
+        str(space),
+        "-q",
+        "--device",
+        "cpu",
+        "--storage",
+        str(journal),
+        "--trials",
+        "32",
+        "--set-budget",
+    )
     ts = journal_trials(journal, "conc")
     assert sum(t.state.is_finished() for t in ts) == 32
     searched = [t for t in ts if "baseline" not in t.user_attrs and t.params]
@@ -243,7 +285,9 @@ def test_budget_is_the_studys_and_failing_trials_stop_the_search(zoo, tmp_path, 
         run_search(sp, searcher=searcher, progress=False)
     _, err = capfd.readouterr()
     assert "Traceback" not in err and "Trial 0 failed" not in err
-    s = optuna.load_study(study_name="failing", storage=f"sqlite:///{tmp_path / 'results' / 'failing' / 'study.db'}")
+    s = optuna.load_study(
+        study_name="failing", storage=f"sqlite:///{tmp_path / 'results' / 'failing' / 'study.db'}"
+    )
     assert [t.state for t in s.trials] == [FAIL] * 3
     assert s.trials[0].user_attrs["error"] == "broken merge 1"
 
@@ -271,7 +315,9 @@ def test_the_sampler_never_proposes_another_process_candidate():
     study = optuna.create_study()
     for x, who in ((0.5, "host:1"), (0.75, "host:2")):
         study.add_trial(
-            optuna.trial.create_trial(params={"x": x}, distributions=dist, value=x, user_attrs={"worker": who})
+            optuna.trial.create_trial(
+                params={"x": x}, distributions=dist, value=x, user_attrs={"worker": who}
+            )
         )
     study.sampler = _NoRepeats(Scripted([0.5, 0.5, 0.25]), "host:1")  # its own 0.5: allowed
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)

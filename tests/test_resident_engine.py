@@ -182,12 +182,17 @@ def test_a_new_sparsifier_is_searched_through_its_reference(tiny, tmp_path, monk
         return tau * (tau.abs() <= cut)
 
     monkeypatch.setitem(sparsify.SPARSIFIERS, "smallest", smallest)
-    monkeypatch.setitem(registry.METHODS, "smallest_ta", registry._gta_method("smallest_ta", "smallest", False, False, False))
+    monkeypatch.setitem(
+        registry.METHODS, "smallest_ta", registry._gta_method("smallest_ta", "smallest", False, False, False)
+    )
     base = str(tiny["llama/base"])
     config = {
         "merge_method": "smallest_ta",
         "base_model": base,
-        "models": [{"model": str(tiny[f"llama/ft{i}"]), "parameters": {"weight": 0.7, "density": 0.3}} for i in (0, 1)],
+        "models": [
+            {"model": str(tiny[f"llama/ft{i}"]), "parameters": {"weight": 0.7, "density": 0.3}}
+            for i in (0, 1)
+        ],
     }
     (recipe,) = parse_recipes(yaml.safe_dump(config))
     merge(recipe, tmp_path / "disk", seed=0)
@@ -195,7 +200,9 @@ def test_a_new_sparsifier_is_searched_through_its_reference(tiny, tmp_path, monk
     (plain,) = parse_recipes(yaml.safe_dump(ta))
     merge(plain, tmp_path / "ta", seed=0)
     disk, unmasked = load_weights(tmp_path / "disk"), load_weights(tmp_path / "ta")
-    searched = ResidentEngine([base, *config_models(config)], base=base, exact=False).state_dict(recipe, seed=0)
+    searched = ResidentEngine([base, *config_models(config)], base=base, exact=False).state_dict(
+        recipe, seed=0
+    )
     for k, v in disk.items():
         assert torch.equal(searched[k], v), k
     assert any(not torch.equal(disk[k], unmasked[k]) for k in disk)  # it is not task arithmetic

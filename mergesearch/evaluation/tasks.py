@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import MergeSearchError
+from ..resources import data_dir
 from ..yaml_files import number, read_mapping
 from .answers import Extractor, Normalizer
 
@@ -71,7 +72,7 @@ KEYS = GENERATIVE_KEYS | {
     "shuffle_seed",
     "splits",
 }
-DEFAULT_EVALS = Path(__file__).resolve().parents[2] / "evals"
+DEFAULT_EVALS = data_dir("evals")
 
 
 @dataclass
@@ -289,7 +290,9 @@ def _load_records(task: Task, split: str) -> list[dict]:
                 except ValueError as e:
                     raise MergeSearchError(f"{path}:{n}: malformed JSON line ({e})") from e
         if not any(line.strip() for line in lines):
-            raise MergeSearchError(f"{path}: data file is empty: no records (split {split} of task {task.name})")
+            raise MergeSearchError(
+                f"{path}: data file is empty: no records (split {split} of task {task.name})"
+            )
     if path.stat().st_size == 0:
         raise MergeSearchError(f"{path}: data file is empty")
     import datasets

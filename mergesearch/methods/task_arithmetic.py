@@ -89,7 +89,14 @@ def generalized_task_arithmetic(
     for i in range(n):
         tau = task_vectors[i] if task_vectors is not None else models[i] - base
         if fn is not None:
-            tau = fn(tau, density[i], gamma[i] if gamma else None, epsilon[i] if epsilon else None, rescale, generator)
+            tau = fn(
+                tau,
+                density[i],
+                gamma[i] if gamma else None,
+                epsilon[i] if epsilon else None,
+                rescale,
+                generator,
+            )
         deltas[i] = tau
     w = torch.tensor(list(weight), dtype=deltas.dtype, device=deltas.device)
     w = w.reshape(-1, *([1] * base.dim()))
