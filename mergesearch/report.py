@@ -161,6 +161,7 @@ def report(
         if r is not None:
             baselines.append(score(f"baseline: {name}", [r], None))
     best_s = next(x for x in scored if x.label.endswith("(best)"))
+    orders = _merge_orders(s, space, score)
     top_base = max(baselines, key=lambda b: b.test_mean) if baselines else None
     log("sweeping task arithmetic's λ on the search split (the hand-tuned scalar)")
     tuned = _tuned_scalar(searcher, space.dtype, score)
@@ -176,6 +177,7 @@ def report(
         "merge_seed": MERGE_SEED,
         "specialist_ceiling": ceiling,
         "cost": _cost(s, df),
+        **({"merge_orders": orders} if orders else {}),
         "candidates": [],
     }
     for x in scored + baselines:
@@ -200,6 +202,23 @@ def report(
     plots = _plots(s, searcher, best, fr, baselines, out)
     _atomic_text(out / "report.md", _markdown(summary, plots, best, searcher))
     return summary
+
+
+def _merge_orders(s: optuna.Study, space, score) -> list[dict[str, Any]] | None:
+    """Sequential spaces that search the merge order: per order, its trials and its best trial
+    (by search mean) scored on the test split, so the orders compare on data the search never saw."""
+    done = [t for t in s.trials if t.state == optuna.trial.TrialState.COMPLETE and "merge_order" in t.params]
+    if not done:
+        return None
+    rows = []
+    for order in sorted({t.params["merge_order"] for t in done}):
+        ts = [t for t in done if t.params["merge_order"] == order]
+        top = max(ts, key=lambda t: float(np.mean(t.values)))
+        names = " > ".join(space.models[int(i)] for i in order.split(">"))
+        x = score(f"order {names}: trial {top.number}", parse_recipes(top.user_attrs["recipe"]), None)
+        row = {"order": order, "models": names, "trials": len(ts), "best_trial": top.number}
+        rows.append(row | {"search_mean": float(np.mean(top.values)), "test": _row(x)["test"], "test_mean": x.test_mean})
+    return rows
 
 
 def _cost(s: optuna.Study, df: pd.DataFrame) -> dict[str, Any]:
@@ -456,6 +475,27 @@ def _markdown(summary: dict, plots: dict[str, str], best, searcher: Searcher) ->
             "Specialists on their own skill (ceiling): "
             + ", ".join(f"{k} {v:.3f}" for k, v in summary["specialist_ceiling"].items()),
         ]
+    if summary.get("merge_orders"):
+        won = best.params.get("merge_order")
+        lines += [
+            "",
+            "## Merge order",
+            "",
+            "Each order's best trial (by search mean) re-scored on the test split; the best trial's order "
+            "is marked. Overlapping intervals mean the order did not matter measurably here.",
+            "",
+            "| merge order (first merged first) | trials | best trial | search mean | "
+            + " | ".join(f"test {t}" for t in tasks)
+            + " | test mean |",
+            "|" + "---|" * (5 + len(tasks)),
+        ]
+        for o in summary["merge_orders"]:
+            lines.append(
+                f"| {o['models']}{' **(best)**' if o['order'] == won else ''} | {o['trials']} | {o['best_trial']} | "
+                f"{o['search_mean']:.3f} | "
+                + " | ".join(_fmt_ci(o["test"][t]) for t in tasks)
+                + f" | {o['test_mean']:.3f} |"
+            )
     lines += ["", "## Plots", ""]
     for k, f in plots.items():
         lines.append(f"![{k}]({f})" if f.endswith(".png") else f"- [{k}]({f})")

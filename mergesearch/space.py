@@ -8,6 +8,7 @@ The schema, with defaults, is documented in search_spaces/README.md.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ KEYS = {
     "baselines",
     "seed",
     "dtype",
+    "search_order",
 }
 MODEL_PARAMS = ("weight", "density", "gamma", "epsilon")
 SHARED_PARAMS = ("t", "lambda")
@@ -92,6 +94,8 @@ class SearchSpace:
     baselines: bool = True
     seed: int = 0
     dtype: str | None = None
+    # sequential spaces of 3+ models: the merge order is a searched categorical (see `orders`)
+    search_order: bool = True
     description: str = ""
     path: Path | None = None
     raw: dict = field(default_factory=dict)  # the YAML as written, stored with the study
@@ -110,11 +114,32 @@ class SearchSpace:
         d = asdict(self)
         for k in ("trials", "timeout", "path", "description", "sampler", "raw"):
             d.pop(k)
+        if d["search_order"]:  # the default: studies made before the key existed keep their print
+            d.pop("search_order")
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     @property
     def stages(self) -> int:
         return len(self.models) - 1 if self.order == "sequential" else 1
+
+    @property
+    def orders(self) -> list[tuple[int, ...]] | None:
+        """The merge orders a sequential space of 3+ models searches (model indices, first merged
+        first): every permutation up to 4 models (24); beyond, the listed order and its reverse
+        with their rotations (2n), as n! grows too fast to search. None: the listed order only."""
+        n = len(self.models)
+        if self.order != "sequential" or n < 3 or not self.search_order:
+            return None
+        if n <= 4:
+            return list(itertools.permutations(range(n)))
+        listed = list(range(n))
+        rotations = [tuple(seq[i:] + seq[:i]) for seq in (listed, listed[::-1]) for i in range(n)]
+        return list(dict.fromkeys(rotations))
+
+    @property
+    def categorical(self) -> bool:
+        """Whether a point has a categorical choice (method, merge order): CMA-ES cannot search it."""
+        return len(self.methods) > 1 or self.orders is not None
 
     @property
     def models_per_stage(self) -> int:
@@ -126,6 +151,8 @@ class SearchSpace:
         method = (
             self.methods[0] if len(self.methods) == 1 else trial.suggest_categorical("method", self.methods)
         )
+        if self.orders is not None:
+            p["merge_order"] = trial.suggest_categorical("merge_order", [order_name(o) for o in self.orders])
         m = METHODS[method]
         groups = self.groups(num_layers)
         for s in range(self.stages):
@@ -160,6 +187,8 @@ class SearchSpace:
         method = values.get("method", self.methods[0])
         m = get_method(method)
         groups = self.groups(num_layers)
+        if "merge_order" in values:  # the same coefficients, applied to the inputs in this order
+            model_paths = [model_paths[int(i)] for i in values["merge_order"].split(">")]
 
         def setting(prefix: str) -> Any:
             per_comp = {}
@@ -283,6 +312,11 @@ def baseline_recipe(name: str, base: str, models: list[str], dtype: str | None =
     return r
 
 
+def order_name(order: tuple[int, ...]) -> str:
+    """A merge order as a trial parameter: model indices in merge order, "0>2>1"."""
+    return ">".join(str(i) for i in order)
+
+
 def filter_for(arch: Architecture, component: str) -> str:
     for needle, comp in arch.components:
         if comp == component:
@@ -387,9 +421,14 @@ def space_from_dict(d: dict, p: Path | None = None) -> SearchSpace:
     sampler = d.get("sampler", "auto")
     if sampler not in SAMPLERS:
         raise MergeSearchError(f"{where}: sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
-    if sampler == "cmaes" and len(methods) > 1:
+    search_order = d.get("search_order", True)
+    if not isinstance(search_order, bool):
+        raise MergeSearchError(f"{where}: search_order: true or false, not {search_order!r}")
+    ordered = order == "sequential" and len(models) >= 3 and search_order
+    if sampler == "cmaes" and (len(methods) > 1 or ordered):
         raise MergeSearchError(
-            f"{where}: sampler cmaes cannot choose among methods (a categorical); use tpe or auto"
+            f"{where}: sampler cmaes cannot choose among {'methods' if len(methods) > 1 else 'merge orders'} "
+            "(a categorical); use tpe or auto" + ("" if len(methods) > 1 else ", or search_order: false")
         )
     trials = number(d.get("trials", 100), f"{where}: trials", whole=True, minimum=1)
     fid = d.get("fidelity", [50, 200])
@@ -465,6 +504,7 @@ def space_from_dict(d: dict, p: Path | None = None) -> SearchSpace:
         baselines=bool(d.get("baselines", True)),
         seed=seed,
         dtype=dtype,
+        search_order=search_order,
         description=str(d.get("description", "")),
         path=p,
         raw=dict(d),

@@ -249,7 +249,7 @@ class Searcher:
 def _sampler(
     space: SearchSpace, name: str, seed: int, multi: bool, trials: int
 ) -> optuna.samplers.BaseSampler:
-    categorical = len(space.methods) > 1
+    categorical = space.categorical
     if name == "auto":
         name = "nsga2" if multi else ("tpe" if categorical else "cmaes")
     if name == "cmaes":
@@ -259,7 +259,7 @@ def _sampler(
             )
         if categorical:
             raise MergeSearchError(
-                "sampler cmaes cannot choose among methods (categorical); use --sampler tpe"
+                "sampler cmaes cannot choose among methods or merge orders (categorical); use --sampler tpe"
             )
         return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=len(BASELINES) + 1)
     if name == "nsga2":
@@ -605,7 +605,7 @@ class _Midpoint:
         self.method = method
 
     def suggest_categorical(self, name: str, choices: list) -> Any:
-        return self.method
+        return self.method if name == "method" else choices[0]
 
     def suggest_float(self, name: str, low: float, high: float, *, log: bool = False, step=None) -> float:
         if step is not None:

@@ -413,3 +413,52 @@ def test_study_names_stay_inside_results_and_version(zoo, tmp_path):
         )
     assert not (tmp_path / "outside").exists() and not (tmp_path / "results" / "a").exists()
     assert cli(tmp_path, "--version").stdout.startswith("mergesearch ")
+
+
+def test_a_sequential_space_searches_the_merge_order(zoo, tmp_path, results):
+    """Three models merged pairwise: the order is a categorical over the 6 permutations, each
+    trial's recipe follows its order, and the report compares the orders on the test split."""
+    from mergesearch.report import report
+    from mergesearch.study import run_search
+
+    space = load_space(
+        write_space(
+            tmp_path,
+            name="order",
+            models=["zoo:add", "zoo:reverse", "zoo:count"],
+            tasks=["add", "reverse", "count"],
+            method="task_arithmetic",
+            order="sequential",
+            granularity="model",
+            components=["all"],
+            parameters={"weight": [0.3, 1.2]},
+            objective="mean",
+            fidelity=[20],
+            trials=14,
+        )
+    )
+    assert len(space.orders) == 6 and space.categorical
+    s = run_search(space, progress=False)
+    done = [t for t in s.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len({t.params["merge_order"] for t in done}) >= 3
+    for t in done:
+        first = [str(zoo.models[n]) for n in ("add", "reverse", "count")]
+        order = [first[int(i)] for i in t.params["merge_order"].split(">")]
+        stage1 = yaml.safe_load(t.user_attrs["recipe"].split("---")[0])
+        assert [m["model"] for m in stage1["models"]] == order[:2]
+    summary = report("order")
+    rows = summary["merge_orders"]
+    assert sorted(r["order"] for r in rows) == sorted({t.params["merge_order"] for t in done})
+    assert all(0 <= r["test_mean"] <= 1 for r in rows)
+    text = (results / "order" / "report.md").read_text()
+    assert "## Merge order" in text and "**(best)**" in text
+    pinned = load_space(
+        write_space(
+            tmp_path,
+            name="pinned",
+            order="sequential",
+            search_order=False,
+            models=["zoo:add", "zoo:reverse", "zoo:count"],
+        )
+    )
+    assert pinned.orders is None
