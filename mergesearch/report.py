@@ -217,7 +217,10 @@ def _merge_orders(s: optuna.Study, space, score) -> list[dict[str, Any]] | None:
         names = " > ".join(space.models[int(i)] for i in order.split(">"))
         x = score(f"order {names}: trial {top.number}", parse_recipes(top.user_attrs["recipe"]), None)
         row = {"order": order, "models": names, "trials": len(ts), "best_trial": top.number}
-        rows.append(row | {"search_mean": float(np.mean(top.values)), "test": _row(x)["test"], "test_mean": x.test_mean})
+        rows.append(
+            row
+            | {"search_mean": float(np.mean(top.values)), "test": _row(x)["test"], "test_mean": x.test_mean}
+        )
     return rows
 
 
