@@ -240,6 +240,8 @@ def plan_layout(
             base_idx = next(i for i, s in enumerate(sl.sources) if s.model == base_ref)
         receivers = [i for i in range(len(inputs)) if i != base_idx]
         out = out_dtype if out_dtype is not None and floating else work
+        if method.result_fp32 and out_dtype is None and floating:  # mergekit keeps what it returns
+            out = torch.promote_types(work, torch.float32)
         slots.append(
             _Slot(out_name, si, in_names, t, inputs, base_idx, receivers, metas[0].shape, work, out, floating)
         )

@@ -10,6 +10,7 @@ whose first substring match wins.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,6 +231,13 @@ class Recipe:
             if not isinstance(params, dict):
                 raise MergeSearchError(f"{loc}: expected a mapping")
             for key, value in params.items():
+                if key in method.ignored_params:
+                    warnings.warn(
+                        f"{loc}.{key}: {method.name} ignores {key} (mergekit does too, without a word); "
+                        "remove it from the recipe",
+                        stacklevel=2,
+                    )
+                    continue
                 if key not in method.params:
                     raise MergeSearchError(
                         f"{loc}.{key}: unknown parameter for {method.name}; "

@@ -45,7 +45,7 @@ KEYS = {
     "search_order",
 }
 MODEL_PARAMS = ("weight", "density", "gamma", "epsilon")
-SHARED_PARAMS = ("t", "lambda")
+SHARED_PARAMS = ("t", "lambda", "select_topk")
 COMPONENTS = ("attention", "mlp", "other")
 SAMPLERS = ("auto", "cmaes", "nsga2", "tpe", "gp", "random")
 # Known recipes every study starts from, wherever the space can express them.
@@ -166,7 +166,7 @@ class SearchSpace:
                                 p[key] = trial.suggest_float(
                                     key, rng.low, rng.high, log=rng.log, step=rng.step
                                 )
-                elif name in m.shared_params:  # t and lambda: one value per group and component too
+                elif name in m.shared_params:  # t, lambda, select_topk: per group and component too
                     for c in self.components:
                         for g in range(len(groups)):
                             key = f"{sp}{name}.{c}.{g}"
@@ -400,7 +400,7 @@ def space_from_dict(d: dict, p: Path | None = None) -> SearchSpace:
                 f"{where}: parameters.{name}: not searchable; use {', '.join(MODEL_PARAMS + SHARED_PARAMS)}"
             )
         params[name] = _range(v, f"{where}: parameters.{name}")
-        if name in ("density", "t") and not (0 <= params[name].low and params[name].high <= 1):
+        if name in ("density", "t", "select_topk") and not (0 <= params[name].low and params[name].high <= 1):
             raise MergeSearchError(f"{where}: parameters.{name}: range must lie in [0, 1]")
     for mname in methods:
         m = METHODS[mname]

@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from mergesearch.cli import main as cli
+from mergesearch.methods import METHODS
 from tests.tiny_models import load_weights
 
 SEED = 1234
@@ -126,6 +127,63 @@ def cases(tiny, arch):
         "breadcrumbs_ties": gta("breadcrumbs_ties", arch, tiny),
         "della": gta("della", arch, tiny, {"epsilon": 0.1}),
         "della_linear": gta("della_linear", arch, tiny, {"epsilon": 0.15}),
+        "multislerp": {
+            "merge_method": "multislerp",
+            "base_model": base,
+            "models": [
+                {"model": ft[0], "parameters": {"weight": [0.2, 0.9]}},  # a gradient over layers
+                {"model": ft[1], "parameters": {"weight": 0.5}},
+                {"model": ft[2], "parameters": {"weight": 0.3}},
+            ],
+            "dtype": "float32",
+        },
+        "multislerp_nobase": {
+            "merge_method": "multislerp",
+            "models": _models(tiny, arch, [{"weight": 0.6}, {"weight": 0.4}]),
+            "parameters": {"normalize_weights": False},
+            "dtype": "float32",
+        },
+        "karcher": {  # the base is an ordinary input
+            "merge_method": "karcher",
+            "base_model": base,
+            "models": [{"model": base}, {"model": ft[0]}, {"model": ft[1]}],
+            "parameters": {"max_iter": 5},
+            "dtype": "float32",
+        },
+        "nearswap": {
+            "merge_method": "nearswap",
+            "base_model": base,
+            "models": [{"model": base}, {"model": ft[0]}],
+            "parameters": {"t": [{"filter": "mlp", "value": [0.001, 0.01]}, {"value": 0.004}]},
+            "dtype": "float32",
+        },
+        "sce": {
+            "merge_method": "sce",
+            "base_model": base,
+            "models": [{"model": f} for f in ft],
+            "parameters": {"select_topk": [0.3, 0.8]},
+            "dtype": "float32",
+        },
+        "ram": {
+            "merge_method": "ram",
+            "base_model": base,
+            "models": [{"model": f} for f in ft],
+            "parameters": {"epsilon": 0.004},
+            "dtype": "float32",
+        },
+        "ramplus_tl": {
+            "merge_method": "ramplus_tl",
+            "base_model": base,
+            "models": [{"model": f} for f in ft],
+            "parameters": {"epsilon": 0.004, "r": 0.2, "alpha": 0.5},
+            "dtype": "float32",
+        },
+        "arcee_fusion": {
+            "merge_method": "arcee_fusion",
+            "base_model": base,
+            "models": [{"model": base}, {"model": ft[0]}],
+            "dtype": "float32",
+        },
     }
 
 
@@ -181,32 +239,40 @@ def assert_same(ours: Path, theirs: Path, exact: bool) -> None:
             assert diff <= tol, f"{k}: max diff {diff} > {tol}"
 
 
-CASE_NAMES = [
-    "linear",
-    "linear_unnormalized",
-    "slerp_slices",
-    "nuslerp",
-    "nuslerp_rowwise_nobase",
-    "model_stock",
-    "passthrough_frankenmerge",
-    "task_arithmetic",
-    "ties",
-    "ties_unnormalized",
-    "dare_ties",
-    "dare_linear",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-    "della",
-    "della_linear",
-]
+class _AnyPath(dict):
+    def __missing__(self, key):
+        return Path(key)
+
+
+# Derived from cases() and METHODS, never kept by hand: a case added above is checked everywhere.
+CASE_NAMES = list(cases(_AnyPath(), "llama"))
 # the task-vector family (what a ResidentEngine with base= can run)
-GTA_CASES = CASE_NAMES[CASE_NAMES.index("task_arithmetic") :]
-RANDOMIZED = {"dare_ties", "dare_linear", "della", "della_linear"}
+GTA_CASES = [n for n in CASE_NAMES if METHODS[cases(_AnyPath(), "llama")[n]["merge_method"]].task_vectors]
+RANDOMIZED = {n for n in CASE_NAMES if METHODS[cases(_AnyPath(), "llama")[n]["merge_method"]].randomized}
+
+
+def test_every_mergekit_method_is_registered_and_has_cases(tiny):
+    """The contract: METHODS is mergekit 0.1.5's registry, and each method has parity cases below
+    (a method added to METHODS without a case fails here)."""
+    from mergekit.merge_methods.registry import registered_methods
+
+    assert set(METHODS) == {m.spec.name for m in registered_methods()}
+    covered = {c["merge_method"] for c in cases(tiny, "llama").values()}
+    assert covered == set(METHODS)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-@pytest.mark.parametrize("case", CASE_NAMES)
-def test_matches_mergekit(tiny, tmp_path, arch, case):
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_matches_mergekit(tiny, tmp_path, arch, method):
+    all_cases = cases(tiny, arch)
+    names = [n for n, c in all_cases.items() if c["merge_method"] == method]
+    assert names, f"{method}: no parity case"
+    for case in names:
+        _check_case(tiny, tmp_path / case, arch, case)
+
+
+def _check_case(tiny, tmp_path, arch, case):
+    tmp_path.mkdir()
     config = cases(tiny, arch)[case]
     run_mergekit(config, tmp_path / "mk")
     run_ours(config, tmp_path / "ours")
@@ -295,3 +361,47 @@ def test_sharded_output_and_tokenizer(tiny, tmp_path):
     mk = tmp_path / "mk"
     run_mergekit(config, mk)
     assert_same(out, mk, exact=False)
+
+
+@pytest.fixture(scope="module")
+def bf16_models(tiny, tmp_path_factory):
+    """The tiny Llama base and fine-tunes stored in bf16 (a base of its own: bf16 rounding)."""
+    from tests.tiny_models import make_finetune
+
+    root = tmp_path_factory.mktemp("bf16")
+    out = {
+        "llama/base": make_finetune(tiny["llama/base"], root / "base", 399, scale=0.0, dtype=torch.bfloat16)
+    }
+    for i in range(3):
+        out[f"llama/ft{i}"] = make_finetune(
+            tiny["llama/base"], root / f"ft{i}", 300 + i, dtype=torch.bfloat16
+        )
+    return out
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_matches_mergekit_on_bf16_inputs(bf16_models, tmp_path, method):
+    """No `dtype`: each method computes in what mergekit computes it in (bf16 for most, fp32 norms
+    for karcher), and writes what it returns — float32 for ramplus_tl and arcee_fusion."""
+    name = next(n for n, c in cases(bf16_models, "llama").items() if c["merge_method"] == method)
+    config = cases(bf16_models, "llama")[name]
+    config.pop("dtype")
+    run_mergekit(config, tmp_path / "mk")
+    run_ours(config, tmp_path / "ours")
+    assert_same(tmp_path / "ours", tmp_path / "mk", exact=True)
+    dtypes = {t.dtype for t in load_weights(tmp_path / "ours").values()}
+    assert dtypes == ({torch.float32} if method in ("ramplus_tl", "arcee_fusion") else {torch.bfloat16})
+
+
+def test_sce_warns_about_the_parameters_mergekit_ignores(tiny, tmp_path):
+    config = cases(tiny, "llama")["sce"]
+    for m in config["models"]:
+        m["parameters"] = {"weight": 0.3, "density": 0.5}
+    config["parameters"]["normalize"] = True
+    run_mergekit(config, tmp_path / "mk")
+    with pytest.warns(UserWarning) as caught:
+        run_ours(config, tmp_path / "ours")
+    said = " ".join(str(w.message) for w in caught)
+    for key in ("weight", "density", "normalize"):
+        assert f"sce ignores {key}" in said, said
+    assert_same(tmp_path / "ours", tmp_path / "mk", exact=False)  # ignored, as mergekit does

@@ -462,3 +462,53 @@ def test_a_sequential_space_searches_the_merge_order(zoo, tmp_path, results):
         )
     )
     assert pinned.orders is None
+
+
+@pytest.mark.parametrize(
+    "models,methods,parameters",
+    [
+        # all three fine-tunes at once; sce's select_topk and multislerp's weights searched per layer
+        (
+            ["zoo:add", "zoo:reverse"],
+            ["ties", "karcher", "multislerp", "sce"],
+            {"weight": [0.2, 1.0], "density": [0.3, 1.0], "select_topk": [0.2, 1.0]},
+        ),
+        # base + one fine-tune: nearswap's t searched, arcee_fusion a fixed choice
+        (["zoo:base", "zoo:add"], ["nearswap", "arcee_fusion"], {"t": [0.0001, 0.05]}),
+    ],
+    ids=["four_methods", "base_and_one"],
+)
+def test_the_newer_methods_are_searched_as_themselves(zoo, tmp_path, results, models, methods, parameters):
+    """A method-choice study over mergekit's newer methods: every method is chosen and scored, and a
+    trial's search score is the score of its recipe merged by `mergesearch merge` (the exact path)."""
+    from mergesearch.engine import merge
+    from mergesearch.evaluation import evaluate_model
+    from mergesearch.study import run_search
+
+    space = load_space(
+        write_space(
+            tmp_path,
+            name="newer",
+            models=models,
+            method=methods,
+            parameters=parameters,
+            tasks=["add"],
+            objective="mean",
+            granularity="layer",
+            components=["all"],
+            fidelity=[40],
+            trials=10 * len(methods),
+            sampler="random",
+        )
+    )
+    s = run_search(space, progress=False)
+    done = [t for t in s.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert {t.params["method"] for t in done} == set(methods) and not [
+        t for t in s.trials if t.state.name == "FAIL"
+    ]
+    assert max(t.value for t in done) > 0.3  # merges that work, not an all-zero study
+    t = max(done, key=lambda t: t.value)
+    (tmp_path / "r.yaml").write_text(t.user_attrs["recipe"])
+    merge(tmp_path / "r.yaml", tmp_path / "m", seed=0)
+    (row,) = evaluate_model(tmp_path / "m", ["add"], split="search", limit=40, device="cpu")
+    assert row["value"] == pytest.approx(t.user_attrs["scores"]["add"], abs=1e-9)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..errors import MergeSearchError
-from . import interpolation
+from . import interpolation, selection
 from .task_arithmetic import generalized_task_arithmetic
 
 REQUIRED = object()  # marks a parameter without a default
@@ -37,6 +37,8 @@ class Method:
     elementwise: bool = False  # each output element depends only on the same element of each input
     sparsification: str | None = None  # task-vector family: which sparsifier ...
     consensus: bool = False  # ... and whether signs are elected
+    result_fp32: bool = False  # returns at least fp32 (mergekit writes that unless out_dtype is set)
+    ignored_params: tuple[str, ...] = ()  # accepted and ignored by mergekit: we accept them with a warning
 
     @property
     def params(self) -> set[str]:
@@ -116,6 +118,34 @@ def _passthrough(base, models, *, scale):
     return interpolation.passthrough(models[0], scale[0])
 
 
+def _multislerp(base, models, *, weight, normalize_weights, eps):
+    return selection.multislerp(models, weight, base, normalize_weights, eps)
+
+
+def _karcher(base, models, *, max_iter, tol):
+    return selection.karcher(models, int(max_iter), tol)
+
+
+def _nearswap(base, models, *, t):
+    return selection.nearswap(base, models[0], t)
+
+
+def _sce(base, models, *, select_topk, int8_mask):
+    return selection.sce(base, models, select_topk, int8_mask)
+
+
+def _ram(base, models, *, epsilon):
+    return selection.ram(base, models, epsilon)
+
+
+def _ramplus_tl(base, models, *, r, alpha, epsilon):
+    return selection.ramplus_tl(base, models, r, alpha, epsilon)
+
+
+def _arcee_fusion(base, models):
+    return selection.arcee_fusion(base, models[0])
+
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
@@ -148,6 +178,35 @@ METHODS: dict[str, Method] = {
         _gta_method("breadcrumbs_ties", "magnitude_outliers", True, False, False, {"gamma": 0.01}),
         _gta_method("della", "della", True, True, True, {"epsilon": 0.15}),
         _gta_method("della_linear", "della", False, False, True, {"epsilon": 0.15}),
+        Method(
+            "multislerp",
+            _multislerp,
+            "optional",
+            {"weight": REQUIRED},
+            {"normalize_weights": True, "eps": 1e-8},
+        ),
+        Method("karcher", _karcher, "input", {}, {"max_iter": 10, "tol": 1e-5}),
+        Method("nearswap", _nearswap, "required", {}, {"t": REQUIRED}, 1, 1),
+        Method(
+            "sce",
+            _sce,
+            "required",
+            {},
+            {"select_topk": 1.0, "int8_mask": False},
+            0,
+            ignored_params=("weight", "density", "normalize"),
+        ),
+        Method("ram", _ram, "required", {}, {"epsilon": 1e-5}, 0),
+        Method(
+            "ramplus_tl",
+            _ramplus_tl,
+            "required",
+            {},
+            {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5},
+            0,
+            result_fp32=True,
+        ),
+        Method("arcee_fusion", _arcee_fusion, "required", {}, {}, 1, 1, result_fp32=True),
     )
 }
 
