@@ -362,6 +362,7 @@ def _plots(s, searcher: Searcher, best, fr, baselines: list[Scored], out: Path) 
         for (param, model, comp), g in prof.groupby(["param", "model", "component"]):
             ax.plot(g["layer"], g["value"], marker="o", label=f"{param} · {model} · {comp}")
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # layers are whole numbers
         ax.set_ylabel("value")
         ax.set_title(f"per-layer coefficients of trial {best.number}")
         ax.legend(fontsize=7)
@@ -387,24 +388,33 @@ def _plots(s, searcher: Searcher, best, fr, baselines: list[Scored], out: Path) 
 
 
 def coefficient_profile(trial, searcher: Searcher) -> pd.DataFrame:
-    """Per-layer values of a trial's searched parameters (one row per param/model/component/layer)."""
+    """Per-layer values of a trial's searched parameters (one row per param/model/component/layer).
+    Models are named as the recipe uses them: in a sequential space, per stage and in the trial's
+    merge order, the first input of a later stage being the previous stage's merge."""
     space = searcher.space
     groups = space.groups(searcher.num_layers)
+    order = [int(i) for i in trial.params["merge_order"].split(">")] if "merge_order" in trial.params else None
+    names = [Path(searcher.model_paths[i]).name for i in (order or range(len(searcher.model_paths)))]
+
+    def input_name(stage: int | None, i: int) -> str:
+        if stage is None:
+            return names[i] if i < len(names) else str(i)
+        if i == 1:
+            return f"{names[stage + 1]} (stage {stage + 1})"
+        return f"{names[0]} (stage 1)" if stage == 0 else f"stage {stage} merge (stage {stage + 1})"
+
     rows = []
     for key, v in trial.params.items():
         parts = key.split(".")
+        stage = None
         if parts[0].startswith("s") and parts[0][1:].isdigit():
-            parts = parts[1:]
+            stage, parts = int(parts[0][1:]), parts[1:]
         if len(parts) == 4:
             param, model, comp, g = parts
-            model = (
-                Path(searcher.model_paths[int(model)]).name
-                if int(model) < len(searcher.model_paths)
-                else model
-            )
+            model = input_name(stage, int(model))
         elif len(parts) == 3:
             param, comp, g = parts
-            model = "shared"
+            model = "shared" if stage is None else f"shared (stage {stage + 1})"
         else:
             continue
         for layer in groups[int(g)]:

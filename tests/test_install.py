@@ -23,24 +23,14 @@ def _run(cmd, **kw) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_a_wheel_install_runs_the_demo_from_an_empty_folder(tmp_path):
     # python -m build when it is installed; pip wheel runs the same PEP 517 backend otherwise
-    try:
-        import build  # noqa: F401
-
+    has_build = subprocess.run(
+        [sys.executable, "-m", "build", "--version"], capture_output=True, cwd=tmp_path
+    )
+    if has_build.returncode == 0:
         _run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "-o", tmp_path / "dist", ROOT])
-    except ImportError:
-        _run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "wheel",
-                "--no-deps",
-                "--no-build-isolation",
-                "-w",
-                tmp_path / "dist",
-                ROOT,
-            ]
-        )
+    else:
+        pip_wheel = ["pip", "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", ROOT]
+        _run([sys.executable, "-m", *pip_wheel])
     (wheel,) = (tmp_path / "dist").glob("mergesearch-*.whl")
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", venv])

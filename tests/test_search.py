@@ -452,6 +452,16 @@ def test_a_sequential_space_searches_the_merge_order(zoo, tmp_path, results):
     assert all(0 <= r["test_mean"] <= 1 for r in rows)
     text = (results / "order" / "report.md").read_text()
     assert "## Merge order" in text and "**(best)**" in text
+    # the coefficient plot names each stage's inputs in the trial's order
+    from types import SimpleNamespace
+
+    from mergesearch.report import coefficient_profile
+
+    fake = SimpleNamespace(space=space, num_layers=2, model_paths=["/z/add", "/z/reverse", "/z/count"])
+    for t in done[:4]:
+        a, b, c = (["add", "reverse", "count"][int(i)] for i in t.params["merge_order"].split(">"))
+        want = {f"{a} (stage 1)", f"{b} (stage 1)", "stage 1 merge (stage 2)", f"{c} (stage 2)"}
+        assert set(coefficient_profile(t, fake)["model"]) == want
     pinned = load_space(
         write_space(
             tmp_path,
