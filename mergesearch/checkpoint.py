@@ -334,6 +334,9 @@ class StreamingWriter:
                 "weight_map": {n: self.files[self._where[n]] for n in sorted(self._where)},
             }
             (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it owner-only; a model folder is not
         if self.out_dir.exists():
             old = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
             os.rename(self.out_dir, old)

@@ -131,6 +131,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _print_study(study, name: str, storage: str | None) -> None:
+    """What the search did and what to run next."""
+    import numpy as np
     import optuna
 
     states = [t.state for t in study.trials]
@@ -146,6 +148,24 @@ def _print_study(study, name: str, storage: str | None) -> None:
         f"study {name}: {len(states)} trials ({n['complete']} complete, {n['pruned']} stopped early, "
         f"{n['fail']} failed)"
     )
+    budget = study.user_attrs.get("trials")
+    finished = sum(s.is_finished() for s in states)
+    if budget and finished < budget:
+        print(
+            f"stopped before the budget ({finished} of {budget} trials finished): run the same command to go on"
+        )
+    done = (
+        [t for t in study.best_trials if t.state == optuna.trial.TrialState.COMPLETE] if n["complete"] else []
+    )
+    if done:
+        best = max(done, key=lambda t: float(np.mean(t.values)))
+        scores = ", ".join(f"{k} {v:.3f}" for k, v in (best.user_attrs.get("scores") or {}).items())
+        tag = f" ({best.user_attrs['baseline']})" if "baseline" in best.user_attrs else ""
+        print(f"best trial {best.number}{tag}: search mean {float(np.mean(best.values)):.3f} ({scores})")
+        st = f" --storage {storage}" if storage else ""
+        print(f"next: mergesearch report {name}{st}        # test-split scores, gains with intervals, plots")
+        print(f"      mergesearch export {name}{st} -o best.yaml   # the best recipe as mergekit YAML")
+        print(f"      mergesearch dashboard {name}{st}     # optuna-dashboard on 127.0.0.1:8080")
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

@@ -173,6 +173,7 @@ def _write(
             writer.write(name, tensor)
         writer.add_file("config.json", json.dumps(plan.config, indent=2) + "\n")
         writer.add_file("mergesearch_recipe.yml", dump_recipes(recipes))
+        writer.add_file("README.md", model_card(recipes))
         copy_tokenizer(plan.models[plan.tokenizer_from].path, writer)
         writer.commit()
     except BaseException:
@@ -181,6 +182,43 @@ def _write(
     finally:
         for ck in plan.models.values():
             ck.close()
+
+
+def model_card(recipes: list[Recipe]) -> str:
+    """A Hugging Face model card, as mergekit writes one: the method, the models, the recipe."""
+    last = recipes[-1]
+    staged = {r.name for r in recipes if r.name}
+    refs = [
+        src.model for r in recipes for src in (r.models or [x for sl in r.slices or [] for x in sl.sources])
+    ]
+    sources = list(dict.fromkeys(m for m in refs if m not in staged))
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [mergekit, merge, mergesearch]",
+        "---",
+        "# Merged model",
+        "",
+        f"A merge of pre-trained language models made with mergesearch, mergekit 0.1.5's semantics "
+        f"(method `{last.merge_method}`"
+        + (f", in {len(recipes)} stages" if len(recipes) > 1 else "")
+        + (f", base `{last.base_model}`" if last.base_model else "")
+        + ").",
+        "",
+        "## Models merged",
+        "",
+        *[f"- `{m}`" for m in sources],
+        "",
+        "## Configuration",
+        "",
+        "The recipe, also in `mergesearch_recipe.yml` (`mergekit-yaml` runs it too):",
+        "",
+        "```yaml",
+        dump_recipes(recipes).rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 # -- in memory, for the search ---------------------------------------------------------------

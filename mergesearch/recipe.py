@@ -302,7 +302,8 @@ class Recipe:
 
 
 class _Dumper(yaml.SafeDumper):
-    pass
+    def ignore_aliases(self, data) -> bool:  # a list used twice is written twice, never as &id001
+        return True
 
 
 def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:

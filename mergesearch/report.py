@@ -393,7 +393,9 @@ def coefficient_profile(trial, searcher: Searcher) -> pd.DataFrame:
     merge order, the first input of a later stage being the previous stage's merge."""
     space = searcher.space
     groups = space.groups(searcher.num_layers)
-    order = [int(i) for i in trial.params["merge_order"].split(">")] if "merge_order" in trial.params else None
+    order = (
+        [int(i) for i in trial.params["merge_order"].split(">")] if "merge_order" in trial.params else None
+    )
     names = [Path(searcher.model_paths[i]).name for i in (order or range(len(searcher.model_paths)))]
 
     def input_name(stage: int | None, i: int) -> str:

@@ -255,7 +255,17 @@ def test_budget_is_the_studys_and_failing_trials_stop_the_search(zoo, tmp_path, 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(study_mod, "RESULTS", tmp_path / "results")
     space = str(write_space(tmp_path, name="budget", fidelity=[20], trials=3))
-    assert _run(["search", space, "-q", "--device", "cpu"], capfd)[0] == 0
+    capfd.readouterr()
+    assert main(["search", space, "-q", "--device", "cpu", "--timeout", "0.01"]) == 0
+    out = capfd.readouterr().out  # the end-of-command summary: what happened, what next
+    assert "stopped before the budget (1 of 3 trials finished)" in out
+    assert main(["search", space, "-q", "--device", "cpu"]) == 0
+    out = capfd.readouterr().out
+    assert (
+        "best trial " in out
+        and "next: mergesearch report budget" in out
+        and "mergesearch export budget" in out
+    )
     rc, err = _run(["search", space, "-q", "--device", "cpu", "--trials", "2"], capfd)
     assert rc == 2
     one_error_line(err, "budget of 3 trials", "--set-budget")

@@ -231,3 +231,22 @@ def test_cli_subprocess_exit_code_and_no_traceback(tiny, tmp_path):
 )
 def test_malformed_recipes(tmp_path, capsys, text, needle):
     assert needle in run(tmp_path, text, capsys)
+
+
+def test_a_merged_folder_is_readable_and_carries_a_model_card(tiny, tmp_path):
+    """Hub-ready: the umask's permissions (not mkdtemp's owner-only 0700) and a README.md model card
+    naming the method, the models and the recipe, as mergekit writes one."""
+    import os
+    import stat
+
+    cfg = tmp_path / "r.yml"
+    cfg.write_text(yaml.safe_dump(recipe(tiny)))
+    old = os.umask(0o022)
+    try:
+        assert cli(["merge", str(cfg), str(tmp_path / "out"), "-q"]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "method `ties`" in card and str(tiny["llama/ft0"]) in card and "merge_method: ties" in card
+    assert "&id" not in card  # no YAML anchors
