@@ -520,7 +520,7 @@ def _markdown(summary: dict, plots: dict[str, str], best, searcher: Searcher) ->
         f"`--random-seed {MERGE_SEED}`)",
         "",
         "```yaml",
-        best.user_attrs["recipe"].rstrip(),
+        _recipe_text(best).rstrip(),
         "```",
         "",
     ]
@@ -553,10 +553,16 @@ def export(
         f"# seed: {MERGE_SEED} (mergesearch merge --seed {MERGE_SEED} / mergekit-yaml --random-seed {MERGE_SEED})",
         "",
     ]
-    text = "\n".join(header) + t.user_attrs["recipe"]
+    text = "\n".join(header) + _recipe_text(t)
     path = Path(out) if out else study_dir(study) / f"trial_{t.number}.yaml"
     _atomic_text(path, text)
     return path
+
+
+def _recipe_text(t: optuna.trial.FrozenTrial) -> str:
+    """A trial's recipe written again by today's writer (studies recorded before it may hold YAML
+    anchors); the values are the recorded ones."""
+    return dump_recipes(parse_recipes(t.user_attrs["recipe"]))
 
 
 def _atomic(path: Path, write) -> None:

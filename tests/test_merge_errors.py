@@ -250,3 +250,19 @@ def test_a_merged_folder_is_readable_and_carries_a_model_card(tiny, tmp_path):
     card = (tmp_path / "out" / "README.md").read_text()
     assert "method `ties`" in card and str(tiny["llama/ft0"]) in card and "merge_method: ties" in card
     assert "&id" not in card  # no YAML anchors
+
+
+def test_recipes_are_written_without_yaml_anchors():
+    """A space that gives `other` the MLP values shares one list between two entries; the YAML
+    writes it twice (a reader sees values, not &id001 / *id001), and reads back the same recipe."""
+    from mergesearch.recipe import Recipe, Source, dump_recipes, parse_recipes
+
+    shared = [0.25, 0.5]
+    r = Recipe(
+        "task_arithmetic",
+        base_model="b",
+        models=[Source("m", {"weight": [{"filter": "mlp", "value": shared}, {"value": shared}]})],
+    )
+    text = dump_recipes([r])
+    assert "&" not in text and "*" not in text
+    assert [x.to_dict() for x in parse_recipes(text)] == [r.to_dict()]
