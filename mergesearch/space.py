@@ -447,14 +447,8 @@ def space_from_dict(d: dict, p: Path | None = None) -> SearchSpace:
         raise MergeSearchError(
             f"{where}: task_weights: a mapping of task to weight, e.g. {{add: 2, reverse: 1}}"
         )
-    for k, v in weights.items():
-        if k not in tasks:
-            raise MergeSearchError(
-                f"{where}: task_weights.{k}: not one of the space's tasks ({', '.join(tasks)})"
-            )
+    for k, v in weights.items():  # keys are task names, checked against the loaded tasks (Searcher)
         number(v, f"{where}: task_weights.{k}", minimum=0)
-    if weights and not sum(float(weights.get(t, 1.0)) for t in tasks) > 0:
-        raise MergeSearchError(f"{where}: task_weights: at least one task needs a weight above 0")
     if not isinstance(d.get("baselines", True), bool):
         raise MergeSearchError(f"{where}: baselines: true or false, not {d['baselines']!r}")
     dtype = d.get("dtype")

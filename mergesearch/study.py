@@ -185,6 +185,15 @@ class Searcher:
             t.name: self.evaluator.lm_eval().load(t).record(t) for t in self.tasks if t.lm_eval is not None
         }
         self.directions = ["maximize" if t.higher_is_better else "minimize" for t in self.tasks]
+        names = [t.name for t in self.tasks]
+        where = space.path or space.name
+        for k in space.task_weights:
+            if k not in names:
+                raise MergeSearchError(
+                    f"{where}: task_weights.{k}: not the name of one of the space's tasks ({', '.join(names)})"
+                )
+        if space.task_weights and not sum(space.task_weights.get(n, 1.0) for n in names) > 0:
+            raise MergeSearchError(f"{where}: task_weights: at least one task needs a weight above 0")
         if space.anchors:
             bad = [t.name for t in self.tasks if t.lm_eval is not None or t.metric == "perplexity"]
             if bad:

@@ -328,3 +328,11 @@ def test_bad_input(build, says, zoo, odd_models, tmp_path, monkeypatch, capfd):
 
 def test_the_battery_covers_what_it_says():
     assert len(CASES) >= 81 and len({c[0] for c in CASES}) == len(CASES)
+
+
+def test_task_weights_name_tasks_given_by_path(zoo, tmp_path, monkeypatch, capfd):
+    """task_weights keys are task names, also for a task given by its file (the walkthrough's case)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(study_mod, "RESULTS", tmp_path / "results")
+    argv = search(tmp_path, tasks=[task(tmp_path), "add"], task_weights={"mytask": 2, "add": 1}, trials=2)
+    assert main(argv) == 0, capfd.readouterr().err
