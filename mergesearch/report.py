@@ -84,25 +84,35 @@ class Scored:
     search: dict[str, float]
     test: dict[str, TaskResult]
     during_study: dict[str, float] | None = None  # search scores the study recorded (its engine)
+    task_weights: dict[str, float] | None = None  # the space's: means are the search's objective
+
+    def _w(self, task: str) -> float:
+        return float((self.task_weights or {}).get(task, 1.0))
+
+    def _mean(self, values: dict[str, float]) -> float:
+        """Σ wₜ·vₜ / Σ wₜ (weights 1 where the space sets none): the objective the search used."""
+        total = sum(self._w(t) for t in values)
+        return sum(self._w(t) * v for t, v in values.items()) / total if values else float("nan")
 
     @property
     def test_mean(self) -> float:
-        return float(np.mean([r.value for r in self.test.values()]))
+        return self._mean({t: r.value for t, r in self.test.items()})
 
     @property
     def search_mean(self) -> float:
-        return float(np.mean(list(self.search.values()))) if self.search else float("nan")
+        return self._mean(self.search) if self.search else float("nan")
 
 
 def paired_gain(a: Scored, b: Scored, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean-over-tasks test score of a minus b, and its paired 95 % bootstrap interval."""
+    """Test score of a minus b, as the weighted mean over tasks the search optimized, and its
+    paired 95 % bootstrap interval (the same resampled examples for both)."""
     rng = np.random.default_rng(seed)
     diffs = np.zeros(n_boot)
     for task, ra in a.test.items():
         rb = b.test[task]
         idx = rng.integers(0, ra.n, size=(n_boot, ra.n))
-        diffs += ra.scores[idx].mean(1) - rb.scores[idx].mean(1)
-    diffs /= len(a.test)
+        diffs += a._w(task) * (ra.scores[idx].mean(1) - rb.scores[idx].mean(1))
+    diffs /= sum(a._w(t) for t in a.test)
     gain = a.test_mean - b.test_mean
     lo, hi = np.quantile(diffs, [0.025, 0.975])
     return gain, float(lo), float(hi)
@@ -134,6 +144,9 @@ def report(
     fr = front(s)
     _atomic_csv(df[df["trial"].isin([t.number for t in fr])], out / "pareto.csv")
 
+    # Means and gains are of the objective the search optimized: weighted when it was (mean).
+    weights = dict(space.task_weights) if space.objective == "mean" and space.task_weights else None
+
     def score(label: str, recipes: list[Recipe], recorded: dict[str, float] | None) -> Scored:
         # Both splits again with the exact engine: the model mergekit builds from the exported
         # YAML, not the search engine's (other DARE/DELLA draws; ties broken by index).
@@ -144,7 +157,7 @@ def report(
         log(
             f"scored {label}: test mean {np.mean([r.value for r in test.values()]):.3f} ({time.perf_counter() - t0:.0f}s)"
         )
-        return Scored(label, dump_recipes(recipes), search, test, recorded)
+        return Scored(label, dump_recipes(recipes), search, test, recorded, weights)
 
     scored: list[Scored] = []
     for t in fr:
@@ -177,6 +190,7 @@ def report(
         "merge_seed": MERGE_SEED,
         "specialist_ceiling": ceiling,
         "cost": _cost(s, df),
+        **({"task_weights": weights} if weights else {}),
         **({"merge_orders": orders} if orders else {}),
         "candidates": [],
     }
@@ -441,6 +455,13 @@ def _markdown(summary: dict, plots: dict[str, str], best, searcher: Searcher) ->
         "engine's draws, are in trials.csv and test_scores.json (`search_during_study`).",
         "",
     ]
+    if summary.get("task_weights"):
+        lines += [
+            "Means and gains below are weighted by the space's task_weights, as the search's objective was: "
+            + ", ".join(f"{k} {v:g}" for k, v in summary["task_weights"].items())
+            + " (tasks not named weigh 1).",
+            "",
+        ]
     if "gain" in summary:
         g = summary["gain"]
         lines += [

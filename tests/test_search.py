@@ -522,3 +522,35 @@ def test_the_newer_methods_are_searched_as_themselves(zoo, tmp_path, results, mo
     merge(tmp_path / "r.yaml", tmp_path / "m", seed=0)
     (row,) = evaluate_model(tmp_path / "m", ["add"], split="search", limit=40, device="cpu")
     assert row["value"] == pytest.approx(t.user_attrs["scores"]["add"], abs=1e-9)
+
+
+def test_the_report_weighs_tasks_as_the_search_did(zoo, tmp_path, results):
+    """With objective: mean and task_weights, the report's means and gains are that weighted mean,
+    not the plain one (the headline is about what the search optimized)."""
+    from mergesearch.report import report
+    from mergesearch.study import run_search
+
+    space = load_space(
+        write_space(
+            tmp_path,
+            name="weighted",
+            method="task_arithmetic",
+            parameters={"weight": [0.0, 1.5]},
+            granularity="model",
+            components=["all"],
+            objective="mean",
+            task_weights={"add": 3},
+            fidelity=[40],
+            trials=6,
+        )
+    )
+    run_search(space, progress=False)
+    summary = report("weighted")
+    assert summary["task_weights"] == {"add": 3}
+    for c in summary["candidates"]:
+        t = {k: v["value"] for k, v in c["test"].items()}
+        assert c["test_mean"] == pytest.approx((3 * t["add"] + t["reverse"]) / 4)
+    g = summary["gain"]
+    assert g["gain"] == pytest.approx(g["best_test_mean"] - g["baseline_test_mean"])
+    assert g["ci95"][0] <= g["gain"] <= g["ci95"][1]
+    assert "objective was: add 3" in (results / "weighted" / "report.md").read_text()
