@@ -174,7 +174,12 @@ def report(
         if r is not None:
             baselines.append(score(f"baseline: {name}", [r], None))
     best_s = next(x for x in scored if x.label.endswith("(best)"))
-    orders = _merge_orders(s, space, score)
+    front_scored = {t.number: x for t, x in zip(fr, scored)}
+
+    def trial_score(t: optuna.trial.FrozenTrial, label: str) -> Scored:  # the front's are scored already
+        return front_scored.get(t.number) or score(label, parse_recipes(t.user_attrs["recipe"]), None)
+
+    orders = _merge_orders(s, space, trial_score)
     top_base = max(baselines, key=lambda b: b.test_mean) if baselines else None
     log("sweeping task arithmetic's λ on the search split (the hand-tuned scalar)")
     tuned = _tuned_scalar(searcher, space.dtype, score)
@@ -218,7 +223,7 @@ def report(
     return summary
 
 
-def _merge_orders(s: optuna.Study, space, score) -> list[dict[str, Any]] | None:
+def _merge_orders(s: optuna.Study, space, trial_score) -> list[dict[str, Any]] | None:
     """Sequential spaces that search the merge order: per order, its trials and its best trial
     (by search mean) scored on the test split, so the orders compare on data the search never saw."""
     done = [t for t in s.trials if t.state == optuna.trial.TrialState.COMPLETE and "merge_order" in t.params]
@@ -229,7 +234,7 @@ def _merge_orders(s: optuna.Study, space, score) -> list[dict[str, Any]] | None:
         ts = [t for t in done if t.params["merge_order"] == order]
         top = max(ts, key=lambda t: float(np.mean(t.values)))
         names = " > ".join(space.models[int(i)] for i in order.split(">"))
-        x = score(f"order {names}: trial {top.number}", parse_recipes(top.user_attrs["recipe"]), None)
+        x = trial_score(top, f"order {names}: trial {top.number}")
         row = {"order": order, "models": names, "trials": len(ts), "best_trial": top.number}
         rows.append(
             row

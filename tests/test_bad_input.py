@@ -65,6 +65,13 @@ def search(tmp: Path, *extra, **over) -> list[str]:
     return ["search", space(tmp, **over), "-q", "--device", "cpu", *extra]
 
 
+def choice_search(tmp: Path, records: list[dict]) -> list[str]:
+    """A multiple-choice task (choices in field c, label in field l) with these search records."""
+    test = [{"q": "2+2=", "c": ["4", "5"], "l": 0}]
+    mc = {"metric": "multiple_choice", "target": None, "choices": "c", "label": "l"}
+    return search(tmp, tasks=[task(tmp, records=records, test=test, **mc)])
+
+
 def task_search(tmp: Path, **task_over) -> list[str]:
     return search(tmp, tasks=[task(tmp, **task_over)])
 
@@ -229,39 +236,16 @@ CASES: list[tuple[str, Callable, str]] = [
     ("shuffle_seed a string", lambda t: task_search(t, shuffle_seed="x"), "shuffle_seed"),
     (
         "label out of range",
-        lambda t: search(
+        lambda t: choice_search(
             t,
-            tasks=[
-                task(
-                    t,
-                    metric="multiple_choice",
-                    target=None,
-                    choices="c",
-                    label="l",
-                    records=[{"q": "1+1=", "c": ["2", "3"], "l": i % 2} for i in range(29)]
-                    + [{"q": "x", "c": ["2", "3"], "l": 2}],
-                    test=[{"q": "2+2=", "c": ["4", "5"], "l": 0}],
-                )
-            ],
+            [{"q": f"{i}=", "c": ["2", "3"], "l": i % 2} for i in range(29)]
+            + [{"q": "x", "c": ["2", "3"], "l": 2}],
         ),
         "label",
     ),
     (
         "label not a number",
-        lambda t: search(
-            t,
-            tasks=[
-                task(
-                    t,
-                    metric="multiple_choice",
-                    target=None,
-                    choices="c",
-                    label="l",
-                    records=[{"q": f"{i}=", "c": ["2", "3"], "l": "first"} for i in range(20)],
-                    test=[{"q": "2+2=", "c": ["4", "5"], "l": 0}],
-                )
-            ],
-        ),
+        lambda t: choice_search(t, [{"q": f"{i}=", "c": ["2", "3"], "l": "first"} for i in range(20)]),
         "label",
     ),
     ("task file a list", lambda t: search(t, tasks=[_write(t / "tl.yaml", b"- 1\n")]), "expected a mapping"),

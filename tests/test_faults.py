@@ -54,6 +54,11 @@ def journal_trials(path: Path, name: str) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=name, storage=storage).trials
 
 
+def search_cli(tmp_path: Path, space, *extra, **kw):
+    """`mergesearch search SPACE -q --device cpu ...` as a subprocess."""
+    return cli(tmp_path, "search", str(space), "-q", "--device", "cpu", *extra, **kw)
+
+
 def one_error_line(stderr: str, *says: str) -> None:
     lines = [x for x in stderr.splitlines() if x.strip() and not x.startswith("warning: ")]
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-3000:]
@@ -66,13 +71,13 @@ def test_a_full_disk_mid_search_loses_no_completed_trial(zoo, tmp_path, tmpfs):
     disk = tmpfs("disk", "48k")  # holds the journal of about six trials
     space = write_space(tmp_path, name="full", fidelity=[20], trials=30)
     journal = disk / "full.log"
-    r = cli(tmp_path, "search", str(space), "-q", "--device", "cpu", "--storage", str(journal), check=False)
+    r = search_cli(tmp_path, space, "--storage", str(journal), check=False)
     assert r.returncode == 2, r.stderr[-3000:]
     one_error_line(r.stderr, "No space left on device", "full.log", "free space")
     done = {t.number: t.values for t in journal_trials(journal, "full") if t.state == COMPLETE}
     assert len(done) >= 3
     subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)  # space freed
-    r = cli(tmp_path, "search", str(space), "-q", "--device", "cpu", "--storage", str(journal))
+    search_cli(tmp_path, space, "--storage", str(journal))
     after = {t.number: t for t in journal_trials(journal, "full")}
     assert all(after[n].state == COMPLETE and after[n].values == v for n, v in done.items())
     assert sum(t.state.is_finished() for t in after.values()) == 30  # the study went on to its budget
@@ -155,17 +160,7 @@ def test_ctrl_c_exits_130_with_one_word_and_the_study_resumes(zoo, tmp_path):
         for t in optuna.load_study(study_name="intr", storage=db).trials
         if t.state == COMPLETE
     }
-    cli(
-        tmp_path,
-        "search",
-        str(space),
-        "-q",
-        "--device",
-        "cpu",
-        "--trials",
-        str(len(done) + 3),
-        "--set-budget",
-    )
+    search_cli(tmp_path, space, "--trials", str(len(done) + 3), "--set-budget")
     after = {t.number: t for t in optuna.load_study(study_name="intr", storage=db).trials}
     assert all(after[n].values == v for n, v in done.items())
     assert not any(t.state == RUNNING for t in after.values())
@@ -222,19 +217,7 @@ def test_concurrent_and_resumed_searches_never_repeat_a_candidate(zoo, tmp_path)
     assert other.returncode == 0, err[-3000:]
     ts = {t.number: t for t in journal_trials(journal, "conc")}
     assert ts[killed[1]].state == FAIL  # released by the process still running, not at the next start
-    cli(
-        tmp_path,
-        "search",
-        str(space),
-        "-q",
-        "--device",
-        "cpu",
-        "--storage",
-        str(journal),
-        "--trials",
-        "32",
-        "--set-budget",
-    )
+    search_cli(tmp_path, space, "--storage", str(journal), "--trials", "32", "--set-budget")
     ts = journal_trials(journal, "conc")
     assert sum(t.state.is_finished() for t in ts) == 32
     searched = [t for t in ts if "baseline" not in t.user_attrs and t.params]
