@@ -470,8 +470,20 @@ def build_parser() -> argparse.ArgumentParser:
     storage_flags(x, False)
     x.set_defaults(func=_cmd_export)
 
-    d = sub.add_parser("dashboard", help="serve optuna-dashboard on the study's storage (127.0.0.1)")
-    d.add_argument("study", help="study name")
+    d = sub.add_parser(
+        "dashboard",
+        help="serve optuna-dashboard on a study's storage, or on one several studies share (127.0.0.1)",
+        description="optuna-dashboard on 127.0.0.1 with the studies' recipe artifacts. Several studies "
+        "in one dashboard (study list, Compare): run their searches with the same --storage, e.g. "
+        "sqlite:///results/studies.db, then `mergesearch dashboard --storage sqlite:///results/studies.db`. "
+        "From another machine: ssh -L 8080:127.0.0.1:8080 HOST, then open http://127.0.0.1:8080/dashboard.",
+    )
+    d.add_argument(
+        "study",
+        nargs="?",
+        default=None,
+        help="study name (omit it with --storage to show every study in that storage)",
+    )
     storage_flags(d, False)
     d.add_argument("--port", type=whole(1), default=8080, help="port on 127.0.0.1 (default: 8080)")
     d.set_defaults(func=_cmd_dashboard)

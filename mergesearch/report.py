@@ -416,30 +416,31 @@ def coefficient_profile(trial, searcher: Searcher) -> pd.DataFrame:
         [int(i) for i in trial.params["merge_order"].split(">")] if "merge_order" in trial.params else None
     )
     names = [Path(searcher.model_paths[i]).name for i in (order or range(len(searcher.model_paths)))]
+    method = trial.params.get("method", space.methods[0])
 
-    def input_name(stage: int | None, i: int) -> str:
-        if stage is None:
-            return names[i] if i < len(names) else str(i)
-        if i == 1:
-            return f"{names[stage + 1]} (stage {stage + 1})"
-        return f"{names[0]} (stage 1)" if stage == 0 else f"stage {stage} merge (stage {stage + 1})"
+    def input_name(c) -> str:
+        if c.model is None:
+            return "shared" if space.stages == 1 else f"shared (stage {c.stage + 1})"
+        if space.stages == 1:
+            return names[c.model]
+        if c.model == 1:
+            return f"{names[c.stage + 1]} (stage {c.stage + 1})"
+        return f"{names[0]} (stage 1)" if c.stage == 0 else f"stage {c.stage} merge (stage {c.stage + 1})"
 
     rows = []
-    for key, v in trial.params.items():
-        parts = key.split(".")
-        stage = None
-        if parts[0].startswith("s") and parts[0][1:].isdigit():
-            stage, parts = int(parts[0][1:]), parts[1:]
-        if len(parts) == 4:
-            param, model, comp, g = parts
-            model = input_name(stage, int(model))
-        elif len(parts) == 3:
-            param, comp, g = parts
-            model = "shared" if stage is None else f"shared (stage {stage + 1})"
-        else:
+    for c in space.coefficients(method, searcher.num_layers):
+        if c.key not in trial.params:  # a study recorded under another naming: nothing to draw
             continue
-        for layer in groups[int(g)]:
-            rows.append({"param": param, "model": model, "component": comp, "layer": layer, "value": v})
+        for layer in groups[c.group]:
+            rows.append(
+                {
+                    "param": c.param,
+                    "model": input_name(c),
+                    "component": c.component,
+                    "layer": layer,
+                    "value": trial.params[c.key],
+                }
+            )
     return pd.DataFrame(rows)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,21 @@ class Range:
 
     def contains(self, v: float) -> bool:
         return self.low - 1e-12 <= v <= self.high + 1e-12
+
+
+@dataclass(frozen=True)
+class Coefficient:
+    """One number a trial searches: an Optuna parameter, and where it goes in the recipe."""
+
+    key: str  # the Optuna parameter's name (SearchSpace.coefficients says how it is built)
+    param: str  # weight, density, lambda, ...
+    stage: int  # 0, or the stage of a sequential space
+    model: int | None  # the input's index within the stage; None for a shared parameter
+    component: str  # attention, mlp, other or all
+    group: int  # index into SearchSpace.groups()
+
+
+_ZOO_REF = re.compile(r"^(zoo|smollm2):")
 
 
 @dataclass
@@ -145,6 +161,45 @@ class SearchSpace:
     def models_per_stage(self) -> int:
         return 2 if self.order == "sequential" else len(self.models)
 
+    def input_labels(self) -> list[str]:
+        """How parameter names call a stage's inputs: the models' short names (`zoo:add` and
+        `/ckpt/add` are both `add`) when they are distinct words; the input's index otherwise, and
+        in sequential spaces, whose inputs are 0 (the first model, or the previous stage's merge)
+        and 1 (the next model)."""
+        if self.order == "sequential":
+            return ["0", "1"]
+        labels = [Path(m.split(":", 1)[1] if _ZOO_REF.match(m) else m).name for m in self.models]
+        if len(set(labels)) == len(labels) and all(re.fullmatch(r"[\w\-]+", x) for x in labels):
+            return labels
+        return [str(i) for i in range(len(self.models))]
+
+    def coefficients(self, method: str, num_layers: int) -> list[Coefficient]:
+        """Every number a trial searches for `method`, in the order it is asked, with its Optuna
+        name: `weight[add].attention.L3` (model `add`, attention, layer 3); `L0-4` for a block of
+        layers, no layer part when one value covers the model, no component part for `all`;
+        shared parameters have no model (`lambda.mlp.L3`); stages of sequential spaces are
+        prefixed (`stage2.weight[1].mlp.L0`). A parameter the method ignores is not searched."""
+        m = METHODS[method]
+        groups = self.groups(num_layers)
+        labels = self.input_labels()
+        out = []
+        for s in range(self.stages):
+            prefix = f"stage{s + 1}." if self.stages > 1 else ""
+            for name in self.parameters:
+                if name not in m.effective_params:
+                    continue
+                inputs = range(self.models_per_stage) if name in m.model_params else [None]
+                for i in inputs:
+                    for c in self.components:
+                        for g, layers in enumerate(groups):
+                            key = prefix + name + (f"[{labels[i]}]" if i is not None else "")
+                            if c != "all":
+                                key += f".{c}"
+                            if self.granularity != "model":
+                                key += f".L{layers[0]}" + (f"-{layers[-1]}" if len(layers) > 1 else "")
+                            out.append(Coefficient(key, name, s, i, c, g))
+        return out
+
     def suggest(self, trial, num_layers: int) -> dict[str, Any]:
         """Ask an Optuna trial for one point of the space (names are stable across trials)."""
         p: dict[str, Any] = {}
@@ -153,24 +208,9 @@ class SearchSpace:
         )
         if self.orders is not None:
             p["merge_order"] = trial.suggest_categorical("merge_order", [order_name(o) for o in self.orders])
-        m = METHODS[method]
-        groups = self.groups(num_layers)
-        for s in range(self.stages):
-            sp = f"s{s}." if self.stages > 1 else ""
-            for name, rng in self.parameters.items():
-                if name in m.model_params:
-                    for i in range(self.models_per_stage):
-                        for c in self.components:
-                            for g in range(len(groups)):
-                                key = f"{sp}{name}.{i}.{c}.{g}"
-                                p[key] = trial.suggest_float(
-                                    key, rng.low, rng.high, log=rng.log, step=rng.step
-                                )
-                elif name in m.shared_params:  # t, lambda, select_topk: per group and component too
-                    for c in self.components:
-                        for g in range(len(groups)):
-                            key = f"{sp}{name}.{c}.{g}"
-                            p[key] = trial.suggest_float(key, rng.low, rng.high, log=rng.log, step=rng.step)
+        for c in self.coefficients(method, num_layers):
+            rng = self.parameters[c.param]
+            p[c.key] = trial.suggest_float(c.key, rng.low, rng.high, log=rng.log, step=rng.step)
         p["method"] = method
         return p
 
@@ -190,10 +230,12 @@ class SearchSpace:
         if "merge_order" in values:  # the same coefficients, applied to the inputs in this order
             model_paths = [model_paths[int(i)] for i in values["merge_order"].split(">")]
 
-        def setting(prefix: str) -> Any:
+        at = {(c.stage, c.param, c.model, c.component, c.group): c.key for c in self.coefficients(method, num_layers)}
+
+        def setting(stage: int, name: str, i: int | None) -> Any:
             per_comp = {}
             for c in self.components:
-                vals = [float(values[f"{prefix}.{c}.{g}"]) for g in range(len(groups))]
+                vals = [float(values[at[stage, name, i, c, g]]) for g in range(len(groups))]
                 if len(groups) == 1:
                     per_comp[c] = vals[0]
                 else:
@@ -210,7 +252,6 @@ class SearchSpace:
         recipes = []
         prev = None
         for s in range(self.stages):
-            sp = f"s{s}." if self.stages > 1 else ""
             inputs = (
                 model_paths if self.order != "sequential" else [prev or model_paths[0], model_paths[s + 1]]
             )
@@ -218,13 +259,13 @@ class SearchSpace:
             for i, mp in enumerate(inputs):
                 params = {}
                 for name in self.parameters:
-                    if name in m.model_params:
-                        params[name] = setting(f"{sp}{name}.{i}")
+                    if name in m.model_params and name in m.effective_params:
+                        params[name] = setting(s, name, i)
                 sources.append(Source(mp, params))
             shared: dict[str, Any] = {}
             for name in self.parameters:
-                if name in m.shared_params:
-                    shared[name] = setting(f"{sp}{name}")
+                if name in m.shared_params and name in m.effective_params:
+                    shared[name] = setting(s, name, None)
             r = Recipe(method, models=sources, parameters=shared, dtype=self.dtype)
             if m.base == "required" and method != "slerp":
                 r.base_model = base_path
@@ -248,32 +289,23 @@ class SearchSpace:
         if len(self.models) != 2 and (method == "slerp" or uneven):
             return None
         m = METHODS[method]
-        groups = self.groups(num_layers)
         values: dict[str, Any] = {}
         if len(self.methods) > 1:
             values["method"] = method
-        for pname, rng in self.parameters.items():
-            if pname in m.model_params:
-                v = spec.get(
-                    pname, m.model_params[pname] if isinstance(m.model_params[pname], float) else None
-                )
+        for c in self.coefficients(method, num_layers):
+            if c.model is not None:
+                default = m.model_params[c.param]
+                v = spec.get(c.param, default if isinstance(default, float) else None)
                 if v is None:
                     return None
-                vs = v if isinstance(v, list) else [v]
-                for i in range(len(self.models)):
-                    vi = vs[i % len(vs)]
-                    if not rng.contains(vi):
-                        return None
-                    for c in self.components:
-                        for g in range(len(groups)):
-                            values[f"{pname}.{i}.{c}.{g}"] = vi
-            elif pname in m.shared_params:
-                v = spec.get(pname, m.shared_params[pname])
-                if not isinstance(v, float) or not rng.contains(v):
+                v = v[c.model % len(v)] if isinstance(v, list) else v
+            else:
+                v = spec.get(c.param, m.shared_params[c.param])
+                if not isinstance(v, float):
                     return None
-                for c in self.components:
-                    for g in range(len(groups)):
-                        values[f"{pname}.{c}.{g}"] = v
+            if not self.parameters[c.param].contains(v):
+                return None
+            values[c.key] = v
         # Parameters the known recipe sets but the space does not search cannot be expressed.
         for key in spec:
             if key != "method" and key not in self.parameters and key in m.params:
@@ -412,6 +444,12 @@ def space_from_dict(d: dict, p: Path | None = None) -> SearchSpace:
         missing += [k for k, v in m.shared_params.items() if k == "t" and k not in params]
         if missing:
             raise MergeSearchError(f"{where}: method {mname} needs parameters.{missing[0]} to be searched")
+    for name in params:  # a searched number that changes no merge would only slow the search
+        if not any(name in METHODS[mname].effective_params for mname in methods):
+            raise MergeSearchError(
+                f"{where}: parameters.{name}: {' and '.join(methods)} "
+                f"{'ignores' if len(methods) == 1 else 'ignore'} {name}; remove it from the space"
+            )
     order = d.get("order", "all_at_once")
     if order not in ("all_at_once", "sequential"):
         raise MergeSearchError(f"{where}: order {order!r}: use all_at_once or sequential")

@@ -410,7 +410,35 @@ def create_or_load(
     with warnings.catch_warnings():  # metric names are "experimental"; the dashboard shows them
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         s.set_metric_names(objective_names)
+    from optuna_dashboard import save_note
+
+    save_note(s, _study_note(space))
     return s, True
+
+
+def _study_note(space: SearchSpace) -> str:
+    """The study's page in optuna-dashboard: what is searched and how the parameters are named."""
+    labels = space.input_labels()
+    models = ", ".join(
+        f"`{m}`" + (f" ({label})" if space.order != "sequential" else "") for m, label in zip(space.models, labels)
+    )
+    return "\n".join(
+        [
+            f"**{space.description or space.name}**",
+            "",
+            f"- base: `{space.base}`; models: {models}",
+            f"- method: {', '.join(space.methods)}; order: {space.order}; granularity: {space.granularity}; "
+            f"components: {', '.join(space.components)}",
+            f"- tasks: {', '.join(space.tasks)} (objective: {space.objective})",
+            "",
+            "Parameter names read `weight[add].attention.L3`: the weight of model *add* for the attention "
+            "tensors of layer 3 (`L0-4`: a block of layers; `other`: embeddings, norms and the head). "
+            "Shared parameters have no model (`lambda.mlp.L3`); a sequential space's stages are prefixed "
+            "(`stage2.weight[1]`: input 1 of stage 2, the next model). Trials whose user attribute `kind` "
+            "is `known recipe: …` are baselines, not searched; each trial's recipe is its artifact "
+            "`trial_N_recipe.yaml`.",
+        ]
+    )
 
 
 def _record_task_splits(s: optuna.Study, splits: dict[str, dict]) -> None:
@@ -644,24 +672,37 @@ class _Objective:
         yaml_text = dump_recipes(recipes)
         trial.set_user_attr("recipe", yaml_text)
         if "weight_sum_max" in s.space.constraints:
-            ws = [v for k, v in values.items() if k.startswith(("weight.", "s0.weight."))]
+            ws = [
+                values[c.key]
+                for c in s.space.coefficients(values["method"], s.num_layers)
+                if c.param == "weight" and c.stage == 0
+            ]
             n_models = len(s.model_paths)
             total = float(np.mean(ws)) * n_models if ws else 0.0
             trial.set_user_attr("weight_sum", total)
             trial.set_user_attr("feasible", total <= s.space.constraints["weight_sum_max"])
             if hasattr(trial, "set_constraint"):
                 trial.set_constraint("weight_sum", total - s.space.constraints["weight_sum_max"])
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
-            fh.write(yaml_text)
-        try:
+        # The dashboard names an artifact by its file's name: the trial's, not a temporary one.
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"trial_{trial.number}_recipe.yaml"
+            path.write_text(yaml_text)
             optuna.artifacts.upload_artifact(
                 artifact_store=self.artifacts,
-                file_path=fh.name,
+                file_path=str(path),
                 study_or_trial=trial,
                 mimetype="application/yaml",
             )
-        finally:
-            os.unlink(fh.name)
+        baseline = trial.user_attrs.get("baseline")
+        trial.set_user_attr("kind", f"known recipe: {baseline}" if baseline else "searched")
+        if baseline:  # shown on the trial's page in optuna-dashboard
+            from optuna_dashboard import save_note
+
+            save_note(
+                trial,
+                f"**Known recipe: {baseline}**\n\nNot searched: enqueued before the search as a "
+                "reference.\nThe report re-scores it on the test split beside the learned recipes.",
+            )
 
         t0 = time.perf_counter()
         s.engine.write_into(s.model, recipes, seed=MERGE_SEED)

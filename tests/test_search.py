@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -366,7 +367,10 @@ def test_every_shipped_space_runs(zoo, results, path):
     assert len(done) == 8, [t.state for t in s.trials]
     for name, rng in space.parameters.items():
         if rng.step:
-            values = [v for t in done for k, v in t.params.items() if name in k.split(".")[:2]]
+            # parameter names: weight[add].mlp.L1, stage2.weight[1].L0 (SearchSpace.coefficients)
+            values = [
+                v for t in done for k, v in t.params.items() if re.match(r"(stage\d+\.)?([a-z_]+)", k)[2] == name
+            ]
             assert values and all(
                 abs((v - rng.low) / rng.step - round((v - rng.low) / rng.step)) < 1e-6 for v in values
             ), name

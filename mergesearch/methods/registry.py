@@ -44,6 +44,15 @@ class Method:
     def params(self) -> set[str]:
         return set(self.model_params) | set(self.shared_params)
 
+    @property
+    def effective_params(self) -> set[str]:
+        """The parameters that change the result: what a search searches and an export writes.
+        (mergekit's task_arithmetic takes a density and ignores it, as it has no sparsification.)"""
+        unused = set(self.ignored_params)
+        if self.task_vectors and self.sparsification is None:
+            unused.add("density")
+        return self.params - unused
+
 
 def _gta(sparsification: str | None, consensus: bool):
     def merge(
