@@ -24,6 +24,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     )
     if not args.quiet:
         print(f"wrote {out}")
+        print(f"next: mergesearch eval {out} --tasks TASK[,TASK...]   # score the merged model")
     return 0
 
 
@@ -104,6 +105,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         cache_ranks=args.cache_ranks,
         set_budget=args.set_budget,
+        log=_log(args),
     )
     _print_study(study, name, args.storage)
     if args.storage is None:
@@ -125,9 +127,20 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         cache_ranks=args.cache_ranks,
         worker=True,
+        log=_log(args),
     )
     _print_study(study, args.study, args.storage)
     return 0
+
+
+def _storage_flag(storage) -> str:
+    storage = getattr(storage, "storage", storage)
+    return f" --storage {storage}" if storage else ""
+
+
+def _log(args: argparse.Namespace):
+    """Progress lines for long phases, unless --quiet."""
+    return (lambda m: None) if args.quiet else (lambda m: print(m, flush=True))
 
 
 def _print_study(study, name: str, storage: str | None) -> None:
@@ -162,7 +175,7 @@ def _print_study(study, name: str, storage: str | None) -> None:
         scores = ", ".join(f"{k} {v:.3f}" for k, v in (best.user_attrs.get("scores") or {}).items())
         tag = f" ({best.user_attrs['baseline']})" if "baseline" in best.user_attrs else ""
         print(f"best trial {best.number}{tag}: search mean {float(np.mean(best.values)):.3f} ({scores})")
-        st = f" --storage {storage}" if storage else ""
+        st = _storage_flag(storage)
         print(f"next: mergesearch report {name}{st}        # test-split scores, gains with intervals, plots")
         print(f"      mergesearch export {name}{st} -o best.yaml   # the best recipe as mergekit YAML")
         print(f"      mergesearch dashboard {name}{st}     # optuna-dashboard on 127.0.0.1:8080")
@@ -176,7 +189,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         args.study,
         args.storage,
         device=args.device,
-        log=(lambda m: None) if args.quiet else (lambda m: print(m, flush=True)),
+        log=_log(args),
     )
     out = study_dir(args.study)
     if "gain" in summary:
@@ -186,7 +199,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
             f"{g['over']} {g['baseline_test_mean']:.3f}: gain {g['gain']:+.3f} "
             f"(paired 95% CI [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}])"
         )
+        if summary.get("best_is_baseline") or g["ci95"][1] < 0:
+            print("no learned recipe beat the known recipes; report.md says what to try")
     print(f"report: {out / 'report.md'}")
+    print(f"next: mergesearch export {args.study}{_storage_flag(args)} -o best.yaml   # the best recipe as mergekit YAML")
     return 0
 
 
@@ -195,6 +211,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     path = export(args.study, args.storage, trial=args.trial, out=args.output)
     print(f"wrote {path}")
+    print(f"next: mergesearch merge {path} MERGED --seed 0   # or: mergekit-yaml {path} MERGED --random-seed 0")
     return 0
 
 

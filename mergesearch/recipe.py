@@ -319,6 +319,23 @@ def dump_recipes(recipes: list[Recipe]) -> str:
     return "---\n".join(docs)
 
 
+def rounded(recipes: list[Recipe], digits: int = 4) -> list[Recipe]:
+    """The recipes with every coefficient to `digits` significant digits (0.7342, not
+    0.7341926508470133): what a person reads and a search can tell apart. The report scores
+    these, and export writes these, so an exported file's reported score is its own."""
+
+    def r(v: Any) -> Any:
+        if isinstance(v, float):
+            return float(f"{v:.{digits}g}")
+        if isinstance(v, list):
+            return [r(x) for x in v]
+        if isinstance(v, dict):
+            return {k: r(x) for k, x in v.items()}
+        return v
+
+    return [Recipe.from_dict(r(x.to_dict())) for x in recipes]
+
+
 def parse_recipes(text: str, where: str = "recipe") -> list[Recipe]:
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]

@@ -22,7 +22,7 @@ import pandas as pd
 
 from .errors import MergeSearchError
 from .evaluation.native import TaskResult, bootstrap_ci
-from .recipe import Recipe, Source, dump_recipes, parse_recipes
+from .recipe import Recipe, Source, dump_recipes, parse_recipes, rounded
 from .space import BASELINES, baseline_recipe
 from .study import MERGE_SEED, Searcher, open_storage, space_of, study_dir
 
@@ -85,6 +85,7 @@ class Scored:
     test: dict[str, TaskResult]
     during_study: dict[str, float] | None = None  # search scores the study recorded (its engine)
     task_weights: dict[str, float] | None = None  # the space's: means are the search's objective
+    method: str = ""  # the last stage's merge method
 
     def _w(self, task: str) -> float:
         return float((self.task_weights or {}).get(task, 1.0))
@@ -157,14 +158,14 @@ def report(
         log(
             f"scored {label}: test mean {np.mean([r.value for r in test.values()]):.3f} ({time.perf_counter() - t0:.0f}s)"
         )
-        return Scored(label, dump_recipes(recipes), search, test, recorded, weights)
+        return Scored(label, dump_recipes(recipes), search, test, recorded, weights, recipes[-1].merge_method)
 
     scored: list[Scored] = []
     for t in fr:
         scored.append(
             score(
                 f"trial {t.number}" + (" (best)" if t.number == best.number else ""),
-                parse_recipes(t.user_attrs["recipe"]),
+                trial_recipes(t),
                 t.user_attrs.get("scores"),
             )
         )
@@ -177,7 +178,7 @@ def report(
     front_scored = {t.number: x for t, x in zip(fr, scored)}
 
     def trial_score(t: optuna.trial.FrozenTrial, label: str) -> Scored:  # the front's are scored already
-        return front_scored.get(t.number) or score(label, parse_recipes(t.user_attrs["recipe"]), None)
+        return front_scored.get(t.number) or score(label, trial_recipes(t), None)
 
     orders = _merge_orders(s, space, trial_score)
     top_base = max(baselines, key=lambda b: b.test_mean) if baselines else None
@@ -192,6 +193,8 @@ def report(
         "pruned": int((df["state"] == "PRUNED").sum()),
         "failed": int((df["state"] == "FAIL").sum()),
         "best_trial": best.number,
+        "best_is_baseline": best.user_attrs.get("baseline"),
+        "methods": space.methods,
         "merge_seed": MERGE_SEED,
         "specialist_ceiling": ceiling,
         "cost": _cost(s, df),
@@ -203,22 +206,22 @@ def report(
         summary["candidates"].append(_row(x))
     if top_base is not None:
         gain, lo, hi = paired_gain(best_s, top_base)
-        headroom = float(np.mean(list(ceiling.values()))) - top_base.test_mean
         summary["gain"] = {
             "over": top_base.label,
             "gain": gain,
             "ci95": [lo, hi],
             "best_test_mean": best_s.test_mean,
             "baseline_test_mean": top_base.test_mean,
-            "headroom": headroom,
-            "goal": min(0.10, headroom / 2),
         }
+        if ceiling:  # known only where the specialists are named after their tasks (the zoos)
+            headroom = best_s._mean(ceiling) - top_base.test_mean
+            summary["gain"] |= {"headroom": headroom, "goal": min(0.10, headroom / 2)}
     if tuned is not None:
         summary["candidates"].append(_row(tuned))
         gain, lo, hi = paired_gain(best_s, tuned)
         summary["gain_over_tuned_scalar"] = {"over": tuned.label, "gain": gain, "ci95": [lo, hi]}
     _atomic_text(out / "test_scores.json", json.dumps(summary, indent=2, default=float))
-    plots = _plots(s, searcher, best, fr, baselines, out)
+    plots = _plots(s, searcher, best, fr, front_scored, baselines, out)
     _atomic_text(out / "report.md", _markdown(summary, plots, best, searcher))
     return summary
 
@@ -284,6 +287,7 @@ def _row(x: Scored) -> dict[str, Any]:
         "test": {k: {"value": v.value, "ci95": bootstrap_ci(v), "n": v.n} for k, v in x.test.items()},
         "test_mean": x.test_mean,
         "gap_search_minus_test": x.search_mean - x.test_mean,
+        "method": x.method,
         "recipe": x.recipe_yaml,
     }
 
@@ -321,7 +325,9 @@ def _ceiling(searcher: Searcher) -> dict[str, float]:
     return out
 
 
-def _plots(s, searcher: Searcher, best, fr, baselines: list[Scored], out: Path) -> dict[str, str]:
+def _plots(
+    s, searcher: Searcher, best, fr, front_scored: dict[int, Scored], baselines: list[Scored], out: Path
+) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -329,80 +335,207 @@ def _plots(s, searcher: Searcher, best, fr, baselines: list[Scored], out: Path) 
 
     names = s.user_attrs.get("objective_names", [])
     done = [t for t in s.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    pruned = [t for t in s.trials if t.state == optuna.trial.TrialState.PRUNED and t.user_attrs.get("scores")]
     files = {}
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        _atomic(out / name, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+        plt.close(fig)
+        files[name.split(".")[0]] = name
+
     if len(names) >= 2:
-        fig, ax = plt.subplots(figsize=(6, 5))
-        xs = [t.values[0] for t in done]
-        ys = [t.values[1] for t in done]
-        ax.scatter(xs, ys, s=12, c="#999", label="trials")
-        fx = sorted((t.values[0], t.values[1]) for t in fr)
-        ax.plot([p[0] for p in fx], [p[1] for p in fx], "o-", c="C0", label="Pareto front")
+        fig, ax = plt.subplots(figsize=(7, 5.5))
         ax.scatter(
-            [best.values[0]],
-            [best.values[1]],
-            s=120,
+            [t.values[0] for t in done], [t.values[1] for t in done], s=10, c="#bbb", label="trials (search)"
+        )
+        fx = sorted((t.values[0], t.values[1]) for t in fr)
+        ax.plot(
+            [p[0] for p in fx], [p[1] for p in fx], "o-", c="C0", ms=5, label="Pareto front (search split)"
+        )
+        # The same recipes on the test split: how far each front point moves on unseen examples.
+        for i, t in enumerate(fr):
+            x = front_scored[t.number].test
+            tx, ty = x[names[0]].value, x[names[1]].value
+            ax.annotate(
+                "",
+                (tx, ty),
+                (t.values[0], t.values[1]),
+                arrowprops={"arrowstyle": "->", "color": "C2", "lw": 0.8},
+            )
+            ax.scatter(
+                [tx],
+                [ty],
+                marker="D",
+                s=36,
+                c="C2",
+                zorder=4,
+                label="front re-scored (test split)" if i == 0 else None,
+            )
+        bt = front_scored[best.number].test
+        ax.scatter(
+            [bt[names[0]].value],
+            [bt[names[1]].value],
+            s=160,
             marker="*",
             c="C3",
             zorder=5,
-            label=f"best (trial {best.number})",
+            label=f"best (trial {best.number}), test",
         )
         for i, b in enumerate(baselines):
             ax.scatter(
-                [b.search[names[0]]],
-                [b.search[names[1]]],
+                [b.test[names[0]].value],
+                [b.test[names[1]].value],
                 marker="x",
-                s=60,
-                c=f"C{(i % 8) + 1}",
-                label=b.label.replace("baseline: ", ""),
+                s=50,
+                c=f"C{(i % 7) + 4}",
+                label=b.label.replace("baseline: ", "") + " (test)",
             )
-        ax.set_xlabel(f"{names[0]} (search split)")
-        ax.set_ylabel(f"{names[1]} (search split)")
-        ax.set_title(f"{s.study_name}: Pareto front and known recipes")
+        ax.set_xlabel(f"{names[0]} (exact match)")
+        ax.set_ylabel(f"{names[1]} (exact match)")
+        ax.set_title(f"{s.study_name}: Pareto front, search → test, and known recipes")
         ax.legend(fontsize=7, loc="best")
-        fig.tight_layout()
-        _atomic(out / "pareto.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-        plt.close(fig)
-        files["pareto"] = "pareto.png"
-    fig, ax = plt.subplots(figsize=(7, 4))
-    nums = [t.number for t in done]
+        save(fig, "pareto.png")
+
+    fig, ax = plt.subplots(figsize=(8, 4))
     means = [float(np.mean(t.values)) for t in done]
-    ax.scatter(nums, means, s=10, c="#888", label="trial (mean of objectives)")
-    ax.plot(nums, np.maximum.accumulate(means) if means else [], c="C3", label="best so far")
+    ax.scatter([t.number for t in done], means, s=10, c="#777", label="complete (mean of objectives)")
+    # stopped at a low fidelity rung: their score there, on fewer examples
+    pm = [float(np.mean(searcher.objective_value(t.user_attrs["scores"]))) for t in pruned]
+    if pruned:
+        ax.scatter(
+            [t.number for t in pruned],
+            pm,
+            s=12,
+            marker="x",
+            c="C1",
+            alpha=0.7,
+            label="stopped early (score at its last rung)",
+        )
+    failed = [t.number for t in s.trials if t.state == optuna.trial.TrialState.FAIL]
+    if failed:
+        ax.scatter(failed, [0.0] * len(failed), s=14, marker="v", c="C3", label="failed")
+    ax.plot(
+        [t.number for t in done], np.maximum.accumulate(means) if means else [], c="C3", label="best so far"
+    )
     ax.set_xlabel("trial")
     ax.set_ylabel("mean search score")
-    ax.legend()
-    fig.tight_layout()
-    _atomic(out / "history.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    files["history"] = "history.png"
+    ax.legend(fontsize=7)
+    save(fig, "history.png")
+
     prof = coefficient_profile(best, searcher)
     if not prof.empty:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for (param, model, comp), g in prof.groupby(["param", "model", "component"]):
-            ax.plot(g["layer"], g["value"], marker="o", label=f"{param} · {model} · {comp}")
-        ax.set_xlabel("layer")
-        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # layers are whole numbers
-        ax.set_ylabel("value")
-        ax.set_title(f"per-layer coefficients of trial {best.number}")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        _atomic(out / "coefficients.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-        plt.close(fig)
-        files["coefficients"] = "coefficients.png"
+        fig = _heatmap(prof, f"coefficients of trial {best.number}")
+        save(fig, "coefficients.png")
     try:
-        from optuna.visualization import plot_optimization_history, plot_pareto_front
-
-        if len(names) >= 2:
-            fig_p = plot_pareto_front(s, target_names=names)
-            _atomic(out / "pareto.html", lambda tmp: fig_p.write_html(tmp, include_plotlyjs="cdn"))
-            files["pareto_html"] = "pareto.html"
-        fig_h = plot_optimization_history(
-            s, target=lambda t: float(np.mean(t.values)), target_name="mean score"
-        )
-        _atomic(out / "history.html", lambda tmp: fig_h.write_html(tmp, include_plotlyjs="cdn"))
-        files["history_html"] = "history.html"
+        files |= _html_plots(s, names, done, list(zip(pruned, pm)), fr, front_scored, out)
     except ImportError:  # plotly is optional for the report
         pass
+    return files
+
+
+def _heatmap(prof: pd.DataFrame, title: str):
+    """One row of cells per (parameter, model, component), one column per layer: readable at 30+
+    layers, where a line per coefficient is not. Values are written in the cells up to 16 layers."""
+    import matplotlib.pyplot as plt
+
+    rows = list(dict.fromkeys(zip(prof["param"], prof["model"], prof["component"])))
+    layers = sorted(prof["layer"].unique())
+    grid = np.full((len(rows), len(layers)), np.nan)
+    for r in prof.itertuples():
+        grid[rows.index((r.param, r.model, r.component)), layers.index(r.layer)] = r.value
+    params = list(dict.fromkeys(prof["param"]))
+    fig, axes = plt.subplots(
+        len(params),
+        1,
+        figsize=(max(6.0, 2.5 + 0.32 * len(layers)), 1.2 + 0.42 * len(rows) + 0.4 * len(params)),
+        squeeze=False,
+    )
+    for ax, param in zip(axes[:, 0], params):  # one color scale per parameter (weights ≠ densities)
+        idx = [i for i, r in enumerate(rows) if r[0] == param]
+        g = grid[idx]
+        im = ax.imshow(g, aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_yticks(range(len(idx)), [f"{rows[i][1]} · {rows[i][2]}" for i in idx], fontsize=8)
+        step = max(1, len(layers) // 30)
+        ax.set_xticks(
+            range(0, len(layers), step), [str(layers[i]) for i in range(0, len(layers), step)], fontsize=7
+        )
+        ax.set_xlabel("layer")
+        ax.set_title(f"{param}", fontsize=9, loc="left")
+        if len(layers) <= 16:
+            lo, hi = np.nanmin(g), np.nanmax(g)
+            for (y, x), v in np.ndenumerate(g):
+                if not np.isnan(v):
+                    dark = hi > lo and (v - lo) / (hi - lo) < 0.6
+                    ax.text(
+                        x,
+                        y,
+                        f"{v:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if dark else "black",
+                    )
+        fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def _html_plots(s, names, done, pruned, fr, front_scored, out: Path) -> dict[str, str]:
+    """Interactive plots that work offline: plotly.js is written once beside them
+    (plotly.min.js), never fetched from a CDN."""
+    import plotly.graph_objects as go
+    from optuna.visualization import plot_pareto_front
+
+    files = {}
+    if len(names) >= 2:
+        fig = plot_pareto_front(s, target_names=names)
+        fig.add_trace(
+            go.Scatter(
+                x=[front_scored[t.number].test[names[0]].value for t in fr],
+                y=[front_scored[t.number].test[names[1]].value for t in fr],
+                text=[f"trial {t.number} (test split)" for t in fr],
+                mode="markers",
+                marker={"symbol": "diamond", "size": 9, "color": "#2ca02c"},
+                name="front re-scored on the test split",
+            )
+        )
+        _atomic(out / "pareto.html", lambda tmp: fig.write_html(tmp, include_plotlyjs="directory"))
+        files["pareto_html"] = "pareto.html"
+    fig = go.Figure()
+    means = [float(np.mean(t.values)) for t in done]
+    fig.add_trace(
+        go.Scatter(
+            x=[t.number for t in done],
+            y=means,
+            mode="markers",
+            name="complete",
+            marker={"color": "#777", "size": 5},
+        )
+    )
+    if pruned:
+        fig.add_trace(
+            go.Scatter(
+                x=[t.number for t, _ in pruned],
+                y=[m for _, m in pruned],
+                mode="markers",
+                name="stopped early (score at its last rung)",
+                marker={"symbol": "x", "color": "#ff7f0e", "size": 6},
+            )
+        )
+    fig.add_trace(
+        go.Scatter(
+            x=[t.number for t in done],
+            y=list(np.maximum.accumulate(means)) if means else [],
+            name="best so far",
+            line={"color": "#d62728"},
+        )
+    )
+    fig.update_layout(
+        title=f"{s.study_name}: optimization history", xaxis_title="trial", yaxis_title="mean search score"
+    )
+    _atomic(out / "history.html", lambda tmp: fig.write_html(tmp, include_plotlyjs="directory"))
+    files["history_html"] = "history.html"
     return files
 
 
@@ -448,6 +581,48 @@ def _fmt_ci(r: dict) -> str:
     return f"{r['value']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
 
 
+ADVICE = (
+    "What to try: more trials (`mergesearch search SPACE --trials N --set-budget` resumes with a larger "
+    "budget); fewer coefficients (`granularity: block:4` or `model`, fewer `components`), which a "
+    "budget can search; a larger last `fidelity` rung, so that search scores are less noisy; "
+    "another method or wider parameter ranges."
+)
+
+
+def _verdict(summary: dict) -> list[str]:
+    """The headline: the learned recipe against the best known recipe, and what to do when it lost."""
+    g = summary["gain"]
+    ci = f"paired 95 % CI [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}]"
+    base = summary.get("best_is_baseline")
+    if base:
+        head = (
+            f"**No learned recipe beat the known recipes on the search split:** the best trial "
+            f"({summary['best_trial']}) is the known recipe {base}, test mean {g['best_test_mean']:.3f}; "
+            f"the best known recipe on the test split is {g['over'].replace('baseline: ', '')} "
+            f"({g['baseline_test_mean']:.3f}), gain "
+            f"{g['gain']:+.3f} ({ci})."
+        )
+    else:
+        head = (
+            f"**Learned recipe (trial {summary['best_trial']}) vs best known recipe ({g['over']}):** "
+            f"test mean {g['best_test_mean']:.3f} vs {g['baseline_test_mean']:.3f}, gain "
+            f"**{g['gain']:+.3f}** ({ci})."
+        )
+        if g["ci95"][1] < 0:
+            head += " **The known recipe is better on the test split: no learned recipe beat it.**"
+        elif g["ci95"][0] <= 0:
+            head += " The interval includes 0: the test split cannot tell them apart."
+    if "headroom" in g:
+        head += (
+            f" Headroom to the specialists' ceiling was {g['headroom']:.3f}; the goal, "
+            f"min(+0.10, headroom/2), was {g['goal']:+.3f}."
+        )
+    lines = [head, ""]
+    if base or g["ci95"][1] < 0:
+        lines += [ADVICE, ""]
+    return lines
+
+
 def _markdown(summary: dict, plots: dict[str, str], best, searcher: Searcher) -> str:
     tasks = [t.name for t in searcher.tasks]
     lines = [
@@ -469,15 +644,7 @@ def _markdown(summary: dict, plots: dict[str, str], best, searcher: Searcher) ->
             "",
         ]
     if "gain" in summary:
-        g = summary["gain"]
-        lines += [
-            f"**Learned recipe (trial {summary['best_trial']}) vs best known recipe ({g['over']}):** "
-            f"test mean {g['best_test_mean']:.3f} vs {g['baseline_test_mean']:.3f}, gain "
-            f"**{g['gain']:+.3f}** (paired 95 % CI [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}]). "
-            f"Headroom to the specialists' ceiling was {g['headroom']:.3f}; the goal, min(+0.10, headroom/2), "
-            f"was {g['goal']:+.3f}.",
-            "",
-        ]
+        lines += _verdict(summary)
     if "gain_over_tuned_scalar" in summary:
         t = summary["gain_over_tuned_scalar"]
         lines += [
@@ -503,11 +670,20 @@ def _markdown(summary: dict, plots: dict[str, str], best, searcher: Searcher) ->
         "what it does on examples the search never saw.",
         "",
     ]
-    head = "| candidate | search mean | " + " | ".join(f"test {t}" for t in tasks) + " | test mean | gap |"
-    lines += [head, "|" + "---|" * (4 + len(tasks))]
+    methods = len(summary.get("methods", [])) > 1  # a method-choice study: say which each used
+    head = (
+        "| candidate | "
+        + ("method | " if methods else "")
+        + "search mean | "
+        + " | ".join(f"test {t}" for t in tasks)
+        + " | test mean | gap |"
+    )
+    lines += [head, "|" + "---|" * (4 + len(tasks) + methods)]
     for c in summary["candidates"]:
         lines.append(
-            f"| {c['label']} | {c['search_mean']:.3f} | "
+            f"| {c['label']} | "
+            + (f"{c['method']} | " if methods else "")
+            + f"{c['search_mean']:.3f} | "
             + " | ".join(_fmt_ci(c["test"][t]) for t in tasks)
             + f" | {c['test_mean']:.3f} | {c['gap_search_minus_test']:+.3f} |"
         )
@@ -586,10 +762,15 @@ def export(
     return path
 
 
+def trial_recipes(t: optuna.trial.FrozenTrial) -> list[Recipe]:
+    """What the report scores and export writes for a trial: its recorded recipe with values
+    rounded to 4 significant digits (`recipe.rounded`), so the reported test score is the score
+    of the exported file, not of the unrounded one the study merged."""
+    return rounded(parse_recipes(t.user_attrs["recipe"]))
+
+
 def _recipe_text(t: optuna.trial.FrozenTrial) -> str:
-    """A trial's recipe written again by today's writer (studies recorded before it may hold YAML
-    anchors); the values are the recorded ones."""
-    return dump_recipes(parse_recipes(t.user_attrs["recipe"]))
+    return dump_recipes(trial_recipes(t))
 
 
 def _atomic(path: Path, write) -> None:

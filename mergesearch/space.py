@@ -230,7 +230,10 @@ class SearchSpace:
         if "merge_order" in values:  # the same coefficients, applied to the inputs in this order
             model_paths = [model_paths[int(i)] for i in values["merge_order"].split(">")]
 
-        at = {(c.stage, c.param, c.model, c.component, c.group): c.key for c in self.coefficients(method, num_layers)}
+        at = {
+            (c.stage, c.param, c.model, c.component, c.group): c.key
+            for c in self.coefficients(method, num_layers)
+        }
 
         def setting(stage: int, name: str, i: int | None) -> Any:
             per_comp = {}

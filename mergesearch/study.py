@@ -420,7 +420,8 @@ def _study_note(space: SearchSpace) -> str:
     """The study's page in optuna-dashboard: what is searched and how the parameters are named."""
     labels = space.input_labels()
     models = ", ".join(
-        f"`{m}`" + (f" ({label})" if space.order != "sequential" else "") for m, label in zip(space.models, labels)
+        f"`{m}`" + (f" ({label})" if space.order != "sequential" else "")
+        for m, label in zip(space.models, labels)
     )
     return "\n".join(
         [
@@ -477,8 +478,10 @@ def run_search(
     cache_ranks: bool = False,
     worker: bool = False,
     set_budget: bool = False,
+    log=lambda msg: None,
 ) -> optuna.Study:
-    """Create or resume a study and run trials until its budget is used.
+    """Create or resume a study and run trials until its budget is used. `log` receives a line
+    per phase before the first trial (loading, checking, the study's state).
 
     The budget (`trials`) is set when the study is created; a later `trials` that differs is
     refused unless `set_budget`, and a `worker`'s only says when that process stops. Everything
@@ -492,10 +495,13 @@ def run_search(
         raise MergeSearchError(f"--timeout {timeout}: seconds, more than 0")
     if seed is not None and not 0 <= seed < 2**32:
         raise MergeSearchError(f"--seed {seed}: a whole number from 0 to 2**32-1")
-    searcher = searcher or Searcher(space, device=device, cache_ranks=cache_ranks)
+    if searcher is None:
+        log(f"loading the base and {len(space.models)} models, tasks {', '.join(space.tasks)}")
+        searcher = Searcher(space, device=device, cache_ranks=cache_ranks)
     multi = space.objective == "pareto" and len(searcher.tasks) > 1
     sampler_name = sampler or space.sampler
     _sampler(space, sampler_name, 0, multi, 1)  # refuse a sampler that cannot search this space
+    log(f"checking the space: one merge per method ({', '.join(space.methods)}) and every task's records")
     searcher.validate()
     names = [t.name for t in searcher.tasks] if multi else ["mean score"]
     directions = searcher.directions if multi else ["maximize"]
@@ -528,10 +534,21 @@ def run_search(
         _enqueue_baselines(s, searcher)
     artifacts = _artifact_store(study_name)
     objective = _Objective(searcher, s, multi, artifacts, seed)
-    todo = target - _finished(s)
+    finished = _finished(s)
+    todo = target - finished
+    log(
+        f"study {study_name}: {'created' if created else 'resumed'}, {finished} of {target} trials finished"
+        + (f", {todo} to run" if todo > 0 else "")
+    )
     if todo <= 0:
         return s
-    bar = _Progress(todo, timeout or space.timeout, progress)
+    done = s.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    bar = _Progress(
+        todo,
+        timeout or space.timeout,
+        progress,
+        best=max((float(np.mean(t.values)) for t in done), default=-math.inf),
+    )
     failures = _Failures()
 
     def stop_at_budget(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -819,11 +836,11 @@ class _Objective:
 class _Progress:
     """A progress bar over trials with the best mean score so far and the time left."""
 
-    def __init__(self, total: int, timeout: float | None, enabled: bool) -> None:
+    def __init__(self, total: int, timeout: float | None, enabled: bool, best: float = -math.inf) -> None:
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=total, desc="trials", unit="trial", disable=not enabled)
-        self.best = -math.inf
+        self.best = best  # over the whole study: a resume starts from the trials already run
         self.t0 = time.perf_counter()
         self.timeout = timeout
 

@@ -369,7 +369,10 @@ def test_every_shipped_space_runs(zoo, results, path):
         if rng.step:
             # parameter names: weight[add].mlp.L1, stage2.weight[1].L0 (SearchSpace.coefficients)
             values = [
-                v for t in done for k, v in t.params.items() if re.match(r"(stage\d+\.)?([a-z_]+)", k)[2] == name
+                v
+                for t in done
+                for k, v in t.params.items()
+                if re.match(r"(stage\d+\.)?([a-z_]+)", k)[2] == name
             ]
             assert values and all(
                 abs((v - rng.low) / rng.step - round((v - rng.low) / rng.step)) < 1e-6 for v in values
