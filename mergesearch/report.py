@@ -400,6 +400,16 @@ def _plots(
     fig, ax = plt.subplots(figsize=(8, 4))
     means = [float(np.mean(t.values)) for t in done]
     ax.scatter([t.number for t in done], means, s=10, c="#777", label="complete (mean of objectives)")
+    known = [(t.number, m) for t, m in zip(done, means) if "baseline" in t.user_attrs]
+    if known:
+        ax.scatter(
+            *zip(*known),
+            s=28,
+            marker="s",
+            facecolors="none",
+            edgecolors="C0",
+            label="known recipe (not searched)",
+        )
     # stopped at a low fidelity rung: their score there, on fewer examples
     pm = [float(np.mean(searcher.objective_value(t.user_attrs["scores"]))) for t in pruned]
     if pruned:

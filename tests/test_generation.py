@@ -369,6 +369,8 @@ def test_search_and_report_with_an_lm_eval_task(zoo, tmp_path):
     (tmp_path / "lmfit.yaml").write_text(yaml.safe_dump(space))
     r = _cli(tmp_path, "search", "lmfit.yaml", "-q")
     assert r.returncode == 0, r.stderr[-3000:]
+    # tmp_path is no git checkout: lm-eval's `git describe` would print "fatal: ..." per candidate
+    assert "fatal" not in r.stderr and "warning" not in r.stderr.lower(), r.stderr
     study = optuna.load_study(
         study_name="lmfit", storage=f"sqlite:///{tmp_path / 'results' / 'lmfit' / 'study.db'}"
     )
@@ -379,6 +381,7 @@ def test_search_and_report_with_an_lm_eval_task(zoo, tmp_path):
     assert all(t.user_attrs["examples"]["add_lm"] == t.user_attrs["fidelity"] for t in study.trials)
     r = _cli(tmp_path, "report", "lmfit")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "fatal" not in r.stderr and "warning" not in r.stderr.lower(), r.stderr
     summary = json.loads((tmp_path / "results" / "lmfit" / "test_scores.json").read_text())
     assert all(c["test"]["add_lm"]["n"] == 12 for c in summary["candidates"])
     assert max(c["test"]["add_lm"]["value"] for c in summary["candidates"]) > 0

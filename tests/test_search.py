@@ -87,12 +87,27 @@ def results(tmp_path, monkeypatch):
 
 def test_export_runs_in_mergekit_and_scores_as_reported(zoo, tmp_path):
     space = write_space(tmp_path, name="exp")
-    cli(tmp_path, "search", str(space), "-q")
-    cli(tmp_path, "report", "exp")
+    search = cli(tmp_path, "search", str(space)).stdout
+    # Every command ends by saying what happened and what to run next; nothing stray on stderr.
+    assert (
+        "loading the base and 2 models" in search and "study exp: created, 0 of 12 trials finished" in search
+    )
+    assert re.search(r"best trial \d+.*: search mean \d\.\d{3} \(add \d\.\d{3}, reverse \d\.\d{3}\)", search)
+    assert "next: mergesearch report exp" in search and "mergesearch export exp" in search
+    report = cli(tmp_path, "report", "exp")
+    assert re.search(r"best trial \d+: test mean .* gain [+-]\d\.\d{3} \(paired 95% CI", report.stdout)
+    assert "next: mergesearch export exp -o best.yaml" in report.stdout
+    assert "warning" not in report.stderr.lower() and "fatal" not in report.stderr.lower(), report.stderr
     out = cli(tmp_path, "export", "exp", "--best", "-o", "best.yaml").stdout
-    assert "best.yaml" in out
+    assert "best.yaml" in out and "next: mergesearch merge" in out
     text = (tmp_path / "best.yaml").read_text()
     assert text.startswith("# mergesearch export: study exp, trial ") and "# test scores: {" in text
+    # Readable: no YAML anchors, every coefficient to 4 significant digits, only parameters DARE-TIES uses.
+    body = yaml.safe_load(text)
+    assert "&id" not in text and "*id" not in text
+    floats = re.findall(r"(?<![\w.])\d+\.\d+(?:e-?\d+)?", text.split("\n", 4)[4])
+    assert floats and all(len(f.lstrip("0.").replace(".", "")) <= 4 for f in floats), floats
+    assert {k for m in body["models"] for k in m["parameters"]} == {"weight", "density"}
     # mergekit-yaml builds the model from the exported YAML ...
     mergekit_yaml(tmp_path, "best.yaml", "mk_out")
     # ... equal to mergesearch merge's output, bit for bit (DARE with the same seed) ...
@@ -124,8 +139,16 @@ def test_export_runs_in_mergekit_and_scores_as_reported(zoo, tmp_path):
         "history.png",
         "coefficients.png",
         "pareto.html",
+        "history.html",
     ):
         assert (tmp_path / "results" / "exp" / f).is_file(), f
+    # The HTML plots work offline: plotly.js lies beside them; nothing is fetched.
+    for f in ("pareto.html", "history.html"):
+        html = (tmp_path / "results" / "exp" / f).read_text()
+        assert 'src="plotly.min.js"' in html and not re.search(
+            r"(src|href)=[\"']?(https?:)?//", html
+        ), f
+    assert (tmp_path / "results" / "exp" / "plotly.min.js").stat().st_size > 1_000_000
 
 
 def test_sigkill_during_a_trial_then_resume(zoo, tmp_path):
@@ -223,11 +246,24 @@ def _get(url: str):
 
 
 def test_dashboard_serves_the_study_with_objective_names(zoo, tmp_path):
-    space = write_space(tmp_path, name="dash", trials=4)
-    cli(tmp_path, "search", str(space), "-q")
+    """One dashboard over a storage two studies share: both listed; parameters named by model,
+    component and layer; recipe artifacts named by trial and served from each study's folder;
+    known recipes tagged (user attribute and note); the study's note says what is searched."""
+    shared = "sqlite:///studies.db"
+    cli(tmp_path, "search", str(write_space(tmp_path, name="dash", trials=4)), "-q", "--storage", shared)
+    cli(
+        tmp_path,
+        "search",
+        str(
+            write_space(
+                tmp_path, name="dash_ta", method="task_arithmetic", parameters={"weight": [0, 1.5]}, trials=3
+            )
+        ),
+        *("-q", "--storage", shared),
+    )
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mergesearch", "dashboard", "dash", "--port", str(port)],
+        [sys.executable, "-m", "mergesearch", "dashboard", "--storage", shared, "--port", str(port)],
         env=env(tmp_path),
         cwd=tmp_path,
         stdout=subprocess.PIPE,
@@ -243,11 +279,38 @@ def test_dashboard_serves_the_study_with_objective_names(zoo, tmp_path):
             except OSError:
                 time.sleep(0.3)
         assert studies, "dashboard did not answer"
-        (summary,) = [s for s in studies if s["study_name"] == "dash"]
-        status, body = _get(f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}?after=0")
-        detail = json.loads(body)
-        assert status == 200 and detail["objective_names"] == ["add", "reverse"]
-        assert len(detail["trials"]) == 4
+        assert sorted(s["study_name"] for s in studies) == ["dash", "dash_ta"]
+        for summary in studies:
+            sid = summary["study_id"]
+            status, body = _get(f"http://127.0.0.1:{port}/api/studies/{sid}?after=0")
+            detail = json.loads(body)
+            assert status == 200 and detail["objective_names"] == ["add", "reverse"]
+            assert "weight[add].attention.L3" in detail["note"]["body"]
+            trials = detail["trials"]
+            assert len(trials) == (4 if summary["study_name"] == "dash" else 3)
+            names = {p["name"] for t in trials for p in t["params"]}
+            assert "weight[add].attention.L0" in names and "weight[reverse].other.L1" in names, names
+            for t in trials:
+                attrs = {a["key"]: a["value"] for a in t["user_attrs"]}
+                if "baseline" in attrs:
+                    assert attrs["kind"] == f"known recipe: {attrs['baseline']}"
+                    assert t["note"]["body"].startswith(f"**Known recipe: {attrs['baseline']}**")
+                else:
+                    assert attrs["kind"] == "searched"
+                (art,) = t["artifacts"]
+                assert art["filename"] == f"trial_{t['number']}_recipe.yaml"
+                status, body = _get(
+                    f"http://127.0.0.1:{port}/artifacts/{sid}/{t['trial_id']}/{art['artifact_id']}"
+                )
+                assert status == 200 and yaml.safe_load(body)["merge_method"] in (
+                    "dare_ties",
+                    "task_arithmetic",
+                )
+        assert any(
+            a["key"] == "kind" and a["value"].startswith("known recipe")
+            for t in trials
+            for a in t["user_attrs"]
+        )
         status, _ = _get(f"http://127.0.0.1:{port}/static/bundle.js")
         assert status == 200
     finally:
@@ -529,6 +592,44 @@ def test_the_newer_methods_are_searched_as_themselves(zoo, tmp_path, results, mo
     merge(tmp_path / "r.yaml", tmp_path / "m", seed=0)
     (row,) = evaluate_model(tmp_path / "m", ["add"], split="search", limit=40, device="cpu")
     assert row["value"] == pytest.approx(t.user_attrs["scores"]["add"], abs=1e-9)
+
+
+def test_a_method_choice_study_searches_and_reports_only_what_each_method_uses(zoo, tmp_path, results):
+    """Task arithmetic ignores density: its trials search none and their recipes carry none, while
+    TIES trials search it; the report has a method column saying which method each recipe used."""
+    from mergesearch.report import report
+    from mergesearch.study import run_search
+
+    space = load_space(
+        write_space(
+            tmp_path,
+            name="choice",
+            method=["task_arithmetic", "ties"],
+            granularity="model",
+            components=["all"],
+            fidelity=[40],
+            trials=10,
+            sampler="random",
+        )
+    )
+    s = run_search(space, progress=False)
+    done = [t for t in s.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    by = {m: [t for t in done if t.params["method"] == m] for m in ("task_arithmetic", "ties")}
+    assert by["task_arithmetic"] and by["ties"]
+    for t in by["task_arithmetic"]:
+        assert set(t.params) == {"method", "weight[add]", "weight[reverse]"}, t.params
+        assert "density" not in t.user_attrs["recipe"]
+    for t in by["ties"]:
+        assert {"density[add]", "density[reverse]"} <= set(t.params)
+    summary = report("choice", device="cpu")
+    md = (results / "choice" / "report.md").read_text()
+    assert "| candidate | method | search mean |" in md
+    for c in summary["candidates"]:
+        assert c["method"] in ("task_arithmetic", "ties", "linear", "slerp", "dare_ties"), c
+        assert f"| {c['label']} | {c['method']} |" in md
+    # a space that searches a parameter no method of it uses is refused
+    with pytest.raises(MergeSearchError, match="parameters.density: task_arithmetic ignores density"):
+        load_space(write_space(tmp_path, name="x", method="task_arithmetic"))
 
 
 def test_the_report_weighs_tasks_as_the_search_did(zoo, tmp_path, results):
