@@ -202,7 +202,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
         if summary.get("best_is_baseline") or g["ci95"][1] < 0:
             print("no learned recipe beat the known recipes; report.md says what to try")
     print(f"report: {out / 'report.md'}")
-    print(f"next: mergesearch export {args.study}{_storage_flag(args)} -o best.yaml   # the best recipe as mergekit YAML")
+    print(
+        f"next: mergesearch export {args.study}{_storage_flag(args)} -o best.yaml   # the best recipe as mergekit YAML"
+    )
     return 0
 
 
@@ -211,7 +213,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     path = export(args.study, args.storage, trial=args.trial, out=args.output)
     print(f"wrote {path}")
-    print(f"next: mergesearch merge {path} MERGED --seed 0   # or: mergekit-yaml {path} MERGED --random-seed 0")
+    print(
+        f"next: mergesearch merge {path} MERGED --seed 0   # or: mergekit-yaml {path} MERGED --random-seed 0"
+    )
     return 0
 
 

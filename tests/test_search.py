@@ -145,9 +145,7 @@ def test_export_runs_in_mergekit_and_scores_as_reported(zoo, tmp_path):
     # The HTML plots work offline: plotly.js lies beside them; nothing is fetched.
     for f in ("pareto.html", "history.html"):
         html = (tmp_path / "results" / "exp" / f).read_text()
-        assert 'src="plotly.min.js"' in html and not re.search(
-            r"(src|href)=[\"']?(https?:)?//", html
-        ), f
+        assert 'src="plotly.min.js"' in html and not re.search(r"(src|href)=[\"']?(https?:)?//", html), f
     assert (tmp_path / "results" / "exp" / "plotly.min.js").stat().st_size > 1_000_000
 
 
