@@ -105,6 +105,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         cache_ranks=args.cache_ranks,
         set_budget=args.set_budget,
+        gradient_seconds=args.gradient,
         log=_log(args),
     )
     _print_study(study, name, args.storage)
@@ -425,6 +426,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="change an existing study's budget to --trials (every worker then stops there)",
     )
     se.add_argument("--timeout", type=seconds, default=None, help="stop after this many seconds")
+    se.add_argument(
+        "--gradient",
+        type=seconds,
+        default=None,
+        metavar="SECONDS",
+        help="when the study is created: first learn task-arithmetic coefficients by gradient descent on "
+        "the search split for SECONDS (needs task_arithmetic among the space's methods and exact_match "
+        "tasks) and enqueue them as a warm start; the report compares the search's best with them",
+    )
     storage_flags(se, False)
     se.add_argument(
         "--study", default=None, help="study name (default: the space's name); results go to results/<study>/"

@@ -181,6 +181,12 @@ def report(
         return front_scored.get(t.number) or score(label, trial_recipes(t), None)
 
     orders = _merge_orders(s, space, trial_score)
+    grad = [
+        t
+        for t in s.trials
+        if t.user_attrs.get("warm_start") == "gradient" and t.state == optuna.trial.TrialState.COMPLETE
+    ]
+    gradient = trial_score(grad[0], f"gradient-learned: trial {grad[0].number}") if grad else None
     top_base = max(baselines, key=lambda b: b.test_mean) if baselines else None
     log("sweeping task arithmetic's λ on the search split (the hand-tuned scalar)")
     tuned = _tuned_scalar(searcher, space.dtype, score)
@@ -202,8 +208,18 @@ def report(
         **({"merge_orders": orders} if orders else {}),
         "candidates": [],
     }
-    for x in scored + baselines:
+    for x in scored + baselines + ([gradient] if gradient and gradient not in scored else []):
         summary["candidates"].append(_row(x))
+    if gradient is not None:
+        gain, lo, hi = paired_gain(best_s, gradient)
+        summary["gradient"] = {
+            "trial": grad[0].number,
+            "seconds": grad[0].user_attrs.get("gradient_seconds"),
+            "steps": grad[0].user_attrs.get("gradient_steps"),
+            "test_mean": gradient.test_mean,
+            "best_minus_gradient": gain,
+            "ci95": [lo, hi],
+        }
     if top_base is not None:
         gain, lo, hi = paired_gain(best_s, top_base)
         summary["gain"] = {
@@ -661,6 +677,19 @@ def _markdown(summary: dict, plots: dict[str, str], best, searcher: Searcher) ->
             f"Against a hand-tuned scalar ({t['over']}), the learned recipe gains {t['gain']:+.3f} "
             f"(paired 95 % CI [{t['ci95'][0]:+.3f}, {t['ci95'][1]:+.3f}]): what per-layer learning adds "
             "beyond sweeping one knob.",
+            "",
+        ]
+    if "gradient" in summary:
+        g = summary["gradient"]
+        lines += [
+            f"Gradient reference: trial {g['trial']} holds task-arithmetic coefficients learned by gradient "
+            f"descent on the search split ({g['steps']} steps, {g['seconds']:.0f}s), test mean {g['test_mean']:.3f}. "
+            + (
+                "It is the best trial."
+                if g["trial"] == summary["best_trial"]
+                else f"The best trial minus it: {g['best_minus_gradient']:+.3f} "
+                f"(paired 95 % CI [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}])."
+            ),
             "",
         ]
     c = summary["cost"]

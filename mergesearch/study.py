@@ -478,6 +478,7 @@ def run_search(
     cache_ranks: bool = False,
     worker: bool = False,
     set_budget: bool = False,
+    gradient_seconds: float | None = None,
     log=lambda msg: None,
 ) -> optuna.Study:
     """Create or resume a study and run trials until its budget is used. `log` receives a line
@@ -486,6 +487,9 @@ def run_search(
     The budget (`trials`) is set when the study is created; a later `trials` that differs is
     refused unless `set_budget`, and a `worker`'s only says when that process stops. Everything
     that can be checked before the first trial is checked before the study is created.
+    `gradient_seconds`: a new study first learns task-arithmetic coefficients by gradient on the
+    search split for that long (`gradient.py`) and enqueues them after the known recipes, as the
+    search's warm start and as the report's gradient reference.
     """
     study_name = study or space.name
     study_dir(study_name)  # a bad name fails before anything is loaded
@@ -532,6 +536,8 @@ def run_search(
     _fail_dead_trials(s)
     if created and space.baselines:
         _enqueue_baselines(s, searcher)
+    if created and gradient_seconds:
+        _enqueue_gradient(s, searcher, gradient_seconds, log)
     artifacts = _artifact_store(study_name)
     objective = _Objective(searcher, s, multi, artifacts, seed)
     finished = _finished(s)
@@ -652,6 +658,20 @@ def _enqueue_baselines(s: optuna.Study, searcher: Searcher) -> None:
     s.set_user_attr("baselines_enqueued", list(enq))
 
 
+def _enqueue_gradient(s: optuna.Study, searcher: Searcher, seconds: float, log) -> None:
+    from .gradient import learn_coefficients
+
+    log(f"learning task-arithmetic coefficients by gradient on the search split for {seconds:g}s")
+    g = learn_coefficients(searcher, seconds=seconds, seed=searcher.space.seed, log=log)
+    log(
+        f"gradient: {g.steps} steps in {g.seconds:.0f}s, loss {g.losses[0]:.4f} → {g.losses[-1]:.4f}; enqueued"
+    )
+    s.enqueue_trial(
+        g.values,
+        user_attrs={"warm_start": "gradient", "gradient_steps": g.steps, "gradient_seconds": g.seconds},
+    )
+
+
 class _Midpoint:
     """A stand-in trial that answers every suggestion with a point inside its range."""
 
@@ -711,7 +731,10 @@ class _Objective:
                 mimetype="application/yaml",
             )
         baseline = trial.user_attrs.get("baseline")
-        trial.set_user_attr("kind", f"known recipe: {baseline}" if baseline else "searched")
+        kind = f"known recipe: {baseline}" if baseline else "searched"
+        if trial.user_attrs.get("warm_start") == "gradient":
+            kind = "gradient-learned (warm start)"
+        trial.set_user_attr("kind", kind)
         if baseline:  # shown on the trial's page in optuna-dashboard
             from optuna_dashboard import save_note
 

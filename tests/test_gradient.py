@@ -1,0 +1,87 @@
+"""Gradient-learned coefficients (gradient.py): the merge it differentiates is the engine's merge,
+learning lowers the loss, and the result warm-starts a real study and is reported."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+import torch
+
+from mergesearch.errors import MergeSearchError
+from mergesearch.gradient import constants, learn_coefficients, linear_map, merged_weights
+from mergesearch.space import load_space
+from mergesearch.study import Searcher
+
+from .test_search import cli, write_space
+
+
+def _space(tmp_path, **over):
+    d = dict(
+        name="grad",
+        method="task_arithmetic",
+        granularity="layer",
+        components=["attention", "mlp", "other"],
+        parameters={"weight": [0.0, 1.5], "lambda": [0.5, 1.5]},
+        fidelity=[100],
+    )
+    return load_space(write_space(tmp_path, **(d | over)))
+
+
+def test_the_differentiated_merge_is_the_engines_merge(zoo, tmp_path):
+    """At any point of the space (weights and λ per layer and component), W(v) equals the tensor
+    the exact engine writes for that point's recipe, within fp32 rounding."""
+    searcher = Searcher(_space(tmp_path))
+    coefs = searcher.space.coefficients("task_arithmetic", searcher.num_layers)
+    g = torch.Generator().manual_seed(0)
+    v = torch.tensor(
+        [searcher.space.parameters[c.param].low + torch.rand((), generator=g).item() for c in coefs]
+    )
+    linear = linear_map(searcher, [c.key for c in coefs])
+    base, taus = constants(searcher, linear)
+    ours = merged_weights(linear, base, taus, v)
+    searcher.hold_models()
+    exact = searcher.engine.state_dict(searcher.recipes({c.key: float(x) for c, x in zip(coefs, v)}))
+    assert sorted(ours) == sorted(n for n, t in exact.items() if t.is_floating_point())
+    for n, t in ours.items():
+        torch.testing.assert_close(t, exact[n].float(), rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_learning_lowers_the_loss_and_stays_in_range(zoo, tmp_path):
+    searcher = Searcher(_space(tmp_path))
+    r = learn_coefficients(searcher, seconds=None, steps=60, seed=0)
+    assert r.steps == 60 and len(r.losses) == 60
+    assert sum(r.losses[-10:]) / 10 < 0.8 * sum(r.losses[:10]) / 10, r.losses
+    for c in searcher.space.coefficients("task_arithmetic", searcher.num_layers):
+        rng = searcher.space.parameters[c.param]
+        assert rng.low <= r.values[c.key] <= rng.high
+
+
+def test_gradient_needs_task_arithmetic(zoo, tmp_path):
+    searcher = Searcher(_space(tmp_path, method="ties", parameters={"weight": [0, 1], "density": [0.2, 1]}))
+    with pytest.raises(MergeSearchError, match="add task_arithmetic to the space's methods"):
+        learn_coefficients(searcher, steps=1)
+
+
+def test_a_search_warm_started_by_gradient(zoo, tmp_path):
+    """`search --gradient S`: the learned point is enqueued after the known recipes, runs as a
+    tagged trial, and the report scores it on the test split and compares the best with it."""
+    space = write_space(
+        tmp_path, name="warm", method="task_arithmetic", parameters={"weight": [0.0, 1.5]}, trials=8
+    )
+    out = cli(tmp_path, "search", str(space), "--gradient", "10").stdout
+    assert "learning task-arithmetic coefficients by gradient" in out and "enqueued" in out
+    db = f"sqlite:///{tmp_path / 'results' / 'warm' / 'study.db'}"
+    trials = optuna.load_study(study_name="warm", storage=db).trials
+    (g,) = [t for t in trials if t.user_attrs.get("warm_start") == "gradient"]
+    assert (
+        g.state == optuna.trial.TrialState.COMPLETE
+        and g.user_attrs["kind"] == "gradient-learned (warm start)"
+    )
+    assert g.number == 1  # right after the one known recipe this space expresses (task arithmetic λ=1)
+    cli(tmp_path, "report", "warm")
+    summary = json.loads((tmp_path / "results" / "warm" / "test_scores.json").read_text())
+    assert summary["gradient"]["trial"] == g.number and 0 <= summary["gradient"]["test_mean"] <= 1
+    md = (tmp_path / "results" / "warm" / "report.md").read_text()
+    assert f"Gradient reference: trial {g.number}" in md
