@@ -300,7 +300,11 @@ def _row(x: Scored) -> dict[str, Any]:
         "search": x.search,
         "search_mean": x.search_mean,
         "search_during_study": x.during_study,
-        "test": {k: {"value": v.value, "ci95": bootstrap_ci(v), "n": v.n} for k, v in x.test.items()},
+        "test": {
+            k: {"value": v.value, "ci95": bootstrap_ci(v), "n": v.n}
+            | ({"verdicts": "".join("1" if y else "0" for y in v.scores)} if v.metric != "perplexity" else {})
+            for k, v in x.test.items()
+        },
         "test_mean": x.test_mean,
         "gap_search_minus_test": x.search_mean - x.test_mean,
         "method": x.method,
