@@ -2,11 +2,11 @@
 other seeds, each reported on its test split.
 
     .venv/bin/python benchmarks/bench_zoo_seeds.py                       # seeds 2 (shipped) 3 4 5
-    .venv/bin/python benchmarks/bench_zoo_seeds.py --seeds 3 4 --gradient 30 --jobs 2
+    .venv/bin/python benchmarks/bench_zoo_seeds.py --seeds 2 3 4 --gradient-steps 0 --jobs 2
 
 Per seed: the zoo (`ZooConfig(seed=S)`, trained once and cached under $MERGESEARCH_HOME/zoo; seed 2
 is the shipped one), the demo's space (search_spaces/demo.yaml) over that zoo's folders, `mergesearch
-search` (with `--gradient G` when given) and `mergesearch report`, as subprocesses of the CLI, `--jobs`
+search` and `mergesearch report` (`--gradient-steps N` replaces the space's `gradient_steps`), as subprocesses of the CLI, `--jobs`
 at a time. The table: the best known recipe, the tuned scalar (task arithmetic, λ swept on the
 search split), the learned recipe, and its gains over both with paired 95 % intervals; then the
 gain over the tuned scalar pooled over seeds (the mean of the seeds' gains, its interval from
@@ -35,7 +35,12 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[2, 3, 4, 5])
-    ap.add_argument("--gradient", type=float, default=0, help="search --gradient SECONDS (0: none)")
+    ap.add_argument(
+        "--gradient-steps",
+        type=int,
+        default=None,
+        help="the space's gradient_steps (0: none; default: the demo's)",
+    )
     ap.add_argument("--trials", type=int, default=None, help="default: the demo space's budget")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", default=None, help="results folder (default: a temporary one)")
@@ -61,16 +66,14 @@ def main() -> None:
 
     def run(seed: int) -> dict:
         zoo = zoo_of(seed)
-        name = f"demo_seed{seed}" + (f"_g{args.gradient:g}" if args.gradient else "")
         space = dict(
-            demo,
-            name=name,
-            base=str(zoo.models["base"]),
-            models=[str(zoo.models["add"]), str(zoo.models["reverse"])],
+            demo, base=str(zoo.models["base"]), models=[str(zoo.models["add"]), str(zoo.models["reverse"])]
         )
+        if args.gradient_steps is not None:
+            space["gradient_steps"] = args.gradient_steps
+        name = space["name"] = f"demo_seed{seed}_g{space.get('gradient_steps', 0)}"
         (out / f"{name}.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
         cmd = [sys.executable, "-m", "mergesearch", "search", str(out / f"{name}.yaml"), "-q"]
-        cmd += ["--gradient", str(args.gradient)] if args.gradient else []
         cmd += ["--trials", str(args.trials), "--set-budget"] if args.trials else []
         t0 = time.perf_counter()
         subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)

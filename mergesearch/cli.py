@@ -433,7 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="when the study is created: first learn task-arithmetic coefficients by gradient descent on "
         "the search split for SECONDS (needs task_arithmetic among the space's methods and exact_match "
-        "tasks) and enqueue them as a warm start; the report compares the search's best with them",
+        "tasks) and enqueue them as a warm start; the report compares the search's best with them (the space's "
+        "gradient_steps does the same by a number of steps)",
     )
     storage_flags(se, False)
     se.add_argument(

@@ -44,6 +44,7 @@ KEYS = {
     "seed",
     "dtype",
     "search_order",
+    "gradient_steps",
 }
 MODEL_PARAMS = ("weight", "density", "gamma", "epsilon")
 SHARED_PARAMS = ("t", "lambda", "select_topk")
@@ -112,6 +113,9 @@ class SearchSpace:
     dtype: str | None = None
     # sequential spaces of 3+ models: the merge order is a searched categorical (see `orders`)
     search_order: bool = True
+    # a new study first learns task-arithmetic coefficients by this many gradient steps (gradient.py)
+    # and enqueues them as a warm start; steps, not seconds, so that the study is reproducible
+    gradient_steps: int = 0
     description: str = ""
     path: Path | None = None
     raw: dict = field(default_factory=dict)  # the YAML as written, stored with the study
@@ -128,7 +132,7 @@ class SearchSpace:
 
     def fingerprint(self) -> str:
         d = asdict(self)
-        for k in ("trials", "timeout", "path", "description", "sampler", "raw"):
+        for k in ("trials", "timeout", "path", "description", "sampler", "raw", "gradient_steps"):
             d.pop(k)
         if d["search_order"]:  # the default: studies made before the key existed keep their print
             d.pop("search_order")
@@ -483,6 +487,12 @@ def space_from_dict(d: dict, p: Path | None = None) -> SearchSpace:
     if timeout is not None:
         timeout = number(timeout, f"{where}: timeout (seconds)", minimum=1)
     seed = number(d.get("seed", 0), f"{where}: seed", whole=True, minimum=0)
+    gradient_steps = number(d.get("gradient_steps", 0), f"{where}: gradient_steps", whole=True, minimum=0)
+    if gradient_steps and ("task_arithmetic" not in methods or order == "sequential"):
+        raise MergeSearchError(
+            f"{where}: gradient_steps: gradients learn task-arithmetic coefficients merged all at once; "
+            "add task_arithmetic to method, or remove gradient_steps"
+        )
     weights = d.get("task_weights") or {}
     if not isinstance(weights, dict):
         raise MergeSearchError(
@@ -540,6 +550,7 @@ def space_from_dict(d: dict, p: Path | None = None) -> SearchSpace:
         seed=seed,
         dtype=dtype,
         search_order=search_order,
+        gradient_steps=gradient_steps,
         description=str(d.get("description", "")),
         path=p,
         raw=dict(d),

@@ -487,9 +487,10 @@ def run_search(
     The budget (`trials`) is set when the study is created; a later `trials` that differs is
     refused unless `set_budget`, and a `worker`'s only says when that process stops. Everything
     that can be checked before the first trial is checked before the study is created.
-    `gradient_seconds`: a new study first learns task-arithmetic coefficients by gradient on the
-    search split for that long (`gradient.py`) and enqueues them after the known recipes, as the
-    search's warm start and as the report's gradient reference.
+    `gradient_seconds` (and the space's `gradient_steps`, whichever ends first): a new study first
+    learns task-arithmetic coefficients by gradient on the search split (`gradient.py`) and
+    enqueues them after the known recipes, as the search's warm start and the report's gradient
+    reference.
     """
     study_name = study or space.name
     study_dir(study_name)  # a bad name fails before anything is loaded
@@ -536,8 +537,8 @@ def run_search(
     _fail_dead_trials(s)
     if created and space.baselines:
         _enqueue_baselines(s, searcher)
-    if created and gradient_seconds:
-        _enqueue_gradient(s, searcher, gradient_seconds, log)
+    if created and (gradient_seconds or space.gradient_steps):
+        _enqueue_gradient(s, searcher, gradient_seconds, space.gradient_steps or None, log)
     artifacts = _artifact_store(study_name)
     objective = _Objective(searcher, s, multi, artifacts, seed)
     finished = _finished(s)
@@ -658,11 +659,14 @@ def _enqueue_baselines(s: optuna.Study, searcher: Searcher) -> None:
     s.set_user_attr("baselines_enqueued", list(enq))
 
 
-def _enqueue_gradient(s: optuna.Study, searcher: Searcher, seconds: float, log) -> None:
+def _enqueue_gradient(
+    s: optuna.Study, searcher: Searcher, seconds: float | None, steps: int | None, log
+) -> None:
     from .gradient import learn_coefficients
 
-    log(f"learning task-arithmetic coefficients by gradient on the search split for {seconds:g}s")
-    g = learn_coefficients(searcher, seconds=seconds, seed=searcher.space.seed, log=log)
+    budget = " and ".join(x for x in (seconds and f"{seconds:g}s", steps and f"{steps} steps") if x)
+    log(f"learning task-arithmetic coefficients by gradient on the search split ({budget})")
+    g = learn_coefficients(searcher, seconds=seconds, steps=steps, seed=searcher.space.seed, log=log)
     log(
         f"gradient: {g.steps} steps in {g.seconds:.0f}s, loss {g.losses[0]:.4f} → {g.losses[-1]:.4f}; enqueued"
     )
