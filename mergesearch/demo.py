@@ -36,6 +36,12 @@ def run_demo(*, trials: int | None = None, study: str = "demo", progress: bool =
             f"best known recipe ({g['over'].replace('baseline: ', '')}): {g['baseline_test_mean']:.3f}; "
             f"gain {g['gain']:+.3f} (paired 95% CI [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}])"
         )
+    if "gradient" in summary:
+        gr = summary["gradient"]
+        print(
+            f"    gradient warm start (trial {gr['trial']}, {gr['steps']} steps): test mean {gr['test_mean']:.3f}"
+            + (" — the learned recipe" if gr["trial"] == summary["best_trial"] else "")
+        )
     print(f"    report:    {out / 'report.md'}")
     print(f"    plots:     {out / 'pareto.png'}, {out / 'history.png'}, {out / 'coefficients.png'}")
     print(

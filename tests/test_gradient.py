@@ -14,7 +14,7 @@ from mergesearch.gradient import constants, learn_coefficients, linear_map, merg
 from mergesearch.space import load_space
 from mergesearch.study import Searcher
 
-from .test_search import cli, write_space
+from .test_search import cli, results, write_space  # noqa: F401 (a fixture)
 
 
 def _space(tmp_path, **over):
@@ -85,3 +85,17 @@ def test_a_search_warm_started_by_gradient(zoo, tmp_path):
     assert summary["gradient"]["trial"] == g.number and 0 <= summary["gradient"]["test_mean"] <= 1
     md = (tmp_path / "results" / "warm" / "report.md").read_text()
     assert f"Gradient reference: trial {g.number}" in md
+
+
+def test_a_spaces_gradient_steps_give_the_same_warm_start_every_time(zoo, tmp_path, results):
+    """`gradient_steps` (not seconds) in a space: two studies of it enqueue the same point."""
+    from mergesearch.study import run_search
+
+    points = []
+    for name in ("a", "b"):
+        space = _space(tmp_path, name=name, gradient_steps=30, trials=3)
+        s = run_search(space, progress=False)
+        (g,) = [t for t in s.trials if t.user_attrs.get("warm_start") == "gradient"]
+        assert g.user_attrs["gradient_steps"] == 30
+        points.append(g.params)
+    assert points[0] == points[1]

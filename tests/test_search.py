@@ -421,7 +421,11 @@ def test_every_shipped_space_runs(zoo, results, path):
     from mergesearch.study import run_search
 
     space = load_space(path)
+    if space.gradient_steps:  # the demo's warm start: a few steps show it runs (600 take ~30 s)
+        space.gradient_steps = 20
     s = run_search(space, trials=8, progress=False)
+    if space.gradient_steps:
+        assert any(t.user_attrs.get("warm_start") == "gradient" for t in s.trials)
     done = [
         t for t in s.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     ]
