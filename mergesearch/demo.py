@@ -23,7 +23,15 @@ def run_demo(*, trials: int | None = None, study: str = "demo", progress: bool =
     space = load_space(DEMO_SPACE)
     print(f"2/4 search: {space.description}")
     searcher = Searcher(space)
-    run_search(space, study=study, trials=trials, progress=progress, searcher=searcher, set_budget=True)
+    run_search(
+        space,
+        study=study,
+        trials=trials,
+        progress=progress,
+        searcher=searcher,
+        set_budget=True,
+        log=(lambda m: print(f"    {m}", flush=True)) if progress else (lambda m: None),
+    )
     print("3/4 report: re-scoring the best and Pareto-front recipes and the known recipes on the test split")
     summary = report(study, searcher=searcher)
     path = export(study, out=study_dir(study) / "best_recipe.yaml")

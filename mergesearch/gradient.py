@@ -161,7 +161,7 @@ def learn_coefficients(
     model.eval()
     pad = searcher.evaluator.pad
     losses: list[float] = []
-    step = 0
+    step, last_log = 0, t0
     try:
         while (steps is None or step < steps) and (seconds is None or time.perf_counter() - t0 < seconds):
             params = merged_weights(linear, base, taus, v)
@@ -199,8 +199,9 @@ def learn_coefficients(
                 v.copy_(torch.maximum(torch.minimum(v, hi), lo))  # back onto the space's ranges
             losses.append(float(loss.detach()))
             step += 1
-            if step == 1 or step % 25 == 0:
-                log(f"gradient step {step}: loss {losses[-1]:.4f} ({time.perf_counter() - t0:.0f}s)")
+            if step == 1 or time.perf_counter() - last_log >= 10:  # a line every 10 s
+                last_log = time.perf_counter()
+                log(f"gradient step {step}: loss {losses[-1]:.4f} ({last_log - t0:.0f}s)")
     finally:
         model.train(was_training)
         model.to(dtype=orig_dtype)

@@ -633,8 +633,13 @@ def _verdict(summary: dict) -> list[str]:
             f"{g['gain']:+.3f} ({ci})."
         )
     else:
+        how = (
+            ", learned by gradient, the search's warm start"
+            if summary.get("gradient", {}).get("trial") == summary["best_trial"]
+            else ""
+        )
         head = (
-            f"**Learned recipe (trial {summary['best_trial']}) vs best known recipe ({g['over']}):** "
+            f"**Learned recipe (trial {summary['best_trial']}{how}) vs best known recipe ({g['over']}):** "
             f"test mean {g['best_test_mean']:.3f} vs {g['baseline_test_mean']:.3f}, gain "
             f"**{g['gain']:+.3f}** ({ci})."
         )
