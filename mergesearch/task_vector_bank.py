@@ -356,7 +356,8 @@ class TaskVectorBank:
     ) -> list[Cut | None]:
         gamma = params.get("gamma") or [0.0] * len(taus)
         windows = [
-            _rank_window(sparsification, t.numel(), d, g) for t, d, g in zip(taus, params["density"], gamma)
+            sparsify.rank_window(sparsification, t.numel(), d, g)
+            for t, d, g in zip(taus, params["density"], gamma)
         ]
         return [None if w is None else self.cut(k, t, *w) for k, t, w in zip(keys, taus, windows)]
 
@@ -715,18 +716,6 @@ def _bounded(cache: dict, size: int = 1 << 16) -> dict:
     if len(cache) >= size:
         cache.clear()
     return cache
-
-
-def _rank_window(sparsification: str, n: int, density: float, gamma: float) -> tuple[int, int] | None:
-    """Ascending |τ| ranks [r0, r1) a magnitude sparsifier keeps; None keeps everything."""
-    if density >= 1 or n == 0:
-        return None
-    if sparsification == "magnitude":
-        k = max(1, int(density * n)) if density > 0 else 0
-        return (n - k, n) if k else (n, n)
-    target, n_top = int(density * n), int(gamma * n)
-    n_bot = max(0, n - target - n_top)
-    return (n_bot, min(n, n_bot + target))
 
 
 def _masked(t: torch.Tensor, m: torch.Tensor, ws: _Workspace, out: torch.Tensor) -> None:

@@ -31,3 +31,12 @@ def zoo():
     from mergesearch.zoo import build_zoo
 
     return build_zoo(progress=False, log=lambda s: None)
+
+
+@pytest.fixture
+def results(tmp_path, monkeypatch):
+    """results/<study> of in-process searches and reports under tmp_path."""
+    from mergesearch import study
+
+    monkeypatch.setattr(study, "RESULTS", tmp_path / "results")
+    return tmp_path / "results"

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mergesearch import fused_kernels, task_vector_bank
-from mergesearch.methods import interpolation
+from mergesearch.methods import interpolation, sparsify
 from mergesearch.task_vector_bank import TaskVectorBank
 
 SPARSIFIERS = [None, "magnitude", "magnitude_outliers", "random", "della"]
@@ -89,9 +89,7 @@ def test_a_window_inside_one_tie_group(dtype, fused_calls):
     kw = dict(weight=[0.6, 0.5], density=[0.3, 0.45], gamma=[0.2, 0.1], sparsification="magnitude_outliers",
               consensus=False, normalize=False, rescale=False)  # fmt: skip
     bank = TaskVectorBank(chunk=4096)
-    cut = bank.cut(
-        "0:w", taus[0], *task_vector_bank._rank_window("magnitude_outliers", taus[0].numel(), 0.3, 0.2)
-    )
+    cut = bank.cut("0:w", taus[0], *sparsify.rank_window("magnitude_outliers", taus[0].numel(), 0.3, 0.2))
     assert cut.lo == cut.hi and cut.partial  # one group, split at both ends
     outs = [
         TaskVectorBank(chunk=4096, fused=fused).merge(["0:w", "1:w"], base, taus, **kw)

@@ -14,7 +14,7 @@ from mergesearch.gradient import constants, learn_coefficients, linear_map, merg
 from mergesearch.space import load_space
 from mergesearch.study import Searcher
 
-from .test_search import cli, results, write_space  # noqa: F401 (a fixture)
+from tests.test_search import cli, write_space
 
 
 def _space(tmp_path, **over):

@@ -19,7 +19,6 @@ import pytest
 import torch
 import yaml
 
-from mergesearch import study as study_mod
 from mergesearch.errors import MergeSearchError
 from mergesearch.space import load_space
 from tests.tiny_models import load_weights
@@ -77,12 +76,6 @@ def mergekit_yaml(cwd: Path, recipe: str, out: str) -> None:
 
 def trials(db: str, name: str) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=name, storage=db).trials
-
-
-@pytest.fixture
-def results(tmp_path, monkeypatch):
-    monkeypatch.setattr(study_mod, "RESULTS", tmp_path / "results")
-    return tmp_path / "results"
 
 
 def test_export_runs_in_mergekit_and_scores_as_reported(zoo, tmp_path):

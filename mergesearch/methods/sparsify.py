@@ -36,23 +36,38 @@ def _few_ties(tau: torch.Tensor) -> bool:
     return tau.dtype in (torch.float32, torch.float64)
 
 
+def rank_window(sparsification: str, n: int, density: float, gamma: float = 0.0) -> tuple[int, int] | None:
+    """The ascending |τ| ranks [r0, r1) (0-based) that a magnitude sparsifier keeps of N elements;
+    None keeps everything. magnitude (TIES): the k = max(1, ⌊d·N⌋) largest (none at d ≤ 0);
+    magnitude_outliers (breadcrumbs): ⌊d·N⌋ of them, below the top ⌊γ·N⌋. The reference here and
+    the search's cuts (`task_vector_bank`) both take their window from this function."""
+    if density >= 1 or n == 0:
+        return None
+    if sparsification == "magnitude":
+        k = max(1, int(density * n)) if density > 0 else 0
+        return (n - k, n) if k else (n, n)
+    target, n_top = int(density * n), int(gamma * n)
+    n_bot = max(0, n - target - n_top)
+    return (n_bot, min(n, n_bot + target))
+
+
 def magnitude(tau: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
     """Keep the k = max(1, ⌊d·N⌋) largest |τ| (TIES)."""
-    if density >= 1:
-        return tau
-    if density <= 0 or tau.numel() == 0:
+    window = rank_window("magnitude", tau.numel(), density)
+    if window is None:
+        return tau if density >= 1 else torch.zeros_like(tau)
+    r0, n = window[0], tau.numel()
+    if r0 >= n:
         return torch.zeros_like(tau)
-    n = tau.numel()
-    k = max(1, int(density * n))
     w = tau.abs().reshape(-1)
     if w.device.type == "cpu":
         w = w.float()
-    band = _band_mask(w, n - k + 1, n) if _few_ties(tau) else None
+    band = _band_mask(w, r0 + 1, n) if _few_ties(tau) else None
     if band is not None:
         mask = band.to(tau.dtype)
     else:
         mask = torch.zeros(n, dtype=tau.dtype, device=tau.device)
-        mask[torch.argsort(w, descending=True)[:k]] = 1
+        mask[torch.argsort(w, descending=True)[: n - r0]] = 1
     return rescale_l1(tau, mask.reshape_as(tau), rescale)
 
 
@@ -60,24 +75,20 @@ def magnitude_outliers(
     tau: torch.Tensor, density: float, gamma: float = 0.01, rescale: bool = False
 ) -> torch.Tensor:
     """Drop the top ⌊γ·N⌋ and the smallest magnitudes, keeping ⌊d·N⌋ (breadcrumbs)."""
-    if density >= 1:
-        return tau
     n = tau.numel()
-    target, n_top = int(density * n), int(gamma * n)
-    n_bot = max(0, n - target - n_top)
+    window = rank_window("magnitude_outliers", n, density, gamma)
+    if window is None:
+        return tau if density >= 1 else torch.zeros_like(tau)
+    r0, r1 = window
     w = tau.abs().reshape(-1)
     if w.device.type == "cpu":
         w = w.float()
-    band = (
-        _band_mask(w, n_bot + 1, n_bot + target)
-        if _few_ties(tau) and 0 < target and n_bot + target <= n
-        else None
-    )
+    band = _band_mask(w, r0 + 1, r1) if _few_ties(tau) and r0 < r1 else None
     if band is not None:
         mask = band.to(tau.dtype)
     else:
         mask = torch.zeros(n, dtype=tau.dtype, device=tau.device)
-        mask[torch.sort(w, descending=False).indices[n_bot : n_bot + target]] = 1
+        mask[torch.sort(w, descending=False).indices[r0:r1]] = 1
     return rescale_l1(tau, mask.reshape_as(tau), rescale)
 
 
