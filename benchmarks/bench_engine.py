@@ -86,7 +86,7 @@ def memory(paths: list[str], dtype_name: str, cache_ranks: bool = False) -> None
     """Resident memory of a search-like process (task-vector engine + one live model, a candidate
     of every task-vector method) above the RSS after imports, in model sizes."""
 
-    from mergesearch.engine import ResidentEngine, return_freed_memory
+    from mergesearch.candidates import ResidentEngine, return_freed_memory
 
     floor = _vm("VmHWM")
     # what a search over task-vector methods holds
@@ -158,7 +158,7 @@ def _time_candidates(engine, model, method: str, paths: list[str], repeat: int) 
 def main() -> None:
     from mergekit.merge_methods import merge_state_dicts
 
-    from mergesearch.engine import ResidentEngine
+    from mergesearch.candidates import ResidentEngine
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="10M,100M", help="model sizes, from: " + ", ".join(SIZES))

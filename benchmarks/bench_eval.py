@@ -50,7 +50,7 @@ def main() -> None:
     )
     print("| model | task | examples | native s | lm-eval s | lm-eval / native | agreement |")
     print("|---|---|---|---|---|---|---|")
-    from mergesearch.engine import ResidentEngine
+    from mergesearch.candidates import ResidentEngine
     from mergesearch.recipe import Recipe, Source
 
     # A merge with mixed verdicts (task arithmetic λ=0.8 of the two specialists) is the real test.

@@ -25,8 +25,8 @@ from benchmarks.bench_engine import SIZES, _live, candidate, make_models, memcpy
 
 
 def main() -> None:
-    from mergesearch import fused_kernels
-    from mergesearch.engine import ResidentEngine
+    from mergesearch.candidates import ResidentEngine
+    from mergesearch.candidates import numba_passes as fused_kernels
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="100M", choices=list(SIZES), help="model size")

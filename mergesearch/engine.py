@@ -8,12 +8,11 @@ draws) and writes through `StreamingWriter`: peak memory is one tensor per input
 
 from __future__ import annotations
 
-import functools
 import json
 import random
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,16 +21,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import (
-    Checkpoint,
     StreamingWriter,
     check_finite,
     copy_tokenizer,
     parse_size,
 )
 from .errors import MergeSearchError
-from .plan import Layout, MergePlan, TensorTask, plan_merge
+from .plan import MergePlan, TensorTask, plan_merge
 from .recipe import Recipe, dump_recipes, load_recipes
-from .task_vector_bank import TaskVectorBank, chunk_for, fused_kernels
 
 
 def seed_everything(seed: int, device: torch.device | None = None) -> None:
@@ -222,272 +219,3 @@ def model_card(recipes: list[Recipe]) -> str:
 
 
 # -- in memory, for the search ---------------------------------------------------------------
-
-
-class ResidentEngine:
-    """Input tensors loaded once and kept resident; each candidate recipe is written in place
-    into one live model's parameters (no files, no per-candidate model allocation).
-
-    With `base=`, the other models are kept as task vectors τ = x − b (computed once, exactly
-    as a merge computes them, replacing x: no extra memory), and task-vector methods reuse one
-    scratch buffer and write straight into the live parameters. Methods that need the models
-    themselves (linear, slerp, ...) then cannot run: build the engine without `base=`.
-
-    Randomized methods draw from the global RNG reseeded per candidate, in the same order as a
-    disk merge, so a candidate equals `merge(recipe, seed=...)` bit for bit.
-
-    Task-vector candidates go through a `TaskVectorBank` (chunked, with the work candidates
-    share cached) wherever its result is mergekit's bit for bit. With `exact=False` (what a search
-    uses) they always do: DARE and DELLA then draw from the bank, reproducible per (seed,
-    tensor, model position) and common to all candidates, instead of torch's RNG.
-    """
-
-    def __init__(
-        self,
-        recipe_models: list[str],
-        *,
-        base: str | None = None,
-        resolve_path: Callable[[str], Path] = Path,
-        device: str | torch.device = "cpu",
-        allow_pickle: bool = False,
-        exact: bool = True,
-        seed: int = 0,
-        cache_ranks: bool = False,
-    ) -> None:
-        self.device = torch.device(device)
-        self.base = base
-        self.exact = exact
-        self._position = {ref: i for i, ref in enumerate(recipe_models)}  # names the bank's draws
-        return_freed_memory()
-        self.models = {ref: Checkpoint(resolve_path(ref), allow_pickle=allow_pickle) for ref in recipe_models}
-        self._loaded = set(self.models)  # not a multi-stage recipe's intermediate stages
-        self._layouts: dict[tuple, Layout] = {}
-        if base is not None and base not in self.models:
-            raise MergeSearchError(f"ResidentEngine: base {base} is not among the models")
-        self.tensors: dict[tuple[str, str], torch.Tensor] = {}
-        self.task_vectors: dict[tuple[str, str], torch.Tensor] = {}
-        order = ([base] if base else []) + [r for r in self.models if r != base]
-        for ref in order:
-            ck = self.models[ref]
-            for name in ck.meta:
-                x = ck.get(name, self.device)
-                check_finite(x, name, ck.path)
-                b = self.tensors.get((base, name)) if base and ref != base else None
-                if b is not None and x.is_floating_point() and x.shape == b.shape and x.dtype == b.dtype:
-                    # in place: the same rounding as x − b, without a second copy of the model
-                    self.task_vectors[(ref, name)] = x.sub_(b) if x.device == b.device else x - b
-                else:
-                    self.tensors[(ref, name)] = x
-            ck.close()
-        self._scratch: dict[torch.dtype, torch.Tensor] = {}
-        params = sum(t.numel() for (ref, _), t in self.tensors.items() if ref == base) if base else 0
-        self.bank = TaskVectorBank(
-            seed, chunk=chunk_for(params) if base else 1 << 16, cache_ranks=cache_ranks
-        )
-        return_freed_memory()
-
-    def plan(self, recipe: Recipe) -> MergePlan:
-        """The recipe's plan over the resident models. A search's candidates share their layout
-        (`plan.layout_key`), so only their parameters are resolved again; a multi-stage recipe's
-        later stages, whose inputs are built per candidate, are planned afresh."""
-        fixed = all(m in self._loaded for m in recipe.referenced_models())
-        return plan_merge(recipe, models=self.models, layouts=self._layouts if fixed else None)
-
-    def iter_candidate(
-        self,
-        recipe: Recipe | list[Recipe],
-        seed: int | None = None,
-        targets: dict[str, torch.Tensor] | None = None,
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Output tensors of a recipe; a multi-stage recipe keeps its intermediates in memory.
-        Where `targets` holds a matching tensor for an output, the output is written into it."""
-        recipes = recipe if isinstance(recipe, list) else [recipe]
-        added = []
-        try:
-            for i, r in enumerate(recipes):
-                plan = self.plan(r)
-                if seed is not None:  # as a disk merge does, once per stage
-                    seed_everything(seed, self.device)
-                last = i == len(recipes) - 1
-                out = {}
-                for task in plan.tasks:
-                    value = self._merge(plan, task, (targets or {}).get(task.name) if last else None)
-                    if last:
-                        yield task.name, value
-                    else:
-                        out[task.name] = value
-                if last:
-                    return
-                self.models[r.name] = _ResidentCheckpoint(self.models[plan.tokenizer_from], out, plan.config)
-                self.tensors.update({(r.name, k): v for k, v in out.items()})
-                added.append(r.name)
-        finally:
-            for name in added:
-                del self.models[name]
-                for key in [k for k in self.tensors if k[0] == name]:
-                    del self.tensors[key]
-
-    def _merge(self, plan: MergePlan, task: TensorTask, target: torch.Tensor | None) -> torch.Tensor:
-        keys = [(ref, self.models[ref].resolve(name)) for ref, name in task.inputs]
-        if not any(k in self.task_vectors for k in keys):
-            tensors = [self.tensors[k] for k in keys]
-            if plan.method.elementwise and task.floating:
-                return _chunked(plan, task, tensors, target)
-            return merge_tensor(plan, task, tensors)
-        base_key = keys[task.base] if task.base is not None else None
-        others = [k for i, k in enumerate(keys) if i != task.base]
-        if not (
-            plan.method.task_vectors
-            and base_key
-            and base_key[0] == self.base
-            and all(k in self.task_vectors for k in others)
-        ):
-            raise MergeSearchError(
-                f"{plan.method.name} with base {base_key[0] if base_key else None}: this engine holds task "
-                f"vectors against {self.base}; build ResidentEngine without base= for this recipe"
-            )
-        base = self.tensors[base_key]
-        taus = [self.task_vectors[k] for k in others]
-        if base.dtype != task.work_dtype:  # a recipe `dtype` that differs from the stored one
-            raise MergeSearchError(
-                f"tensor {task.name}: recipe dtype {task.work_dtype} differs from the resident "
-                f"{base.dtype}; load the engine's models in that dtype"
-            )
-        out = (
-            target
-            if (
-                target is not None
-                and target.dtype == task.out_dtype == base.dtype
-                and target.shape == base.shape
-                and target.device == base.device
-            )
-            else None
-        )
-        m, p, per = plan.method, task.shared, task.per_model
-        gta = dict(
-            weight=per["weight"],
-            density=per["density"],
-            sparsification=m.sparsification,
-            consensus=m.consensus,
-            normalize=p["normalize"],
-            rescale=p["rescale"],
-            lambda_=p.get("lambda", 1.0),
-            gamma=per.get("gamma"),
-            epsilon=per.get("epsilon"),
-        )
-        names = [f"{self._position[ref]}:{name}" for ref, name in others]
-        # The bank serves only what it declares; any other method is its reference, never another.
-        if self.bank.supports(m.sparsification) and (
-            not self.exact or self.bank.exact_for(names, taus, **gta)
-        ):
-            return self.bank.merge(names, base, taus, out=out, **gta).to(task.out_dtype)
-        n = len(taus) * base.numel()
-        scratch = self._scratch.get(base.dtype)
-        if scratch is None or scratch.numel() < n:
-            scratch = self._scratch[base.dtype] = torch.empty(n, dtype=base.dtype, device=base.device)
-        value = plan.method.merge(
-            base, [], task_vectors=taus, scratch=scratch, out=out, **task.shared, **task.per_model
-        )
-        return value.to(task.out_dtype)
-
-    def state_dict(self, recipe: Recipe | list[Recipe], seed: int | None = None) -> dict[str, torch.Tensor]:
-        return dict(self.iter_candidate(recipe, seed))
-
-    @torch.no_grad()
-    def write_into(
-        self, model: torch.nn.Module, recipe: Recipe | list[Recipe], seed: int | None = None
-    ) -> None:
-        """Materialize the candidate into `model`'s parameters in place."""
-        params = dict(model.named_parameters())
-        params.update(dict(model.named_buffers()))
-        tied = getattr(model.config, "tie_word_embeddings", False)
-        for name, value in self.iter_candidate(recipe, seed, targets=params):
-            target = params.get(name)
-            if target is None:
-                if tied and name == "lm_head.weight":
-                    continue
-                raise MergeSearchError(f"tensor {name}: the live model has no such parameter")
-            if value is not target:
-                target.copy_(value)
-        return_freed_memory()  # ~1 ms: what the candidate freed goes back to the OS
-
-
-def _chunked(plan: MergePlan, task: TensorTask, tensors: list[torch.Tensor], target: torch.Tensor | None):
-    """merge_tensor for an elementwise method, 64K elements at a time, into `target` when it fits:
-    the same values, with temporaries that stay in cache instead of whole-tensor copies."""
-    out = target
-    if (
-        out is None
-        or out.dtype != task.out_dtype
-        or out.shape != tensors[0].shape
-        or out.device != tensors[0].device
-    ):
-        out = torch.empty(tensors[0].shape, dtype=task.out_dtype, device=tensors[0].device)
-    if plan.method.name == "linear" and _fused_linear(task, tensors, out):
-        return out
-    flat, o = [x.reshape(-1) for x in tensors], out.view(-1)
-    for start in range(0, o.numel(), 1 << 16):
-        stop = min(o.numel(), start + (1 << 16))
-        o[start:stop] = merge_tensor(plan, task, [x[start:stop] for x in flat])
-    return out
-
-
-def _fused_linear(task: TensorTask, tensors: list[torch.Tensor], out: torch.Tensor) -> bool:
-    """`interpolation.linear` as one `fused_kernels.linear` pass, same bits, where it applies:
-    numba present, CPU, one dtype throughout (fp32 or bf16), torch's addcmul_ an FMA."""
-    if not (
-        fused_kernels is not None
-        and task.base is None
-        and all(x.dtype == out.dtype == task.work_dtype for x in tensors)
-        and fused_kernels.fusable(out, *tensors)
-        and fused_kernels.addcmul_is_fma()
-    ):
-        return False
-    w = torch.tensor(list(task.per_model["weight"]), dtype=torch.float32)
-    fused_kernels.linear(
-        fused_kernels.as_numpy(out),
-        tuple(fused_kernels.as_numpy(x) for x in tensors),
-        w.numpy(),
-        np.float32(w.sum().item()),
-        bool(task.shared["normalize"]),
-    )
-    return True
-
-
-@functools.cache
-def _glibc():
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return None
-    libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: mmap every allocation above 1 MiB
-    return libc
-
-
-def return_freed_memory() -> None:
-    """Give memory freed so far back to the OS (glibc keeps small freed blocks in its heap: after
-    loading a model that is ~0.3× the model), and mmap every allocation above 1 MiB from the first
-    call on, so freed candidate temporaries go back too. The memory bound is about resident bytes.
-    Called after every candidate: the library is opened once."""
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-class _ResidentCheckpoint(Checkpoint):
-    """An intermediate stage's output, held in memory, standing in for a model folder."""
-
-    def __init__(self, like: Checkpoint, tensors: dict[str, torch.Tensor], config: dict) -> None:
-        from .checkpoint import TensorMeta
-
-        self.path = Path(f"<stage of {like.path.name}>")
-        self.config = config
-        self.arch = like.arch
-        self.num_layers = config.get(like.arch.num_layers_key, like.num_layers)
-        self.meta = {k: TensorMeta(tuple(v.shape), v.dtype, self.path) for k, v in tensors.items()}
-        self._open, self._pickled, self._allow_pickle = {}, {}, False

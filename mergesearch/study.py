@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import optuna
 
-from .engine import ResidentEngine, return_freed_memory
+from .candidates import ResidentEngine, return_freed_memory
 from .errors import MergeSearchError
 from .evaluation import NativeEvaluator, configure_threads, find_task
 from .methods import METHODS

@@ -361,7 +361,7 @@ def score_models(models: dict[str, Path], skills, split: str = "test") -> dict[s
 
 def zoo_checks(zoo: Zoo, skills, pair: tuple[str, str] = ("add", "reverse")) -> dict[str, dict]:
     """The properties that make the zoo a fair test of merging, measured on the test splits."""
-    from .engine import ResidentEngine
+    from .candidates import ResidentEngine
     from .evaluation.native import NativeEvaluator
     from .evaluation.tasks import find_task
     from .modeling import load_model

@@ -38,7 +38,7 @@ def test_search_engine_candidates_on_cuda_equal_the_cpu_ones(zoo, method):
     same candidate as on the CPU, to fp32 rounding."""
     import transformers
 
-    from mergesearch.engine import ResidentEngine
+    from mergesearch.candidates import ResidentEngine
 
     refs = [str(zoo.models[m]) for m in ("base", "add", "reverse")]
     out = {}

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from mergesearch import fused_kernels, task_vector_bank
+from mergesearch.candidates import TaskVectorBank
+from mergesearch.candidates import bank as task_vector_bank
+from mergesearch.candidates import numba_passes as fused_kernels
 from mergesearch.methods import interpolation, sparsify
-from mergesearch.task_vector_bank import TaskVectorBank
 
 SPARSIFIERS = [None, "magnitude", "magnitude_outliers", "random", "della"]
 

@@ -13,7 +13,6 @@ from mergesearch.errors import MergeSearchError
 from mergesearch.gradient import constants, learn_coefficients, linear_map, merged_weights
 from mergesearch.space import load_space
 from mergesearch.study import Searcher
-
 from tests.test_search import cli, write_space
 
 

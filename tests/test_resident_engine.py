@@ -8,7 +8,8 @@ import pytest
 import torch
 import yaml
 
-from mergesearch.engine import ResidentEngine, merge
+from mergesearch.candidates import ResidentEngine
+from mergesearch.engine import merge
 from mergesearch.recipe import parse_recipes
 from tests.test_merge_vs_mergekit import CASE_NAMES, GTA_CASES, cases
 from tests.tiny_models import load_weights
@@ -126,7 +127,7 @@ def test_dare_candidates_share_their_draws(tiny):
 def test_linear_is_merged_in_chunks_with_the_same_values(tiny):
     """The resident engine runs elementwise methods 64K elements at a time (into the live
     parameter): the values equal the whole-tensor merge, across chunk boundaries."""
-    from mergesearch.engine import _chunked, merge_tensor, plan_merge
+    from mergesearch.candidates.resident import _chunked, merge_tensor, plan_merge
 
     refs = [str(tiny[f"llama/ft{i}"]) for i in range(3)]
     (recipe,) = parse_recipes(

@@ -11,10 +11,10 @@ import random
 import pytest
 import torch
 
-from mergesearch import task_vector_bank
+from mergesearch.candidates import TaskVectorBank
+from mergesearch.candidates import bank as task_vector_bank
 from mergesearch.methods import sparsify
 from mergesearch.methods.task_arithmetic import combine, generalized_task_arithmetic
-from mergesearch.task_vector_bank import TaskVectorBank
 
 SHAPES = [(70, 130), (300,), (40, 33)]
 DETERMINISTIC = {  # method: (sparsification, consensus, default normalize)
@@ -254,7 +254,8 @@ def test_engine_in_search_mode_is_reproducible_and_exact_where_it_can_be(tiny, t
     bank's draws, the same in every engine (every worker), not torch's."""
     import yaml
 
-    from mergesearch.engine import ResidentEngine, merge
+    from mergesearch.candidates import ResidentEngine
+    from mergesearch.engine import merge
     from mergesearch.recipe import parse_recipes
     from tests.tiny_models import load_weights
 

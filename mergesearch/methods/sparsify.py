@@ -40,7 +40,7 @@ def rank_window(sparsification: str, n: int, density: float, gamma: float = 0.0)
     """The ascending |τ| ranks [r0, r1) (0-based) that a magnitude sparsifier keeps of N elements;
     None keeps everything. magnitude (TIES): the k = max(1, ⌊d·N⌋) largest (none at d ≤ 0);
     magnitude_outliers (breadcrumbs): ⌊d·N⌋ of them, below the top ⌊γ·N⌋. The reference here and
-    the search's cuts (`task_vector_bank`) both take their window from this function."""
+    the search's cuts (`candidates/bank.py`) both take their window from this function."""
     if density >= 1 or n == 0:
         return None
     if sparsification == "magnitude":

@@ -1,43 +1,43 @@
-"""Task vectors held for a whole study, and the work that candidates share.
+"""Task vectors held for a whole study, and the policy of which pass a candidate takes.
 
 A search builds hundreds of candidates from the same τ_i = x_i − b. What depends only on τ is
-done once and cached here: ‖τ‖₁; the magnitude cut of each rank window (TIES, breadcrumbs),
-after which a new density is a comparison, not a sort; and the uniform draws of DARE and DELLA,
-a fixed function of (seed, tensor name, model position), so that two candidates differ by their
-coefficients, never by noise (a lower density keeps a subset of a higher one). On the CPU a
-candidate tensor is one `fused_kernels.merge` pass; otherwise (no numba, CUDA, DELLA without
+done once and cached here: ‖τ‖₁; the magnitude cut of each rank window (TIES, breadcrumbs;
+`cuts.py`), after which a new density is a comparison, not a sort; DARE's kept norm for every
+density on its grid; DELLA's per-row ranks (`cache_ranks`); and the draw keys (`draws.py`). On
+the CPU a candidate tensor is one `numba_passes.merge` pass; otherwise (CUDA, DELLA without
 cached ranks) it is built in chunks of `chunk` elements through a workspace allocated once
-(`_combine` is `task_arithmetic.combine` step for step), with the same bits: temporaries stay in
-cache, and memory above the resident tensors is O(K·chunk), not K copies of a tensor.
-
-How this relates to mergekit 0.1.5 (NOTES.md, "Shared work"):
-- task_arithmetic, and ties / breadcrumbs(_ties) without `rescale`, equal mergekit bit for bit,
-  except where equal magnitudes straddle a cut: mergekit's result then depends on the order its
-  unstable argsort gives ties, here the lower flat index goes first. `exact_for` says which case
-  a call is in; the exact engine uses this path only then.
-- DARE and DELLA keep mergekit's probabilities (DELLA's per-row ranks too) and its L1 rescale, but
-  draw from this bank instead of torch's global RNG: mergekit's model of an exported recipe is
-  another draw of the same distribution, so reports score that model (the exact engine) again.
-  DARE's density is rounded up to a grid of 1/4096 (at most 0.00024 more kept), so that its
-  rescale norm is a lookup in sums made once per study instead of a pass per candidate.
+(`torch_passes.combine` is `task_arithmetic.combine` step for step), with the same bits:
+temporaries stay in cache, and memory above the resident tensors is O(K·chunk), not K copies of
+a tensor. How the results relate to mergekit's: the package's docstring.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .errors import MergeSearchError
-from .methods import sparsify
-
-try:  # numba: the one-pass CPU kernels; without it every candidate takes the eager path
-    from . import fused_kernels
-except ImportError:  # pragma: no cover - numba is a dependency, but not on every platform
-    fused_kernels = None
+from ..errors import MergeSearchError
+from ..methods import sparsify
+from . import numba_passes as fused_kernels
+from .cuts import Cut
+from .cuts import bounded as _bounded
+from .cuts import counts_per_block as _counts_per_block
+from .cuts import f32 as _f32
+from .cuts import prefix_range as _prefix_range
+from .cuts import select as _select
+from .draws import BLOCK as _BLOCK
+from .draws import LEVELS as _LEVELS
+from .draws import block_keys
+from .draws import uniforms as _uniforms
+from .masks import CutMask as _CutMask
+from .masks import DellaMask as _DellaMask
+from .masks import DrawMask as _DrawMask
+from .torch_passes import Workspace as _Workspace
+from .torch_passes import combine as _combine
 
 CHUNK = 1 << 18  # elements per chunk: few enough to stay in cache, many enough to amortize each op
 
@@ -49,37 +49,10 @@ def chunk_for(n_params: int) -> int:
     return max(1 << 12, min(CHUNK, 1 << max(0, (n_params // 32).bit_length() - 1)))
 
 
-# DARE's densities lie on a grid of 1/4096 (rounded up; mergekit's model of the exported recipe is
-# another draw anyway): then ‖τ⊙m‖₁ for any density is a prefix of per-study sums over levels of u
-# (`_draw_l1`), not a pass per candidate.
-_LEVELS = 1 << 12
 # From this size on a task vector gets per-study tables (DARE's level sums, the magnitude bins of
 # `_values_at`); below, their ~30 KiB each would outweigh the pass they save.
 _TABLES_FROM = 1 << 16
-_BLOCK = 1 << 16  # indices per block of draws (each block has its own key)
-assert fused_kernels is None or fused_kernels.DRAW_BLOCK == _BLOCK
 _SAMPLE = 4096  # sorted magnitudes kept per (tensor, model) to bracket a rank
-
-
-@dataclass(frozen=True)
-class Cut:
-    """Ranks [r0, r1) of |τ| in (value, flat index) order, as values and tie positions:
-    keep a when lo < a < hi, a == lo from its `skip_lo`-th tie on, a == hi before its `keep_hi`-th."""
-
-    lo: float
-    hi: float
-    skip_lo: int
-    keep_hi: int
-    partial: bool  # whether a tie group is split (then tie positions decide)
-    top: bool  # whether the window reaches the largest |τ| (no upper comparison needed)
-
-    def tie_groups(self) -> list[tuple[float, int, float]]:
-        """(value, first kept tie position, end of kept positions) of the groups at the bounds;
-        a window that reaches the top keeps all of its largest value's ties (end ∞)."""
-        keep_hi = math.inf if self.top else self.keep_hi
-        if self.lo == self.hi:
-            return [(self.lo, self.skip_lo, keep_hi)]
-        return [(self.lo, self.skip_lo, math.inf), (self.hi, 0, keep_hi)]
 
 
 class TaskVectorBank:
@@ -309,30 +282,15 @@ class TaskVectorBank:
 
     def uniforms(self, key: str, start: int, n: int, out: torch.Tensor) -> torch.Tensor:
         """Uniform draws in [0, 1) for flat indices [start, start + n) of one task vector, written
-        into `out` (fp32): at index j of block c (64K indices each), the top 24 bits of
-        lowbias32(key_c ^ j), key_c a hash of (seed, key, c); `fused_kernels._uniform` computes
-        the same. Same key, same draws, whatever the chunk size."""
-        keys = self._block_keys(key, (start + n - 1) // _BLOCK + 1)
-        if fused_kernels is not None and out.device.type == "cpu":
-            fused_kernels.uniforms(keys, start, out[:n].numpy())
-            return out[:n]
-        keys = torch.from_numpy(keys.astype(np.int64))
-        j = torch.arange(start, start + n, device=out.device)
-        x = keys.to(out.device)[j // _BLOCK] ^ (j % _BLOCK)
-        # lowbias32 on int64: 32-bit products in two halves, so no product overflows
-        x ^= x >> 16
-        x = _mul32(x, 0x7FEB352D)
-        x ^= x >> 15
-        x = _mul32(x, 0x846CA68B)
-        x ^= x >> 16
-        return torch.mul((x >> 8).float(), 1.0 / (1 << 24), out=out[:n])
+        into `out` (fp32): `draws.uniforms` with this task vector's block keys. Same key, same
+        draws, whatever the chunk size."""
+        return _uniforms(self._block_keys(key, (start + n - 1) // _BLOCK + 1), start, n, out)
 
     def _block_keys(self, key: str, nblk: int) -> np.ndarray:
-        """The draw keys of blocks 0 … nblk − 1 of one task vector: crc32 of (seed, key, block)."""
+        """The draw keys of blocks 0 … nblk − 1 of one task vector (cached; `draws.block_keys`)."""
         keys = self._keys.get(key)
         if keys is None or keys.size < nblk:
-            tags = (f"{self.seed}:{key}:{c}".encode() for c in range(nblk))
-            keys = self._keys[key] = np.array([zlib.crc32(t) for t in tags], np.uint32)
+            keys = self._keys[key] = block_keys(self.seed, key, nblk)
         return keys[:nblk]
 
     # -- one output tensor --------------------------------------------------------------------
@@ -589,10 +547,21 @@ class TaskVectorBank:
                 None if c is None else _CutMask(c) for c in self._cuts_for(keys, taus, sparsification, params)
             ]
         if sparsification == "random":
-            return [None if d >= 1 else _DrawMask(self, key, d) for key, d in zip(keys, density)]
+            return [
+                None if d >= 1 else _DrawMask(functools.partial(self.uniforms, key), d)
+                for key, d in zip(keys, density)
+            ]
         if sparsification == "della":
             return [
-                None if d >= 1 else _DellaMask(self, key, t, d, e)
+                None
+                if d >= 1
+                else _DellaMask(
+                    functools.partial(self.uniforms, key),
+                    functools.partial(self.della_ranks, key, t),
+                    t,
+                    d,
+                    e,
+                )
                 for key, t, d, e in zip(keys, taus, density, epsilon)
             ]
         if sparsification is None:  # task arithmetic: every element kept
@@ -600,7 +569,7 @@ class TaskVectorBank:
         # Never search a sparsifier the bank does not know as "no mask" (plain task arithmetic).
         raise MergeSearchError(
             f"the search engine has no {sparsification!r} sparsification; score this method with the "
-            "exact engine (ResidentEngine(exact=True)) or add it to task_vector_bank.py"
+            "exact engine (ResidentEngine(exact=True)) or add it to candidates/bank.py"
         )
 
     def _rescale(self, key: str, tau: torch.Tensor, mask) -> torch.Tensor | None:
@@ -618,185 +587,11 @@ class TaskVectorBank:
         return ws
 
 
-class _Workspace:
-    """Every temporary of a chunk, allocated once: no allocation (and no page faults) per chunk."""
-
-    def __init__(self, k: int, chunk: int, dtype: torch.dtype, device: torch.device) -> None:
-        def new(*shape, dt=dtype):
-            return torch.empty(*shape, dtype=dt, device=device)
-
-        self.d, self.m, self.e = new(k, chunk), new(k, chunk), new(k, chunk)  # deltas, masks, products
-        self.s, self.s2, self.s3 = new(chunk), new(chunk), new(chunk)  # sums over the models
-        self.f, self.u = new(chunk), new(chunk)  # a 0/1 mask, a second one
-        self.g, self.r, self.acc = (new(chunk, dt=torch.float32) for _ in range(3))  # |τ|, draws, sums
-
-
-def _sum_models(x: torch.Tensor, ws: _Workspace, out: torch.Tensor) -> torch.Tensor:
-    """torch.sum(x, 0) for a few models, as torch computes it (in order, in fp32 for 16-bit
-    types, rounded once), but as plain adds: torch's bf16 reduction is ~10× slower here."""
-    if x.dtype in (torch.float32, torch.float64):
-        acc = out.copy_(x[0])
-        for i in range(1, x.shape[0]):
-            acc.add_(x[i])
-        return out
-    c = x.shape[1]
-    acc = ws.acc[:c].copy_(x[0])
-    for i in range(1, x.shape[0]):
-        acc.add_(ws.g[:c].copy_(x[i]))  # widened first: a mixed-dtype add is ~5× slower
-    return out.copy_(acc)
-
-
-def _combine(b, d, w, divisor, ws: _Workspace, consensus: bool, normalize: bool, lambda_: float, out) -> None:
-    """`task_arithmetic.combine` on one chunk, through the workspace, with masks as 0/1 values of
-    the working dtype (comparisons written straight into such buffers run ~4× faster here than
-    bool masks and their conversions); the same values bit for bit. `divisor`: Σw as
-    `TaskVectorBank._weights` makes it, used without election."""
-    c = d.shape[1]
-    d.mul_(w)
-    if consensus:
-        total = _sum_models(d, ws, ws.s[:c])
-        majority = torch.ge(total, 0, out=ws.s2[:c]).mul_(2).sub_(1)  # a zero sum counts as positive
-        m = torch.gt(torch.mul(d, majority, out=ws.e[:, :c]), 0, out=ws.m[:, :c])  # [sign(δ_i) = majority]
-        divisor = _sum_models(torch.mul(m, w, out=ws.e[:, :c]), ws, ws.s2[:c])
-        divisor.add_(torch.eq(divisor, 0, out=ws.s3[:c]))  # a zero divisor becomes 1
-        mixed = _sum_models(m.mul_(d), ws, ws.s[:c])
-    else:
-        mixed = _sum_models(d, ws, ws.s[:c])
-    if normalize:
-        mixed.div_(divisor)
-    if lambda_ != 1:
-        mixed.mul_(lambda_)
-    torch.add(b, mixed, out=out)
-
-
 def _kernels_take(*tensors: torch.Tensor) -> bool:
     """Whether numba is present and its kernels take these tensors (`fused_kernels.fusable`)."""
     return fused_kernels is not None and fused_kernels.fusable(*tensors)
 
 
-def _counts_per_block(values: torch.Tensor, starts: np.ndarray, v: float) -> np.ndarray:
-    """How many of `values` equal v in each block, given where each block's values start."""
-    seen = np.concatenate([[0], np.cumsum(values.numpy() == np.float32(v))])
-    return np.diff(seen[starts])
-
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x · c) mod 2³² for int64 x < 2³² and c < 2³², with every product below 2⁴⁹."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & 0xFFFFFFFF
-
-
-def _select(values: torch.Tensor, k: int) -> tuple[float, int, int]:
-    """(v, #{x < v}, #{x = v}) for v the k-th smallest (0-based) of a 1-D fp32 tensor."""
-    if fused_kernels is not None and values.device.type == "cpu":
-        v, less, equal = fused_kernels.select(values.numpy(), k)
-        return float(v), int(less), int(equal)
-    v = values.kthvalue(k + 1).values
-    return v.item(), int((values < v).sum()), int((values == v).sum())
-
-
-def _f32(bits: int) -> float:
-    """The fp32 value of a bit pattern."""
-    return float(np.array(bits, np.uint32).view(np.float32))
-
-
-def _prefix_range(prefix: int) -> tuple[float, float]:
-    """The smallest and largest fp32 magnitude with this 16-bit prefix (inf's prefix: inf)."""
-    hi = _f32((prefix << 16) | 0xFFFF) if prefix < 0x7F80 else math.inf
-    return _f32(prefix << 16), hi
-
-
 def _row_length(tau: torch.Tensor) -> int:
     """DELLA's rows: along dim 1 of a 2-D τ; a 1-D τ is one row."""
     return tau.shape[1] if tau.dim() == 2 else tau.numel()
-
-
-def _bounded(cache: dict, size: int = 1 << 16) -> dict:
-    """The cache, emptied first when full: a search with continuous densities rarely repeats a
-    cut, and unbounded caches would grow with the number of trials."""
-    if len(cache) >= size:
-        cache.clear()
-    return cache
-
-
-def _masked(t: torch.Tensor, m: torch.Tensor, ws: _Workspace, out: torch.Tensor) -> None:
-    """out = t ⊙ m for an fp32 0/1 mask m (narrowed first: mixed-dtype products are slow)."""
-    torch.mul(t, m if t.dtype == m.dtype else ws.f[: m.numel()].copy_(m), out=out)
-
-
-class _CutMask:
-    """Keeps the cut's window of |τ|; tie positions carry over from chunk to chunk."""
-
-    def __init__(self, cut: Cut) -> None:
-        self.cut = self.key = cut  # a frozen dataclass: it names its own cached norm
-        self.seen: dict[float, int] = {}
-
-    def apply(self, t, start, ws: _Workspace, out, magnitudes=None) -> None:
-        """out = t ⊙ m for the chunk of τ at `start` (m from `magnitudes`, default t)."""
-        c, n = self.cut, t.numel()
-        if c.lo > c.hi:  # an empty window (density 0)
-            out.zero_()
-            return
-        a = ws.g[:n].copy_(t if magnitudes is None else magnitudes).abs_()  # fp32, as mergekit ranks
-        if not c.partial:
-            m = torch.ge(a, c.lo, out=ws.acc[:n])
-            if not c.top:
-                m.mul_(torch.le(a, c.hi, out=ws.r[:n]))
-        else:
-            m = torch.gt(a, c.lo, out=ws.acc[:n]).mul_(torch.lt(a, c.hi, out=ws.r[:n]))
-            if start == 0:
-                self.seen = {}
-            for v, first, end in c.tie_groups():  # tie positions count in flat index order
-                eq = torch.eq(a, v, out=ws.r[:n])
-                count = int(eq.sum())
-                seen = self.seen.get(v, 0)
-                self.seen[v] = seen + count
-                if max(first, seen) >= min(end, seen + count):
-                    continue  # none of this chunk's ties is kept
-                if first <= seen and seen + count <= end:
-                    m.add_(eq)  # all of them are
-                else:
-                    q = torch.cumsum(eq, 0).add_(seen - 1)
-                    m.add_(eq.mul_((q >= first) & (q < end)))
-        _masked(t, m, ws, out)
-
-
-class _DrawMask:
-    """DARE: keep where the bank's uniform u < d, d rounded up to the grid of 1/4096."""
-
-    def __init__(self, bank: TaskVectorBank, key: str, density: float) -> None:
-        self.bank, self.tkey = bank, key
-        self.d = max(0, math.ceil(density * _LEVELS)) / _LEVELS  # on the grid: see _LEVELS
-        self.key = ("random", self.d)
-
-    def apply(self, t, start, ws: _Workspace, out, magnitudes=None) -> None:
-        u = self.bank.uniforms(self.tkey, start, t.numel(), ws.r)
-        _masked(t, torch.lt(u, self.d, out=ws.acc[: t.numel()]), ws, out)
-
-
-class _DellaMask:
-    """DELLA: keep where the uniform u < p = d − ε + 2ε·rank, ranks per row as mergekit."""
-
-    def __init__(self, bank: TaskVectorBank, key: str, tau: torch.Tensor, density: float, eps: float) -> None:
-        if density > 0 and (density + eps >= 1 or density - eps <= 0):
-            raise ValueError(
-                f"della: density ± epsilon must lie in (0, 1); got density={density}, epsilon={eps}"
-            )
-        self.bank, self.tkey, self.tau, self.d, self.eps = bank, key, tau, density, eps
-        self.key = ("della", density, eps)
-        self.whole = None if tau.dim() <= 2 else sparsify.della_ranks(tau).reshape(-1)  # dim 1 isn't rows
-
-    def apply(self, t, start, ws: _Workspace, out, magnitudes=None) -> None:
-        n = t.numel()
-        if self.d <= 0:
-            out.zero_()
-            return
-        if self.whole is not None:
-            ranks = self.whole[start : start + n].clone()
-        else:
-            ranks = self.bank.della_ranks(
-                self.tkey, self.tau, start, n, out=ws.u if ws.u.dtype == t.dtype else None
-            )
-        # mergekit's (d − ε) + ranks·2·ε, in place: the same operations and roundings
-        p = ranks.mul_(2).mul_(self.eps).add_(self.d - self.eps)
-        u = self.bank.uniforms(self.tkey, start, n, ws.r)
-        _masked(t, torch.lt(u, ws.g[:n].copy_(p), out=ws.acc[:n]), ws, out)

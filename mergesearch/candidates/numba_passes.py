@@ -35,7 +35,7 @@ from numba.extending import intrinsic, overload
 jit = functools.partial(njit, error_model="numpy")
 
 BLOCK = 1 << 14  # elements per parallel block: small, so that small tensors use every thread
-DRAW_BLOCK = 1 << 16  # elements per block of draws; must equal task_vector_bank._BLOCK
+DRAW_BLOCK = 1 << 16  # elements per block of draws; must equal draws.BLOCK
 SUB = 1 << 11  # elements per inner step: its 2K+2 buffers of 8 KiB stay in L1
 
 NONE, ZERO, CUT, TIES, DRAW, DELLA = range(6)  # mask kinds (TIES: a cut that splits tie groups)
@@ -421,7 +421,7 @@ def merge(
     lam,
     scale_lambda,
 ):
-    """out = b + λ·combine(sparsify(τ_k)·s_k·w_k) for one tensor, as `task_vector_bank._combine`.
+    """out = b + λ·combine(sparsify(τ_k)·s_k·w_k) for one tensor, as `torch_passes.combine`.
 
     Per model k: kind[k]; fparams[k] = (w, s (rescale, 1 = none), lo, hi, top, d, ε, cols, d − ε);
     ties[k, g] = (value, flat index of the first kept, of the first not kept after it) of ≤ 2 tie
@@ -598,7 +598,7 @@ def _round_all(x, like):
 def _elect(d, out, base, w, nk, normalize, lam, like):
     """TIES, then `_finish`: majority = sign(R(Σδ)) (0 counts +); m_k = [δ_k·majority > 0];
     x = R(Σ m_k δ_k), q = R(Σ m_k w_k) (1 where 0); out = R(b + R(R(x / q)·λ)); sums in order from
-    k = 0, in fp32, as `task_vector_bank._combine`. Element by element, the models inside (1.5× a
+    k = 0, in fp32, as `torch_passes.combine`. Element by element, the models inside (1.5× a
     pass per step); without normalize q is 1 and λ may be 1: x / 1 and x·1 are x, bit for bit."""
     for j in range(out.size):
         total = d[0, j]
