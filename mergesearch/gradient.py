@@ -106,6 +106,22 @@ def _examples(searcher, task: Task, limit: int) -> list[tuple[list[int], int]]:
     return out
 
 
+def check(searcher) -> None:
+    """Refuse, before anything is created, a space or tasks the gradient cannot learn on."""
+    space = searcher.space
+    if FAMILY not in space.methods or space.order == "sequential":
+        raise MergeSearchError(
+            f"{space.path or space.name}: gradient-learned coefficients are for task arithmetic merged "
+            "all at once; add task_arithmetic to the space's methods (the search then tunes the rest)"
+        )
+    bad = [t.name for t in searcher.tasks if t.lm_eval is not None or t.metric != "exact_match"]
+    if bad:
+        raise MergeSearchError(
+            f"task(s) {', '.join(bad)}: gradient learning needs a target per example (exact_match tasks "
+            "of the native harness)"
+        )
+
+
 def learn_coefficients(
     searcher,
     *,
@@ -121,20 +137,10 @@ def learn_coefficients(
     for `seconds` of wall time or `steps` Adam steps, whichever comes first. `start`: initial
     values by parameter name (default: the known recipe task arithmetic λ=1 where the ranges
     allow it, else the middle of each range)."""
-    space = searcher.space
-    if FAMILY not in space.methods or space.order == "sequential":
-        raise MergeSearchError(
-            f"{space.path or space.name}: gradient-learned coefficients are for task arithmetic merged "
-            "all at once; add task_arithmetic to the space's methods (the search then tunes the rest)"
-        )
-    bad = [t.name for t in searcher.tasks if t.lm_eval is not None or t.metric != "exact_match"]
-    if bad:
-        raise MergeSearchError(
-            f"task(s) {', '.join(bad)}: gradient learning needs a target per example (exact_match tasks "
-            "of the native harness)"
-        )
+    check(searcher)
     if seconds is None and steps is None:
         raise MergeSearchError("give the gradient a budget: seconds or steps")
+    space = searcher.space
     coefs = space.coefficients(FAMILY, searcher.num_layers)
     keys = [c.key for c in coefs]
     lo = torch.tensor([space.parameters[c.param].low for c in coefs])

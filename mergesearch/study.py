@@ -508,6 +508,10 @@ def run_search(
     _sampler(space, sampler_name, 0, multi, 1)  # refuse a sampler that cannot search this space
     log(f"checking the space: one merge per method ({', '.join(space.methods)}) and every task's records")
     searcher.validate()
+    if gradient_seconds or space.gradient_steps:  # refused before the study exists, like the rest
+        from .gradient import check
+
+        check(searcher)
     names = [t.name for t in searcher.tasks] if multi else ["mean score"]
     directions = searcher.directions if multi else ["maximize"]
     s, created = create_or_load(space, study_name, storage, directions=directions, objective_names=names)

@@ -61,6 +61,13 @@ def test_gradient_needs_task_arithmetic(zoo, tmp_path):
     searcher = Searcher(_space(tmp_path, method="ties", parameters={"weight": [0, 1], "density": [0.2, 1]}))
     with pytest.raises(MergeSearchError, match="add task_arithmetic to the space's methods"):
         learn_coefficients(searcher, steps=1)
+    # from the CLI: one line, exit 2, and no study left behind
+    space = write_space(
+        tmp_path, name="tiesg", method="ties", parameters={"weight": [0, 1], "density": [0.2, 1]}
+    )
+    p = cli(tmp_path, "search", str(space), "--gradient", "5", check=False)
+    assert p.returncode == 2 and "add task_arithmetic" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "results" / "tiesg" / "study.db").exists()
 
 
 def test_a_search_warm_started_by_gradient(zoo, tmp_path):
