@@ -208,7 +208,8 @@ def report(
         **({"merge_orders": orders} if orders else {}),
         "candidates": [],
     }
-    for x in scored + baselines + ([gradient] if gradient and gradient not in scored else []):
+    extra = [gradient] if gradient is not None and all(gradient is not x for x in scored) else []
+    for x in scored + baselines + extra:
         summary["candidates"].append(_row(x))
     if gradient is not None:
         gain, lo, hi = paired_gain(best_s, gradient)
