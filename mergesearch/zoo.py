@@ -1,9 +1,10 @@
 """The demo model zoo: a tiny base decoder and specialists fine-tuned from it, built on the CPU.
 
 No model hub is reachable here (nor for many users), so mergesearch makes its own models:
-a 4-layer Llama with a character tokenizer, pretrained on *close variants* of each skill
+a 2-layer, 128-wide Llama with a character tokenizer, pretrained on *close variants* of each skill
 (never the test format), then fine-tuned into one specialist per skill. Deterministic from
-seeds, cached under $MERGESEARCH_HOME/zoo (default ~/.cache/mergesearch/zoo).
+seeds on one kind of CPU (another CPU trains other weights, so the default zoo's weights ship in
+zoo_data/), cached under $MERGESEARCH_HOME/zoo (default ~/.cache/mergesearch/zoo).
 """
 
 from __future__ import annotations
