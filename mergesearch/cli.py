@@ -134,8 +134,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _storage_flag(storage) -> str:
-    storage = getattr(storage, "storage", storage)
+def _storage_flag(storage: str | None) -> str:
     return f" --storage {storage}" if storage else ""
 
 
@@ -204,7 +203,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
             print("no learned recipe beat the known recipes; report.md says what to try")
     print(f"report: {out / 'report.md'}")
     print(
-        f"next: mergesearch export {args.study}{_storage_flag(args)} -o best.yaml   # the best recipe as mergekit YAML"
+        f"next: mergesearch export {args.study}{_storage_flag(args.storage)} -o best.yaml   # the best recipe as mergekit YAML"
     )
     return 0
 

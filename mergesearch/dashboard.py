@@ -18,24 +18,24 @@ class StudyArtifacts:
     def __init__(self, folders: list[Path]) -> None:
         from optuna.artifacts import FileSystemArtifactStore
 
-        self.stores = [FileSystemArtifactStore(str(f)) for f in folders if f.is_dir()]
+        self.stores = {Path(f): FileSystemArtifactStore(str(f)) for f in folders if f.is_dir()}
 
-    def open_reader(self, artifact_id: str) -> BinaryIO:
+    def _store_of(self, artifact_id: str):
+        for folder, store in self.stores.items():
+            if (folder / artifact_id).is_file():  # FileSystemArtifactStore keeps one file per id
+                return store
         from optuna.artifacts.exceptions import ArtifactNotFound
 
-        for store in self.stores:
-            try:
-                return store.open_reader(artifact_id)
-            except ArtifactNotFound:
-                continue
         raise ArtifactNotFound(f"artifact {artifact_id} is in none of the studies' artifact folders")
+
+    def open_reader(self, artifact_id: str) -> BinaryIO:
+        return self._store_of(artifact_id).open_reader(artifact_id)
 
     def write(self, artifact_id: str, content_body: BinaryIO) -> None:
         raise MergeSearchError("the dashboard shows artifacts; mergesearch search writes them")
 
     def remove(self, artifact_id: str) -> None:
-        for store in self.stores:
-            store.remove(artifact_id)
+        self._store_of(artifact_id).remove(artifact_id)
 
 
 def serve(study: str | None, storage: str | None = None, *, port: int = 8080) -> None:

@@ -216,6 +216,3 @@ def model_card(recipes: list[Recipe]) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-# -- in memory, for the search ---------------------------------------------------------------

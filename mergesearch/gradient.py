@@ -53,10 +53,11 @@ def linear_map(
     each unit vector (exact: the planner's gradients interpolate anchors linearly)."""
     base = {k: 0.0 for k in keys}
     method = {"method": FAMILY} if len(searcher.space.methods) > 1 else {}
+    layouts: dict = {}  # every point has the same structure: plan its layout once
 
     def per_tensor(values: dict[str, float]) -> dict[str, tuple[list[float], float]]:
         (recipe,) = searcher.recipes(values | method)
-        plan = plan_merge(recipe, models=searcher.engine.models)
+        plan = plan_merge(recipe, models=searcher.engine.models, layouts=layouts)
         out = {}
         for t in plan.tasks:
             if t.floating:
