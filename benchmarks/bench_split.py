@@ -1,7 +1,7 @@
 """Where a search candidate's time goes: the merge kernel vs everything else (planning, cuts, norms).
 
 For one locally made model size and dtype, per task-vector method: the best of three candidates
-with new densities (after one untimed candidate), split into time inside `fused_kernels.merge` and
+with new densities (after one untimed candidate), split into time inside `numba_kernels.merge` and
 the rest of `ResidentEngine.write_into`; bytes touched / time, and the share of a memcpy measured
 right after the method's candidates. Quicker than bench_engine.py (no mergekit), for profiling.
 
@@ -25,8 +25,7 @@ from benchmarks.bench_engine import SIZES, _live, candidate, make_models, memcpy
 
 
 def main() -> None:
-    from mergesearch.candidates import ResidentEngine
-    from mergesearch.candidates import numba_passes as fused_kernels
+    from mergesearch.candidates import ResidentEngine, numba_kernels
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="100M", choices=list(SIZES), help="model size")
@@ -38,14 +37,14 @@ def main() -> None:
     )
     args = ap.parse_args()
     in_kernel = [0.0]
-    merge = fused_kernels.merge
+    merge = numba_kernels.merge
 
     def timed(*a):
         t0 = time.perf_counter()
         merge(*a)
         in_kernel[0] += time.perf_counter() - t0
 
-    fused_kernels.merge = timed
+    numba_kernels.merge = timed
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_models(Path(tmp), args.size, getattr(torch, args.dtype))
         engine = ResidentEngine(paths, base=paths[0], exact=False, cache_ranks=True)

@@ -34,7 +34,7 @@ from .recipe import Recipe, dump_recipes, load_recipes
 def seed_everything(seed: int, device: torch.device | None = None) -> None:
     """What mergekit's --random-seed does (transformers.set_seed): python, numpy and torch RNGs.
     With a CPU `device`, of torch's only the CPU generator: torch.manual_seed also seeds every
-    accelerator's, lazily where none is initialized, which formats a stack trace (~0.5 ms)."""
+    accelerator's, lazily where none is initialized, which formats a stack trace (a cost per candidate)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     if device is not None and device.type == "cpu":

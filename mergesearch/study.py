@@ -26,6 +26,7 @@ from .evaluation import NativeEvaluator, configure_threads, find_task
 from .methods import METHODS
 from .modeling import live_model, load_tokenizer
 from .recipe import Recipe, dump_recipes
+from .sources import resolve_model
 from .space import BASELINES, SearchSpace
 
 RESULTS = Path(os.environ.get("MERGESEARCH_RESULTS", "results"))
@@ -120,30 +121,6 @@ def repair_journal(path: Path) -> int:
         stacklevel=2,
     )
     return bad
-
-
-def resolve_model(ref: str, space_path: Path | None) -> Path:
-    """`zoo:<name>` (the demo zoo), `smollm2:<name>` (the SmolLM2 zoo, `zoo build --base
-    smollm2`; built on first use), or a folder path."""
-    prefix, _, name = ref.partition(":")
-    if name and prefix in ("zoo", "smollm2"):
-        if prefix == "zoo":
-            from .zoo import build_zoo
-
-            zoo = build_zoo(log=lambda s: None)
-        else:
-            from .smollm2_zoo import build_smollm2_zoo
-
-            zoo = build_smollm2_zoo()
-        if name not in zoo.models:
-            raise MergeSearchError(f"model {ref}: the {prefix} zoo has {', '.join(zoo.models)}")
-        return zoo.models[name]
-    p = Path(ref).expanduser()
-    if not p.exists() and space_path is not None and (space_path.parent / ref).exists():
-        p = space_path.parent / ref
-    if not p.is_dir():
-        raise MergeSearchError(f"model {ref}: folder does not exist")
-    return p.resolve()
 
 
 class Searcher:

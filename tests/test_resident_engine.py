@@ -10,6 +10,7 @@ import yaml
 
 from mergesearch.candidates import ResidentEngine
 from mergesearch.engine import merge
+from mergesearch.methods.registry import METHODS
 from mergesearch.recipe import parse_recipes
 from tests.test_merge_vs_mergekit import CASE_NAMES, GTA_CASES, cases
 from tests.tiny_models import load_weights
@@ -211,3 +212,60 @@ def test_a_new_sparsifier_is_searched_through_its_reference(tiny, tmp_path, monk
 
 def config_models(config: dict) -> list[str]:
     return [m["model"] for m in config["models"]]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_search_candidate_is_its_own_methods_merge(tiny, method, monkeypatch):
+    """The bank ↔ methods/ contract, over every registered method. Where the bank declares the
+    method (`TaskVectorBank.supports`), it makes the search's candidate: deterministic methods
+    equal the exact engine bit for bit, DARE and DELLA equal the method's formula with the bank's
+    draws (fp32 rounding: the L1 norms' order). Every other method takes its reference, equal to
+    the exact engine, and the bank is never called."""
+    from mergesearch.candidates import TaskVectorBank
+    from mergesearch.methods import sparsify
+    from mergesearch.methods.task_arithmetic import combine
+
+    calls = []
+    real = TaskVectorBank.merge
+    monkeypatch.setattr(TaskVectorBank, "merge", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    all_cases = cases(tiny, "llama")
+    config = next(c for c in all_cases.values() if c["merge_method"] == method)
+    (recipe,) = parse_recipes(yaml.safe_dump(config))
+    refs = sorted({str(p) for k, p in tiny.items() if k.startswith("llama")})
+    m = METHODS[method]
+    exact = ResidentEngine(refs).state_dict(recipe, seed=0)
+    calls.clear()
+    base = config.get("base_model") if m.task_vectors else None
+    search = ResidentEngine(refs, base=base, exact=False)
+    got = search.state_dict(recipe, seed=0)
+    assert sorted(got) == sorted(exact)
+    if not TaskVectorBank.supports(m, torch.float32, "cpu"):
+        assert not calls, method
+        assert all(torch.equal(got[k], exact[k]) for k in exact), method
+        return
+    assert calls, method
+    if not m.randomized:
+        assert all(torch.equal(got[k], exact[k]) for k in exact), method
+        return
+    checked = 0
+    for task in search.plan(recipe).tasks:
+        keys = [(ref, search.models[ref].resolve(name)) for ref, name in task.inputs]
+        others = [k for i, k in enumerate(keys) if i != task.base]
+        if not all(k in search.task_vectors for k in others):
+            continue
+        checked += 1
+        args = m.gta_arguments({**task.shared, **task.per_model})
+        deltas = []
+        for i, (ref, name) in enumerate(others):
+            tau = search.task_vectors[(ref, name)]
+            extra = {"epsilon": args["epsilon"][i]} if args["epsilon"] else {}
+            mask = search.bank.mask(
+                f"{refs.index(ref)}:{name}", tau, m.sparsification, args["density"][i], **extra
+            )
+            deltas.append(sparsify.rescale_l1(tau, mask, args["rescale"]))
+        b = search.tensors[keys[task.base]]
+        w = torch.tensor(args["weight"], dtype=b.dtype).reshape(-1, *[1] * b.dim())
+        expected = combine(b, torch.stack(deltas), w, consensus=m.consensus, normalize=args["normalize"],
+                           lambda_=args["lambda_"])  # fmt: skip
+        torch.testing.assert_close(got[task.name], expected, rtol=1e-6, atol=1e-7)
+    assert checked > 0.5 * len(got), (method, checked)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from mergesearch.candidates import TaskVectorBank
-from mergesearch.candidates import bank as task_vector_bank
+from mergesearch.candidates.cuts import Cuts
+from mergesearch.candidates.ranks import DellaRanks
 from mergesearch.methods import sparsify
 from mergesearch.methods.task_arithmetic import combine, generalized_task_arithmetic
 
@@ -114,13 +115,12 @@ def test_cuts_are_exact_on_structured_tensors_and_when_the_sample_misleads():
     scale = torch.tensor([1.0, 10.0, 100.0, 1000.0]).repeat(64)
     tau = 0.01 * torch.randn(300, 256, generator=torch.Generator().manual_seed(7)) * scale
     for bins, trust_sample in ((True, True), (False, True), (False, False)):
-        bank = TaskVectorBank(chunk=1000)
-        if not bins:
-            bank._bins["0:w"] = None  # as for a τ with a NaN: the sample's path
         for d in (0.2, 0.5, 0.9):
+            bank = TaskVectorBank(chunk=1000)
+            if not bins:  # as for a τ with a NaN: the sample's path
+                bank.cuts = Cuts(bank.passes_for, bins_from=None)
             if not trust_sample:
-                bank._sample["0:w"] = torch.linspace(5.0, 6.0, 4096)  # nothing there
-                bank._values.clear()
+                bank.cuts.samples["0:w"] = torch.linspace(5.0, 6.0, 4096)  # nothing there
             assert torch.equal(
                 bank.mask("0:w", tau, "magnitude", d), _index_order_mask(tau, "magnitude", d, 0.0)
             )
@@ -130,12 +130,11 @@ def test_cuts_are_exact_on_structured_tensors_and_when_the_sample_misleads():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("numba", [True, False])
-def test_values_at_ranks_from_magnitude_bins_equal_a_sort(dtype, numba, monkeypatch):
+def test_values_at_ranks_from_magnitude_bins_equal_a_sort(dtype, numba):
     """From 64K elements on, rank values come from counts per 16-bit prefix of |τ| (+ a pass over
     one prefix in fp32): (v, #{|τ| < v}, #{|τ| = v}) equal a full sort's, with tie groups
     (rounded τ), zeros and an infinity; with numba's counting and with torch's (no numba)."""
-    if not numba:
-        monkeypatch.setattr(task_vector_bank, "fused_kernels", None)
+    backend = "auto" if numba else "torch"
     tau = 0.01 * torch.randn(300, 517, generator=torch.Generator().manual_seed(5))
     tau[:40] = (tau[:40] * 300).round() / 300  # tie groups, zeros among them
     tau[7, 7] = -math.inf
@@ -147,39 +146,37 @@ def test_values_at_ranks_from_magnitude_bins_equal_a_sort(dtype, numba, monkeypa
     for t in (tau, zeros):
         mags = t.abs().float().reshape(-1)
         ordered = mags.sort().values
-        bank = TaskVectorBank(chunk=4096)
+        cuts = TaskVectorBank(chunk=4096, backend=backend).cuts
         for r in ranks:
-            ((v, less, equal),) = bank._values_at("0:w", t, [r])
+            ((v, less, equal),) = cuts.values_at("0:w", t, [r])
             expected = ordered[r]
             assert (v, less, equal) == (
                 expected.item(),
                 int((mags < expected).sum()),
                 int((mags == expected).sum()),
             ), r
-        assert bank._bins["0:w"] is not None  # the bins' path ran
+        assert cuts.magnitude_bins("0:w", t) is not None  # the bins' path ran
     tau.view(-1)[3] = math.nan  # a NaN has no rank: the sample's path
-    assert TaskVectorBank(chunk=4096)._magnitude_bins("0:w", tau) is None
+    assert TaskVectorBank(chunk=4096).cuts.magnitude_bins("0:w", tau) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dare_norms_from_level_sums_equal_the_masked_sum(dtype, monkeypatch):
+def test_dare_norms_from_level_sums_equal_the_masked_sum(dtype):
     """DARE's density rounds up to the 1/4096 grid; ‖τ⊙m‖₁ from the per-study level sums equals
     the sum over the mask the candidate applies, with numba's sums and with torch's."""
     tau = (0.01 * torch.randn(300, 517, generator=torch.Generator().manual_seed(6))).to(dtype)
-    for fused in (True, False):
-        if not fused:
-            monkeypatch.setattr(task_vector_bank, "fused_kernels", None)
-        bank = TaskVectorBank(chunk=4096)
+    for backend in ("auto", "torch"):
+        bank = TaskVectorBank(chunk=4096, backend=backend)
         for d in (0.3, 0.5, 0.71, 0.999):
-            (mask,) = bank._masks(["0:w"], [tau], "random", [d], [0.01], [0.15])
+            (mask,) = bank.masks(["0:w"], [tau], "random", [d], [0.01], [0.15])
             assert mask.d == math.ceil(d * 4096) / 4096
             kept = bank.mask("0:w", tau, "random", d)
-            u = bank.uniforms("0:w", 0, tau.numel(), torch.empty(tau.numel()))
+            u = bank.draws.uniforms("0:w", 0, tau.numel(), torch.empty(tau.numel()))
             assert torch.equal(kept.reshape(-1), u < mask.d)
             expected = (tau.float().abs().double().reshape(-1) * kept.reshape(-1)).sum()
-            got = bank._masked_l1("0:w", tau, mask)
-            sums = bank._level_l1["0:w"]  # the level sums' path ran: fp64, summed in another order
-            assert sums[round(mask.d * 4096)] == pytest.approx(expected.item(), rel=1e-12)
+            # the level sums: fp64, summed in another order
+            assert bank.draws.kept_l1("0:w", tau, mask.d) == pytest.approx(expected.item(), rel=1e-12)
+            got = bank.norms.masked_l1("0:w", tau, mask)
             assert got.dtype == sparsify.work_dtype(tau)
             assert got == expected.to(got.dtype)
 
@@ -212,14 +209,15 @@ def test_dare_and_della_follow_their_definition_with_the_banks_draws(sparsificat
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
 
 
-def test_draws_are_the_same_bits_from_numba_and_from_torch(monkeypatch):
-    """The eager path's draws (numba's `uniforms` on the CPU, torch's int64 hash elsewhere) are
-    the same bits, across block boundaries and from any start."""
-    bank, n = TaskVectorBank(seed=3), 3 * 65536 + 11
-    fast = bank.uniforms("1:w", 0, n, torch.empty(n))
-    window = bank.uniforms("1:w", 70000, 9000, torch.empty(9000))
-    monkeypatch.setattr(task_vector_bank, "fused_kernels", None)
-    assert torch.equal(TaskVectorBank(seed=3).uniforms("1:w", 0, n, torch.empty(n)), fast)
+def test_draws_are_the_same_from_any_start_and_on_either_backend():
+    """A task vector's draws are a function of its index: the same from any start, across
+    block boundaries, from numba's pass (CPU) and from torch's (every pass in torch)."""
+    n = 3 * 65536 + 11
+    fast = TaskVectorBank(seed=3).draws.uniforms("1:w", 0, n, torch.empty(n))
+    window = TaskVectorBank(seed=3).draws.uniforms("1:w", 70000, 9000, torch.empty(9000))
+    assert torch.equal(
+        TaskVectorBank(seed=3, backend="torch").draws.uniforms("1:w", 0, n, torch.empty(n)), fast
+    )
     assert torch.equal(window, fast[70000:79000])
     assert 0 <= float(fast.min()) and float(fast.max()) < 1 and abs(float(fast.mean()) - 0.5) < 0.01
 
@@ -294,13 +292,11 @@ def test_cached_della_ranks_equal_mergekits(dtype):
         expected = sparsify.della_ranks(tau).reshape(-1)
         n = tau.numel()
         for cache in (True, False):
-            bank = TaskVectorBank(chunk=256, cache_ranks=cache)
-            got = torch.cat([bank.della_ranks("0:w", tau, s, min(256, n - s)) for s in range(0, n, 256)])
+            ranks = DellaRanks(chunk=256, cache=cache)
+            got = torch.cat([ranks.ranks("0:w", tau, s, min(256, n - s)) for s in range(0, n, 256)])
             assert torch.equal(got, expected), (shape, cache)
             buf = torch.empty(256, dtype=dtype)
-            parts = [
-                bank.della_ranks("0:w", tau, s, min(256, n - s), out=buf).clone() for s in range(0, n, 256)
-            ]
+            parts = [ranks.ranks("0:w", tau, s, min(256, n - s), out=buf).clone() for s in range(0, n, 256)]
             assert torch.equal(torch.cat(parts), expected), (shape, cache, "out=")
 
 

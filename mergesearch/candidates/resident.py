@@ -16,7 +16,7 @@ from ..engine import merge_tensor, seed_everything
 from ..errors import MergeSearchError
 from ..plan import Layout, MergePlan, TensorTask, plan_merge
 from ..recipe import Recipe
-from . import numba_passes as fused_kernels
+from . import numba_kernels
 from .bank import TaskVectorBank, chunk_for
 
 
@@ -159,21 +159,10 @@ class ResidentEngine:
             )
             else None
         )
-        m, p, per = plan.method, task.shared, task.per_model
-        gta = dict(
-            weight=per["weight"],
-            density=per["density"],
-            sparsification=m.sparsification,
-            consensus=m.consensus,
-            normalize=p["normalize"],
-            rescale=p["rescale"],
-            lambda_=p.get("lambda", 1.0),
-            gamma=per.get("gamma"),
-            epsilon=per.get("epsilon"),
-        )
+        gta = plan.method.gta_arguments({**task.shared, **task.per_model})
         names = [f"{self._position[ref]}:{name}" for ref, name in others]
         # The bank serves only what it declares; any other method is its reference, never another.
-        if self.bank.supports(m.sparsification) and (
+        if self.bank.supports(plan.method, base.dtype, base.device) and (
             not self.exact or self.bank.exact_for(names, taus, **gta)
         ):
             return self.bank.merge(names, base, taus, out=out, **gta).to(task.out_dtype)
@@ -205,7 +194,7 @@ class ResidentEngine:
                 raise MergeSearchError(f"tensor {name}: the live model has no such parameter")
             if value is not target:
                 target.copy_(value)
-        return_freed_memory()  # ~1 ms: what the candidate freed goes back to the OS
+        return_freed_memory()  # what the candidate freed goes back to the OS
 
 
 def _chunked(plan: MergePlan, task: TensorTask, tensors: list[torch.Tensor], target: torch.Tensor | None):
@@ -219,7 +208,7 @@ def _chunked(plan: MergePlan, task: TensorTask, tensors: list[torch.Tensor], tar
         or out.device != tensors[0].device
     ):
         out = torch.empty(tensors[0].shape, dtype=task.out_dtype, device=tensors[0].device)
-    if plan.method.name == "linear" and _fused_linear(task, tensors, out):
+    if plan.method.name in _KERNELS and _KERNELS[plan.method.name](task, tensors, out):
         return out
     flat, o = [x.reshape(-1) for x in tensors], out.view(-1)
     for start in range(0, o.numel(), 1 << 16):
@@ -229,25 +218,29 @@ def _chunked(plan: MergePlan, task: TensorTask, tensors: list[torch.Tensor], tar
 
 
 def _fused_linear(task: TensorTask, tensors: list[torch.Tensor], out: torch.Tensor) -> bool:
-    """`interpolation.linear` as one `fused_kernels.linear` pass, same bits, where it applies:
+    """`interpolation.linear` as one `numba_kernels.linear` pass, same bits, where it applies:
     numba present, CPU, one dtype throughout (fp32 or bf16), torch's addcmul_ an FMA."""
     if not (
-        fused_kernels is not None
-        and task.base is None
+        task.base is None
         and all(x.dtype == out.dtype == task.work_dtype for x in tensors)
-        and fused_kernels.fusable(out, *tensors)
-        and fused_kernels.addcmul_is_fma()
+        and numba_kernels.fusable(out, *tensors)
+        and numba_kernels.addcmul_is_fma()
     ):
         return False
     w = torch.tensor(list(task.per_model["weight"]), dtype=torch.float32)
-    fused_kernels.linear(
-        fused_kernels.as_numpy(out),
-        tuple(fused_kernels.as_numpy(x) for x in tensors),
+    numba_kernels.linear(
+        numba_kernels.as_numpy(out),
+        tuple(numba_kernels.as_numpy(x) for x in tensors),
         w.numpy(),
         np.float32(w.sum().item()),
         bool(task.shared["normalize"]),
     )
     return True
+
+
+# Elementwise methods with a kernel of their own: name → fn(task, inputs, out), False where it
+# does not apply (then the chunked reference).
+_KERNELS = {"linear": _fused_linear}
 
 
 @functools.cache
@@ -267,7 +260,7 @@ def _glibc():
 
 def return_freed_memory() -> None:
     """Give memory freed so far back to the OS (glibc keeps small freed blocks in its heap: after
-    loading a model that is ~0.3× the model), and mmap every allocation above 1 MiB from the first
+    loading a model that is a large part of the model), and mmap every allocation above 1 MiB from the first
     call on, so freed candidate temporaries go back too. The memory bound is about resident bytes.
     Called after every candidate: the library is opened once."""
     libc = _glibc()

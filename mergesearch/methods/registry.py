@@ -31,12 +31,12 @@ class Method:
     shared_params: dict[str, Any] = field(default_factory=dict)
     min_models: int = 1
     max_models: int | None = None
-    randomized: bool = False
-    fp32_compute: bool = False  # computes in fp32 internally whatever the input dtype
+    randomized: bool = False  # draws from torch's RNG (reseeded per merge: `merge --seed`)
     task_vectors: bool = False  # also accepts task_vectors=, scratch=, out= (see task_arithmetic)
     elementwise: bool = False  # each output element depends only on the same element of each input
     sparsification: str | None = None  # task-vector family: which sparsifier ...
     consensus: bool = False  # ... and whether signs are elected
+    divides_by_weight_sum: bool = False  # normalize: true divides by Σw (so Σw = 0 is refused)
     result_fp32: bool = False  # returns at least fp32 (mergekit writes that unless out_dtype is set)
     ignored_params: tuple[str, ...] = ()  # accepted and ignored by mergekit: we accept them with a warning
 
@@ -53,49 +53,41 @@ class Method:
             unused.add("density")
         return self.params - unused
 
+    def gta_arguments(self, params: dict[str, Any]) -> dict[str, Any]:
+        """A task-arithmetic-family method's recipe parameters (shared and per-model, as planned)
+        as `generalized_task_arithmetic`'s keyword arguments, which the search's bank takes too:
+        mergekit's `lambda` is `lambda_`; `int8_mask` changes no value."""
+        return dict(
+            weight=params["weight"],
+            density=params["density"],
+            sparsification=self.sparsification,
+            consensus=self.consensus,
+            normalize=params["normalize"],
+            rescale=params["rescale"],
+            lambda_=params.get("lambda", 1.0),
+            gamma=params.get("gamma"),
+            epsilon=params.get("epsilon"),
+        )
 
-def _gta(sparsification: str | None, consensus: bool):
-    def merge(
-        base,
-        models,
-        *,
-        weight,
-        density,
-        normalize,
-        rescale,
-        generator=None,
-        task_vectors=None,
-        scratch=None,
-        out=None,
-        **kw,
-    ):
+
+def _gta_method(name, sparsification, consensus, normalize, rescale, extra=None) -> Method:
+    model_params = {"weight": REQUIRED, "density": 1.0, **(extra or {})}
+    shared = {"normalize": normalize, "rescale": rescale, "lambda": 1.0, "int8_mask": False}
+
+    def merge(base, models, *, generator=None, task_vectors=None, scratch=None, out=None, **params):
         return generalized_task_arithmetic(
             base,
             models,
-            weight=weight,
-            density=density,
-            sparsification=sparsification,
-            consensus=consensus,
-            normalize=normalize,
-            rescale=rescale,
-            lambda_=kw.get("lambda", 1.0),
-            gamma=kw.get("gamma"),
-            epsilon=kw.get("epsilon"),
+            **method.gta_arguments(params),
             generator=generator,
             task_vectors=task_vectors,
             scratch=scratch,
             out=out,
         )
 
-    return merge
-
-
-def _gta_method(name, sparsification, consensus, normalize, rescale, extra=None) -> Method:
-    model_params = {"weight": REQUIRED, "density": 1.0, **(extra or {})}
-    shared = {"normalize": normalize, "rescale": rescale, "lambda": 1.0, "int8_mask": False}
-    return Method(
+    method = Method(
         name,
-        _gta(sparsification, consensus),
+        merge,
         base="required",
         model_params=model_params,
         shared_params=shared,
@@ -104,7 +96,9 @@ def _gta_method(name, sparsification, consensus, normalize, rescale, extra=None)
         task_vectors=True,
         sparsification=sparsification,
         consensus=consensus,
+        divides_by_weight_sum=not consensus,
     )
+    return method
 
 
 def _linear(base, models, *, weight, normalize):
@@ -164,10 +158,10 @@ METHODS: dict[str, Method] = {
             "input",
             {"weight": REQUIRED},
             {"normalize": True},
-            fp32_compute=True,
             elementwise=True,
+            divides_by_weight_sum=True,
         ),
-        Method("slerp", _slerp, "required", {}, {"t": REQUIRED}, 1, 1, fp32_compute=True),
+        Method("slerp", _slerp, "required", {}, {"t": REQUIRED}, 1, 1),
         Method(
             "nuslerp",
             _nuslerp,

@@ -40,7 +40,7 @@ def rank_window(sparsification: str, n: int, density: float, gamma: float = 0.0)
     """The ascending |τ| ranks [r0, r1) (0-based) that a magnitude sparsifier keeps of N elements;
     None keeps everything. magnitude (TIES): the k = max(1, ⌊d·N⌋) largest (none at d ≤ 0);
     magnitude_outliers (breadcrumbs): ⌊d·N⌋ of them, below the top ⌊γ·N⌋. The reference here and
-    the search's cuts (`candidates/bank.py`) both take their window from this function."""
+    the search's cuts (`candidates/cuts.py`) both take their window from this function."""
     if density >= 1 or n == 0:
         return None
     if sparsification == "magnitude":
@@ -121,6 +121,16 @@ def della_ranks(tau: torch.Tensor) -> torch.Tensor:
     return ((ranks - lo) / (hi - lo)).clamp(0, 1)
 
 
+def check_della(density: float, epsilon: float) -> None:
+    """DELLA keeps an element with a probability from d − ε to d + ε: both must lie in (0, 1)
+    wherever it sparsifies (0 < d < 1). The reference, the search's masks and the planner all
+    check here."""
+    if 0 < density < 1 and not (0 < density - epsilon and density + epsilon < 1):
+        raise ValueError(
+            f"della: density ± epsilon must lie in (0, 1); got density={density}, epsilon={epsilon}"
+        )
+
+
 def della(
     tau: torch.Tensor,
     density: float,
@@ -133,10 +143,7 @@ def della(
         return tau
     if density <= 0:
         return torch.zeros_like(tau)
-    if density + epsilon >= 1 or density - epsilon <= 0:
-        raise ValueError(
-            f"della: density ± epsilon must lie in (0, 1); got density={density}, epsilon={epsilon}"
-        )
+    check_della(density, epsilon)
     work = work_dtype(tau)
     t = tau.unsqueeze(0) if tau.dim() < 2 else tau
     probs = (density - epsilon) + della_ranks(tau) * 2 * epsilon

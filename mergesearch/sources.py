@@ -1,0 +1,41 @@
+"""Where a space's model references point: a folder (absolute, or relative to the working
+directory or to the space file), or a model of a built-in zoo, built on first use:
+`zoo:<name>` (the demo zoo, `zoo.py`) and `smollm2:<name>` (`zoo build --base smollm2`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import MergeSearchError
+
+
+def _demo_zoo() -> dict[str, Path]:
+    from .zoo import build_zoo
+
+    return build_zoo(log=lambda s: None).models
+
+
+def _smollm2_zoo() -> dict[str, Path]:
+    from .smollm2_zoo import build_smollm2_zoo
+
+    return build_smollm2_zoo().models
+
+
+ZOOS: dict[str, Callable[[], dict[str, Path]]] = {"zoo": _demo_zoo, "smollm2": _smollm2_zoo}
+
+
+def resolve_model(ref: str, space_path: Path | None) -> Path:
+    """A model reference as a folder that exists."""
+    prefix, _, name = ref.partition(":")
+    if name and prefix in ZOOS:
+        models = ZOOS[prefix]()
+        if name not in models:
+            raise MergeSearchError(f"model {ref}: the {prefix} zoo has {', '.join(models)}")
+        return models[name]
+    p = Path(ref).expanduser()
+    if not p.exists() and space_path is not None and (space_path.parent / ref).exists():
+        p = space_path.parent / ref
+    if not p.is_dir():
+        raise MergeSearchError(f"model {ref}: folder does not exist")
+    return p.resolve()
