@@ -274,10 +274,10 @@ class SearchSpace:
                 if name in m.shared_params and name in m.effective_params:
                     shared[name] = setting(s, name, None)
             r = Recipe(method, models=sources, parameters=shared, dtype=self.dtype)
-            if m.base == "required" and method != "slerp":
-                r.base_model = base_path
-            elif method == "slerp":
+            if m.between_models:
                 r.base_model = inputs[0]
+            elif m.base == "required":
+                r.base_model = base_path
             if self.stages > 1 and s < self.stages - 1:
                 r.name = f"stage{s + 1}"
                 prev = r.name
@@ -291,11 +291,11 @@ class SearchSpace:
         if method not in self.methods or self.order == "sequential":
             return None
         # As in baseline_recipe: uniform recipes (ties 0.5/0.5, task arithmetic 1/1) extend to
-        # any number of models; slerp and unequal weights are defined for two.
+        # any number of models; slerp (between two models) and unequal weights are defined for two.
         uneven = any(len(set(v)) > 1 for v in spec.values() if isinstance(v, list))
-        if len(self.models) != 2 and (method == "slerp" or uneven):
-            return None
         m = METHODS[method]
+        if len(self.models) != 2 and (m.between_models or uneven):
+            return None
         values: dict[str, Any] = {}
         if len(self.methods) > 1:
             values["method"] = method
@@ -329,11 +329,11 @@ def baseline_recipe(name: str, base: str, models: list[str], dtype: str | None =
     method = spec["method"]
     lists = [v for v in spec.values() if isinstance(v, list)]
     # Uniform recipes (ties 0.5/0.5, task arithmetic 1/1) extend to any number of models.
-    if (method == "slerp" or any(len(set(v)) > 1 for v in lists)) and len(models) != 2:
+    if (METHODS[method].between_models or any(len(set(v)) > 1 for v in lists)) and len(models) != 2:
         return None
-    if method == "slerp":
+    if METHODS[method].between_models:
         return Recipe(
-            "slerp",
+            method,
             base_model=models[0],
             models=[Source(m) for m in models],
             parameters={"t": spec["t"]},

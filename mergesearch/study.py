@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import optuna
 
+from . import interrupts
 from .candidates import ResidentEngine, return_freed_memory
 from .errors import MergeSearchError
 from .evaluation import NativeEvaluator, configure_threads, find_task
@@ -67,7 +68,7 @@ def open_storage(url: str | None, study: str, *, create: bool = True) -> optuna.
             )
         path.parent.mkdir(parents=True, exist_ok=True)
         repair_journal(path)
-        return optuna.storages.JournalStorage(JournalFileBackend(url))
+        return interrupts.guard(optuna.storages.JournalStorage(JournalFileBackend(url)))
     if url.startswith("sqlite:///"):
         path = Path(url[len("sqlite:///") :])
         if not create and not path.is_file():
@@ -79,7 +80,8 @@ def open_storage(url: str | None, study: str, *, create: bool = True) -> optuna.
     try:
         with warnings.catch_warnings():  # heartbeats are "experimental" but long-standing
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=90)
+            storage = optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=90)
+        return interrupts.guard(storage)
     except Exception as e:  # SQLAlchemy raises many types for a bad URL or an unreachable server
         msg = " ".join(str(e).split("(Background on this error")[0].split())
         raise MergeSearchError(f"storage {url!r} cannot be opened ({type(e).__name__}: {msg})") from e
@@ -547,14 +549,15 @@ def run_search(
     # Failed trials are reported by _Failures, not by Optuna's warning with a traceback per trial.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
-        s.optimize(
-            objective,
-            n_trials=todo,
-            timeout=timeout or space.timeout,
-            callbacks=[bar, failures, stop_at_budget],
-            catch=(MergeSearchError,),
-            gc_after_trial=False,
-        )
+        with interrupts.deferred():  # Ctrl-C stops the trial, never a storage write
+            s.optimize(
+                objective,
+                n_trials=todo,
+                timeout=timeout or space.timeout,
+                callbacks=[bar, failures, stop_at_budget, interrupts.check],
+                catch=(MergeSearchError,),
+                gc_after_trial=False,
+            )
     except Exception as e:
         # A full or read-only disk under the storage: Optuna's failure handling then fails too
         # and raises its own AssertionError; the OSError under it is what the user must see.
@@ -680,7 +683,8 @@ class _Objective:
 
     def __call__(self, trial: optuna.Trial):
         try:
-            return self._run(trial)
+            with interrupts.objective():
+                return self._run(trial)
         except MergeSearchError as e:
             trial.set_user_attr("error", str(e))  # what _Failures reports
             raise

@@ -170,7 +170,7 @@ def test_layouts_are_reused_only_by_recipes_of_the_same_structure(tiny, tmp_path
             assert torch.equal(mem[k], v), f"{i} {name}: {k}"
     # linear (whose layout linear_unnormalized shares: the same models and dtype, its parameters
     # set at the top level instead), slerp_slices, and linear in bf16
-    assert len(engine._layouts) == 3
+    assert len(engine.layouts) == 3
 
 
 def test_a_new_sparsifier_is_searched_through_its_reference(tiny, tmp_path, monkeypatch):
@@ -185,7 +185,7 @@ def test_a_new_sparsifier_is_searched_through_its_reference(tiny, tmp_path, monk
 
     monkeypatch.setitem(sparsify.SPARSIFIERS, "smallest", smallest)
     monkeypatch.setitem(
-        registry.METHODS, "smallest_ta", registry._gta_method("smallest_ta", "smallest", False, False, False)
+        registry.METHODS, "smallest_ta", registry.gta_method("smallest_ta", "smallest", False, False, False)
     )
     base = str(tiny["llama/base"])
     config = {

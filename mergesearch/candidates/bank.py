@@ -42,8 +42,7 @@ class TaskVectorBank:
     """Cached cuts, draws, ranks and norms per task vector, each named by a key such as
     "1:model.layers.0.mlp.up_proj.weight" (the model's position and the tensor's name).
 
-    `backend="torch"` runs every pass in torch (as on a GPU), for tests; `fused=False` only the
-    merge itself."""
+    `backend="torch"` runs every pass in torch, as on a GPU."""
 
     # What the bank implements; anything else takes the reference in methods/ (`supports`).
     SPARSIFICATIONS = (None, "magnitude", "magnitude_outliers", "random", "della")
@@ -55,12 +54,11 @@ class TaskVectorBank:
         seed: int = 0,
         chunk: int = CHUNK,
         cache_ranks: bool = False,
-        fused: bool = True,
         backend: str = "auto",
     ) -> None:
         if backend not in ("auto", "torch"):
             raise ValueError(f"backend {backend!r}: 'auto' or 'torch'")
-        self.seed, self.chunk, self.cache_ranks, self.fused = seed, chunk, cache_ranks, fused
+        self.seed, self.chunk, self.cache_ranks = seed, chunk, cache_ranks
         self.torch = TorchPasses(chunk)
         self.numba = NumbaPasses() if backend == "auto" else None
         self.cuts = Cuts(self.passes_for)
@@ -131,8 +129,7 @@ class TaskVectorBank:
     def _merge_passes(self, out, base, taus, masks) -> Passes:
         numba = self.numba
         if (
-            self.fused
-            and numba is not None
+            numba is not None
             and all(x.dtype == base.dtype for x in [out, *taus])
             and numba.takes(base, out, *taus)
             and all(numba.takes_mask(m) for m in masks)

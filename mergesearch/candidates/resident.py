@@ -57,7 +57,7 @@ class ResidentEngine:
         return_freed_memory()
         self.models = {ref: Checkpoint(resolve_path(ref), allow_pickle=allow_pickle) for ref in recipe_models}
         self._loaded = set(self.models)  # not a multi-stage recipe's intermediate stages
-        self._layouts: dict[tuple, Layout] = {}
+        self.layouts: dict[tuple, Layout] = {}  # plan layouts by structure (`plan.layout_key`)
         if base is not None and base not in self.models:
             raise MergeSearchError(f"ResidentEngine: base {base} is not among the models")
         self.tensors: dict[tuple[str, str], torch.Tensor] = {}
@@ -87,7 +87,7 @@ class ResidentEngine:
         (`plan.layout_key`), so only their parameters are resolved again; a multi-stage recipe's
         later stages, whose inputs are built per candidate, are planned afresh."""
         fixed = all(m in self._loaded for m in recipe.referenced_models())
-        return plan_merge(recipe, models=self.models, layouts=self._layouts if fixed else None)
+        return plan_merge(recipe, models=self.models, layouts=self.layouts if fixed else None)
 
     def iter_candidate(
         self,

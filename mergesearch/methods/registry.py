@@ -37,6 +37,7 @@ class Method:
     sparsification: str | None = None  # task-vector family: which sparsifier ...
     consensus: bool = False  # ... and whether signs are elected
     divides_by_weight_sum: bool = False  # normalize: true divides by Σw (so Σw = 0 is refused)
+    between_models: bool = False  # a space runs it between its two models, the first as its base
     result_fp32: bool = False  # returns at least fp32 (mergekit writes that unless out_dtype is set)
     ignored_params: tuple[str, ...] = ()  # accepted and ignored by mergekit: we accept them with a warning
 
@@ -70,7 +71,12 @@ class Method:
         )
 
 
-def _gta_method(name, sparsification, consensus, normalize, rescale, extra=None) -> Method:
+def gta_method(name, sparsification, consensus, normalize, rescale, extra=None) -> Method:
+    """A method of the task-arithmetic family: its sparsifier (a key of `sparsify.SPARSIFIERS`, or
+    None), whether signs are elected, mergekit's defaults for normalize and rescale, and any
+    per-model parameters beyond weight and density (`extra`, with defaults). A new sparsifier is
+    searched as soon as it and a method built here are registered (through the reference until
+    the search's bank implements it)."""
     model_params = {"weight": REQUIRED, "density": 1.0, **(extra or {})}
     shared = {"normalize": normalize, "rescale": rescale, "lambda": 1.0, "int8_mask": False}
 
@@ -161,7 +167,7 @@ METHODS: dict[str, Method] = {
             elementwise=True,
             divides_by_weight_sum=True,
         ),
-        Method("slerp", _slerp, "required", {}, {"t": REQUIRED}, 1, 1),
+        Method("slerp", _slerp, "required", {}, {"t": REQUIRED}, 1, 1, between_models=True),
         Method(
             "nuslerp",
             _nuslerp,
@@ -173,14 +179,14 @@ METHODS: dict[str, Method] = {
         ),
         Method("model_stock", _model_stock, "required", {}, {"filter_wise": False}, 2),
         Method("passthrough", _passthrough, "input", {"scale": None}, {}, 1, 1),
-        _gta_method("task_arithmetic", None, False, False, False),
-        _gta_method("ties", "magnitude", True, True, False),
-        _gta_method("dare_ties", "random", True, False, True),
-        _gta_method("dare_linear", "random", False, False, True),
-        _gta_method("breadcrumbs", "magnitude_outliers", False, False, False, {"gamma": 0.01}),
-        _gta_method("breadcrumbs_ties", "magnitude_outliers", True, False, False, {"gamma": 0.01}),
-        _gta_method("della", "della", True, True, True, {"epsilon": 0.15}),
-        _gta_method("della_linear", "della", False, False, True, {"epsilon": 0.15}),
+        gta_method("task_arithmetic", None, False, False, False),
+        gta_method("ties", "magnitude", True, True, False),
+        gta_method("dare_ties", "random", True, False, True),
+        gta_method("dare_linear", "random", False, False, True),
+        gta_method("breadcrumbs", "magnitude_outliers", False, False, False, {"gamma": 0.01}),
+        gta_method("breadcrumbs_ties", "magnitude_outliers", True, False, False, {"gamma": 0.01}),
+        gta_method("della", "della", True, True, True, {"epsilon": 0.15}),
+        gta_method("della_linear", "della", False, False, True, {"epsilon": 0.15}),
         Method(
             "multislerp",
             _multislerp,
