@@ -269,3 +269,28 @@ def test_a_search_candidate_is_its_own_methods_merge(tiny, method, monkeypatch):
                            lambda_=args["lambda_"])  # fmt: skip
         torch.testing.assert_close(got[task.name], expected, rtol=1e-6, atol=1e-7)
     assert checked > 0.5 * len(got), (method, checked)
+
+
+def test_a_dropped_engine_frees_its_tensors_at_once(tiny):
+    """No reference cycle through the bank and its caches: the task vectors of an engine a
+    report or a benchmark drops are freed when it is dropped, not at the next garbage collection
+    (a search's process then never holds two engines' inputs)."""
+    import gc
+    import weakref
+
+    base, ft = str(tiny["llama/base"]), [str(tiny[f"llama/ft{i}"]) for i in range(2)]
+    config = {
+        "merge_method": "della",
+        "base_model": base,
+        "models": [{"model": m, "parameters": {"weight": 0.5, "density": 0.5, "epsilon": 0.1}} for m in ft],
+    }
+    (recipe,) = parse_recipes(yaml.safe_dump(config))
+    gc.disable()
+    try:
+        engine = ResidentEngine([base, *ft], base=base, exact=False, cache_ranks=True)
+        engine.state_dict(recipe, seed=0)
+        bank = weakref.ref(engine.bank)  # its caches hold views of the task vectors' memory
+        del engine
+        assert bank() is None
+    finally:
+        gc.enable()

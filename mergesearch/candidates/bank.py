@@ -24,7 +24,7 @@ from .draws import Draws
 from .masks import CutMask, DellaMask, DrawMask
 from .norms import Norms
 from .numba_passes import NumbaPasses
-from .passes import Mix, Passes
+from .passes import Backends, Mix, Passes
 from .ranks import DellaRanks
 from .torch_passes import TorchPasses
 
@@ -61,6 +61,7 @@ class TaskVectorBank:
         self.seed, self.chunk, self.cache_ranks = seed, chunk, cache_ranks
         self.torch = TorchPasses(chunk)
         self.numba = NumbaPasses() if backend == "auto" else None
+        self.passes_for = Backends(self.torch, self.numba)  # numba's kernels where they take the tensors
         self.cuts = Cuts(self.passes_for)
         self.draws = Draws(seed, self.passes_for)
         self.ranks = DellaRanks(chunk, cache_ranks)
@@ -77,10 +78,6 @@ class TaskVectorBank:
             and dtype in cls.DTYPES
             and torch.device(device).type in cls.DEVICES
         )
-
-    def passes_for(self, *tensors: torch.Tensor) -> Passes:
-        """numba's kernels where they take the tensors, else torch's passes."""
-        return self.numba if self.numba is not None and self.numba.takes(*tensors) else self.torch
 
     # -- one output tensor --------------------------------------------------------------------
 

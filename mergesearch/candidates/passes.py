@@ -88,3 +88,16 @@ class Passes(ABC):
     @abstractmethod
     def uniforms(self, keys: np.ndarray, start: int, out: torch.Tensor) -> torch.Tensor:
         """The draws (`draws.py`) at flat indices [start, start + out.numel()), into fp32 `out`."""
+
+
+class Backends:
+    """Which backend runs a pass over given tensors: the fast one where it takes them, else the
+    general one. The bank's caches share this object rather than the bank, so that nothing
+    points back at the bank: freed with its engine at once, not at the next garbage collection
+    (a cycle kept every task vector of a dropped engine alive until then)."""
+
+    def __init__(self, general: Passes, fast: Passes | None) -> None:
+        self.general, self.fast = general, fast
+
+    def __call__(self, *tensors: torch.Tensor) -> Passes:
+        return self.fast if self.fast is not None and self.fast.takes(*tensors) else self.general
