@@ -317,3 +317,26 @@ def test_an_unknown_sparsification_is_refused_not_merged_without_a_mask():
             normalize=False,
             rescale=False,
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_bank_on_torch_alone_makes_the_same_candidates(dtype):
+    """Every pass in torch (as on a GPU: cuts from torch's bins and brackets, torch's draws and
+    merge) against the CPU's mix of numba and torch: the same candidates bit for bit (without a
+    rescale, whose norm each backend sums in its own order)."""
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(300, 517, generator=g).to(dtype)
+    taus = [((0.01 * torch.randn(300, 517, generator=g) * 300).round() / 300).to(dtype) for _ in range(2)]
+    keys = ["0:w", "1:w"]
+    auto, alone = TaskVectorBank(chunk=4096, cache_ranks=True), TaskVectorBank(chunk=4096, backend="torch")
+    for sparsification, consensus in (
+        ("magnitude", True),
+        ("magnitude_outliers", False),
+        ("random", True),
+        ("della", False),
+    ):
+        kw = dict(weight=[0.7, 0.4], density=[0.35, 0.6], gamma=[0.02, 0.01], epsilon=[0.1, 0.2],
+                  sparsification=sparsification, consensus=consensus, normalize=True, rescale=False)  # fmt: skip
+        assert torch.equal(auto.merge(keys, base, taus, **kw), alone.merge(keys, base, taus, **kw)), (
+            sparsification
+        )
