@@ -91,9 +91,14 @@ def check(*_) -> None:
 
 @contextmanager
 def deferred() -> Iterator[None]:
-    """SIGINT handled as the module says, for the block's duration (main thread only)."""
+    """SIGINT handled as the module says, for the block's duration: on the main thread, where
+    Python's own handler is in place (one started with SIGINT ignored, as `nohup cmd &` does,
+    keeps ignoring it; an embedding program's handler is left alone)."""
     global _interrupted
-    if threading.current_thread() is not threading.main_thread():
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
         yield
         return
     _interrupted = False

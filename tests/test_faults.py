@@ -142,6 +142,9 @@ def test_ctrl_c_exits_130_with_one_word_and_the_study_resumes(zoo, tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        # as from a terminal, whatever this test runs under (a background job ignores SIGINT,
+        # and its children inherit that)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline, storage, sent = time.time() + 120, None, False
     while time.time() < deadline and proc.poll() is None:
@@ -185,6 +188,18 @@ def test_an_interrupt_waits_for_the_storage_call_and_is_never_lost():
             return []
 
     storage = interrupts.guard(Storage())
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        _interrupt_paths(interrupts, storage)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # as under `nohup … &`: still ignored
+        with interrupts.deferred():
+            assert storage.get_all_studies() == []
+            interrupts.check()
+    finally:
+        signal.signal(signal.SIGINT, outer)
+
+
+def _interrupt_paths(interrupts, storage) -> None:
     with interrupts.deferred():  # between trials: the call finishes, the interrupt waits
         assert storage.get_all_studies() == [] and storage.finished
         with pytest.raises(KeyboardInterrupt):
