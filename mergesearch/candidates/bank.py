@@ -58,7 +58,6 @@ class TaskVectorBank:
     ) -> None:
         if backend not in ("auto", "torch"):
             raise ValueError(f"backend {backend!r}: 'auto' or 'torch'")
-        self.seed, self.chunk, self.cache_ranks = seed, chunk, cache_ranks
         self.torch = TorchPasses(chunk)
         self.numba = NumbaPasses() if backend == "auto" else None
         self.passes_for = Backends(self.torch, self.numba)  # numba's kernels where they take the tensors

@@ -17,7 +17,7 @@ from ..methods import sparsify
 from .cuts import Cut
 from .draws import LEVELS
 
-Draws = Callable[[int, int, torch.Tensor], torch.Tensor]  # (start, n, out) → uniforms at [start, start + n)
+DrawsFn = Callable[[int, int, torch.Tensor], torch.Tensor]  # (start, n, out) → uniforms at [start, start + n)
 
 
 @dataclass(eq=False)
@@ -39,7 +39,7 @@ class DrawMask:
     """DARE: keep where the task vector's uniform u < d, d rounded up to the grid of 1/LEVELS."""
 
     keys: np.ndarray  # the draw keys of the task vector's blocks (`draws.block_keys`)
-    draws: Draws
+    draws: DrawsFn
     density: float
     d: float = field(init=False)
 
@@ -58,7 +58,7 @@ class DellaMask:
     ranks (`ranks.DellaRanks`), or None where they are not kept."""
 
     keys: np.ndarray
-    draws: Draws
+    draws: DrawsFn
     ranks: Callable[..., torch.Tensor]
     cached: Callable[[], np.ndarray] | None
     tau: torch.Tensor
