@@ -60,9 +60,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from .evaluation import evaluate_model
 
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise MergeSearchError(
+            f"--tasks {args.tasks!r} names no task; give task names or YAML paths, e.g. add,reverse"
+        )
     rows = evaluate_model(
         args.model_dir,
-        [t for t in args.tasks.split(",") if t],
+        tasks,
         split=args.split,
         limit=args.limit,
         backend=args.backend,
@@ -88,8 +93,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from .space import load_space
-    from .study import run_search, study_dir
+    from .search import load_space, run_search, study_dir
+    from .sources import resolve_model
 
     space = load_space(args.space)
     name = args.study or space.name
@@ -106,6 +111,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         cache_ranks=args.cache_ranks,
         set_budget=args.set_budget,
         gradient_seconds=args.gradient,
+        resolve=resolve_model,
         log=_log(args),
     )
     _print_study(study, name, args.storage)
@@ -115,7 +121,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from .study import load_study_space, run_search
+    from .search import load_study_space, run_search
+    from .sources import resolve_model
 
     space = load_study_space(args.study, args.storage)
     study = run_search(
@@ -128,6 +135,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         cache_ranks=args.cache_ranks,
         worker=True,
+        resolve=resolve_model,
         log=_log(args),
     )
     _print_study(study, args.study, args.storage)
@@ -145,10 +153,12 @@ def _log(args: argparse.Namespace):
 
 def _print_study(study, name: str, storage: str | None) -> None:
     """What the search did and what to run next."""
-    import numpy as np
     import optuna
 
-    states = [t.state for t in study.trials]
+    from .search.trials import StudyAttr, records
+
+    trials = records(study)
+    states = [t.state for t in trials]
     n = {
         s.name.lower(): states.count(s)
         for s in (
@@ -161,20 +171,19 @@ def _print_study(study, name: str, storage: str | None) -> None:
         f"study {name}: {len(states)} trials ({n['complete']} complete, {n['pruned']} stopped early, "
         f"{n['fail']} failed)"
     )
-    budget = study.user_attrs.get("trials")
+    budget = study.user_attrs.get(StudyAttr.BUDGET)
     finished = sum(s.is_finished() for s in states)
     if budget and finished < budget:
         print(
             f"stopped before the budget ({finished} of {budget} trials finished): run the same command to go on"
         )
-    done = (
-        [t for t in study.best_trials if t.state == optuna.trial.TrialState.COMPLETE] if n["complete"] else []
-    )
-    if done:
-        best = max(done, key=lambda t: float(np.mean(t.values)))
-        scores = ", ".join(f"{k} {v:.3f}" for k, v in (best.user_attrs.get("scores") or {}).items())
-        tag = f" ({best.user_attrs['baseline']})" if "baseline" in best.user_attrs else ""
-        print(f"best trial {best.number}{tag}: search mean {float(np.mean(best.values)):.3f} ({scores})")
+    from .report import front
+
+    best = max(front(study), key=lambda t: t.mean, default=None)  # as the report picks it
+    if best is not None:
+        scores = ", ".join(f"{k} {v:.3f}" for k, v in best.scores.items())
+        tag = f" ({best.baseline})" if best.baseline else ""
+        print(f"best trial {best.number}{tag}: search mean {best.mean:.3f} ({scores})")
         st = _storage_flag(storage)
         print(f"next: mergesearch report {name}{st}        # test-split scores, gains with intervals, plots")
         print(f"      mergesearch export {name}{st} -o best.yaml   # the best recipe as mergekit YAML")
@@ -183,14 +192,10 @@ def _print_study(study, name: str, storage: str | None) -> None:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import report
-    from .study import study_dir
+    from .search import study_dir
+    from .sources import resolve_model
 
-    summary = report(
-        args.study,
-        args.storage,
-        device=args.device,
-        log=_log(args),
-    )
+    summary = report(args.study, args.storage, device=args.device, resolve=resolve_model, log=_log(args))
     out = study_dir(args.study)
     if "gain" in summary:
         g = summary["gain"]
@@ -220,7 +225,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> int:
-    from .dashboard import serve
+    from .report.dashboard import serve
 
     serve(args.study, args.storage, port=args.port)
     return 0

@@ -6,8 +6,8 @@ import time
 
 from .report import export, report
 from .resources import data_dir
-from .space import load_space
-from .study import Searcher, run_search, study_dir
+from .search import Bench, load_space, run_search, study_dir
+from .sources import resolve_model
 from .zoo import build_zoo
 
 DEMO_SPACE = data_dir("search_spaces") / "demo.yaml"
@@ -22,18 +22,18 @@ def run_demo(*, trials: int | None = None, study: str = "demo", progress: bool =
         print(f"    {name:8s} " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()))
     space = load_space(DEMO_SPACE)
     print(f"2/4 search: {space.description}")
-    searcher = Searcher(space)
+    bench = Bench(space, resolve=resolve_model)
     run_search(
         space,
         study=study,
         trials=trials,
         progress=progress,
-        searcher=searcher,
+        bench=bench,
         set_budget=True,
         log=(lambda m: print(f"    {m}", flush=True)) if progress else (lambda m: None),
     )
     print("3/4 report: re-scoring the best and Pareto-front recipes and the known recipes on the test split")
-    summary = report(study, searcher=searcher)
+    summary = report(study, bench=bench)
     path = export(study, out=study_dir(study) / "best_recipe.yaml")
     out = study_dir(study)
     print(f"4/4 done in {time.perf_counter() - t0:.0f}s")
@@ -41,7 +41,7 @@ def run_demo(*, trials: int | None = None, study: str = "demo", progress: bool =
         g = summary["gain"]
         print(
             f"    learned recipe (trial {summary['best_trial']}): test mean {g['best_test_mean']:.3f}; "
-            f"best known recipe ({g['over'].replace('baseline: ', '')}): {g['baseline_test_mean']:.3f}; "
+            f"best known recipe ({g['known_recipe']}): {g['baseline_test_mean']:.3f}; "
             f"gain {g['gain']:+.3f} (paired 95% CI [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}])"
         )
     if "gradient" in summary:

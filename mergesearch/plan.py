@@ -21,7 +21,7 @@ import torch
 from .checkpoint import Checkpoint, parse_dtype
 from .errors import MergeSearchError
 from .methods import sparsify
-from .methods.registry import REQUIRED, Method, get_method
+from .methods.registry import REQUIRED, UNIT_INTERVAL, Method, get_method
 from .recipe import Recipe, Slice, Source, evaluate_setting
 
 
@@ -331,8 +331,8 @@ def parameterize(layout: Layout, recipe: Recipe, models: dict[str, Checkpoint]) 
                             f"by {method.name}; set it for this model or under top-level parameters"
                         )
                     v = default
-                if key == "density" and not 0 <= v <= 1:
-                    raise MergeSearchError(f"{src.model}: density {v} for {in_name} is outside [0, 1]")
+                if key in UNIT_INTERVAL and not 0 <= v <= 1:
+                    raise MergeSearchError(f"{src.model}: {key} {v} for {in_name} is outside [0, 1]")
                 vals.append(v)
             per_model[key] = vals
         if shared.get("normalize") and "weight" in per_model and slot.floating:

@@ -19,7 +19,7 @@ import yaml
 
 from .errors import MergeSearchError
 from .methods.registry import UNIT_INTERVAL, get_method
-from .yaml_files import read_text, yaml_error
+from .yaml_files import read_text, safe_load_all, yaml_error
 
 TOP_KEYS = {
     "merge_method",
@@ -338,7 +338,7 @@ def rounded(recipes: list[Recipe], digits: int = 4) -> list[Recipe]:
 
 def parse_recipes(text: str, where: str = "recipe") -> list[Recipe]:
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        docs = [d for d in safe_load_all(text) if d is not None]
     except yaml.YAMLError as e:
         raise yaml_error(where, e) from e
     if not docs:

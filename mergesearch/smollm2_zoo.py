@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .errors import MergeSearchError
+from .evaluation.sequences import IGNORE, TeacherForced, padded_examples, teacher_forced
 from .zoo import Zoo, _write_manifest, default_home, publish, warmup_cosine
 
 SKILLS = ("largest", "nth_word", "to_digits")
@@ -95,32 +96,20 @@ class SmolZooConfig:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _encode(ev, task, record: dict) -> tuple[list[int], list[int]]:
-    """(prompt ids, answer ids + EOS), the prompt rendered and encoded exactly as evaluation does."""
-    ex = task.example(record)
-    prompt = ev.encode_prompt(ev.prompt_text(ex))
-    answer = ev.encode(ex.target, special=False) + [ev.tok.eos_token_id]
-    return prompt, answer
+def _encode(ev, task, record: dict) -> TeacherForced:
+    """The prompt rendered and encoded exactly as evaluation does, then the answer and EOS."""
+    return teacher_forced(ev, task.example(record))
 
 
-def _train_step(model, batch: list[tuple[list[int], list[int]]], pad: int, device) -> torch.Tensor:
+def _train_step(model, batch: list[TeacherForced], pad: int, device) -> torch.Tensor:
     """Cross-entropy on the answer tokens only; the head runs on those positions alone (the
     vocabulary projection is a fifth of a forward pass at 135M, and the prompt needs none)."""
-    seqs = [p + a for p, a in batch]
-    n = max(map(len, seqs))
-    ids = torch.full((len(seqs), n), pad)
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    rows, cols, targets = [], [], []
-    for i, ((p, a), s) in enumerate(zip(batch, seqs)):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-        for j in range(len(a)):  # the logits at position t predict token t+1
-            rows.append(i)
-            cols.append(len(p) - 1 + j)
-            targets.append(a[j])
-    hidden = model.model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-    logits = model.lm_head(hidden[torch.tensor(rows), torch.tensor(cols)])
-    return torch.nn.functional.cross_entropy(logits.float(), torch.tensor(targets, device=device))
+    b = padded_examples(batch, pad)
+    gold = b.next_token_labels()
+    rows, cols = (gold != IGNORE).nonzero(as_tuple=True)  # row by row, left to right
+    hidden = model.model(input_ids=b.ids.to(device), attention_mask=b.mask.to(device)).last_hidden_state
+    logits = model.lm_head(hidden[rows, cols])
+    return torch.nn.functional.cross_entropy(logits.float(), gold[rows, cols].to(device))
 
 
 def _finetune(

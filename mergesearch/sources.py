@@ -1,6 +1,9 @@
-"""Where a space's model references point: a folder (absolute, or relative to the working
-directory or to the space file), or a model of a built-in zoo, built on first use:
-`zoo:<name>` (the demo zoo, `zoo.py`) and `smollm2:<name>` (`zoo build --base smollm2`)."""
+"""Where a model reference points, zoos included: a folder (absolute, or relative to the working
+directory or to the space file), or a model of a built-in zoo, built on first use: `zoo:<name>`
+(the demo zoo, `zoo.py`) and `smollm2:<name>` (`zoo build --base smollm2`).
+
+The search resolves folders only (`search.bench.resolve_folder`); the CLI and the demo hand it
+`resolve_model`, so the demo's zoos sit above the search, not under it."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import MergeSearchError
+from .search.bench import resolve_folder
 
 
 def _demo_zoo() -> dict[str, Path]:
@@ -33,9 +37,4 @@ def resolve_model(ref: str, space_path: Path | None) -> Path:
         if name not in models:
             raise MergeSearchError(f"model {ref}: the {prefix} zoo has {', '.join(models)}")
         return models[name]
-    p = Path(ref).expanduser()
-    if not p.exists() and space_path is not None and (space_path.parent / ref).exists():
-        p = space_path.parent / ref
-    if not p.is_dir():
-        raise MergeSearchError(f"model {ref}: folder does not exist")
-    return p.resolve()
+    return resolve_folder(ref, space_path)

@@ -26,6 +26,38 @@ def read_text(path: str | Path, kind: str) -> str:
         ) from e
 
 
+class StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader (no tags that build objects) that refuses a key given twice in one mapping:
+    PyYAML would keep the last value without a word (`method:` twice merges by the second)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None,
+                            None,
+                            f"key {key!r} is given twice (lines {seen[key]} and {line}); keep one",
+                            key_node.start_mark,
+                        )
+                    seen[key] = line
+                except TypeError:  # an unhashable key: PyYAML's own error follows
+                    continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load(text: str) -> Any:
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - StrictLoader is a SafeLoader
+
+
+def safe_load_all(text: str) -> list[Any]:
+    return list(yaml.load_all(text, Loader=StrictLoader))  # noqa: S506
+
+
 def yaml_error(where: str, e: yaml.YAMLError) -> MergeSearchError:
     return MergeSearchError(f"{where}: not valid YAML ({' '.join(str(e).split())})")
 
@@ -34,7 +66,7 @@ def read_mapping(path: str | Path, kind: str) -> dict[str, Any]:
     """The top-level mapping of a YAML file."""
     text = read_text(path, kind)
     try:
-        d = yaml.safe_load(text)
+        d = safe_load(text)
     except yaml.YAMLError as e:
         raise yaml_error(str(path), e) from e
     if not isinstance(d, dict):

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .errors import MergeSearchError
+from .evaluation.sequences import TeacherForced, padded_examples
 
 SKILLS = ("add", "reverse", "count")
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -131,22 +132,17 @@ def _model(cfg: ZooConfig, vocab: int):
 
 
 def _batch(tok, items: list[tuple[str, str]], answer_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    seqs, starts = [], []
-    for p, t in items:
-        pi = tok(p, add_special_tokens=False)["input_ids"]
-        ti = tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        seqs.append(pi + ti)
-        starts.append(len(pi))
-    n = max(map(len, seqs))
-    ids = torch.full((len(seqs), n), tok.pad_token_id)
-    labels = torch.full((len(seqs), n), -100)
-    for i, (s, st) in enumerate(zip(seqs, starts)):
-        ids[i, : len(s)] = torch.tensor(s)
-        lab = torch.tensor(s)
-        if answer_only:
-            lab[:st] = -100
-        labels[i, : len(s)] = lab
-    return ids, labels
+    """Prompt, answer and EOS as one padded batch (the prompt without special tokens: pretraining
+    text has none), with labels on the answer only or on every token."""
+    seqs = [
+        TeacherForced(
+            tok(p, add_special_tokens=False)["input_ids"],
+            tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
+        )
+        for p, t in items
+    ]
+    b = padded_examples(seqs, tok.pad_token_id)
+    return b.ids, b.labels(answer_only)
 
 
 def warmup_cosine(warm: int, steps: int, final_frac: float) -> Callable[[int], float]:

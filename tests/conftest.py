@@ -1,9 +1,16 @@
+"""Fixtures and helpers that several test files share: tiny models, the demo zoo, results under
+tmp_path, a space file, a real subprocess of the CLI, mergekit's own merge, and the search's bench
+with the zoo-aware model resolver the CLI hands it."""
+
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.tiny_models import make_base, make_finetune
 
@@ -34,9 +41,104 @@ def zoo():
 
 
 @pytest.fixture
+def tmpfs(tmp_path):
+    """mount(name, size, ro=False): a tmpfs folder under tmp_path; unmounted afterwards."""
+    mounted: list[Path] = []
+
+    def mount(name: str, size: str = "1m", ro: bool = False) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        opts = f"size={size}" + (",ro" if ro else "")
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(d)], capture_output=True)
+        if r.returncode:
+            pytest.skip(f"mounting a tmpfs needs root (CI runs as root): {r.stderr.decode().strip()}")
+        mounted.append(d)
+        return d
+
+    yield mount
+    for d in mounted:
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+@pytest.fixture
 def results(tmp_path, monkeypatch):
     """results/<study> of in-process searches and reports under tmp_path."""
-    from mergesearch import study
+    from mergesearch.search import storage
 
-    monkeypatch.setattr(study, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(storage, "RESULTS", tmp_path / "results")
     return tmp_path / "results"
+
+
+SPACE = {
+    "name": "t",
+    "base": "zoo:base",
+    "models": ["zoo:add", "zoo:reverse"],
+    "method": "dare_ties",
+    "granularity": "layer",
+    "components": ["attention", "other"],
+    "parameters": {"weight": [0.2, 1.2], "density": [0.3, 1.0]},
+    "tasks": ["add", "reverse"],
+    "fidelity": [20, 60],
+    "trials": 12,
+}
+
+
+def write_space(tmp_path: Path, **over) -> Path:
+    d = dict(SPACE, **over)
+    p = tmp_path / f"{d['name']}.yaml"
+    p.write_text(yaml.safe_dump(d))
+    return p
+
+
+def env(tmp_path: Path) -> dict:
+    return dict(os.environ, MERGESEARCH_RESULTS=str(tmp_path / "results"))
+
+
+def cli(tmp_path: Path, *args, check=True, **kw) -> subprocess.CompletedProcess:
+    p = subprocess.run(
+        [sys.executable, "-m", "mergesearch", *args],
+        capture_output=True,
+        text=True,
+        env=env(tmp_path),
+        cwd=tmp_path,
+        **kw,
+    )
+    if check:
+        assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def mergekit_yaml(cwd: Path, recipe: str, out: str) -> None:
+    """mergekit itself builds the model of an exported recipe (the draws of `--random-seed 0`)."""
+    mk = subprocess.run(
+        [str(Path(sys.executable).parent / "mergekit-yaml"), recipe, out, "--random-seed", "0"]
+        + ["--no-write-model-card", "--quiet"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+    )
+    assert mk.returncode == 0, mk.stderr[-3000:]
+
+
+def bench(space, **kw):
+    """The search's bench over a space that names zoo models (as the CLI and the demo build it)."""
+    from mergesearch.search import Bench
+    from mergesearch.sources import resolve_model
+
+    return Bench(space, resolve=resolve_model, **kw)
+
+
+def search(space, **kw):
+    """run_search with the zoo-aware resolver (as the CLI calls it)."""
+    from mergesearch.search import run_search
+    from mergesearch.sources import resolve_model
+
+    return run_search(space, resolve=resolve_model, **kw)
+
+
+def report(study, **kw):
+    """report() with the zoo-aware resolver (as the CLI calls it)."""
+    from mergesearch.report import report as build
+    from mergesearch.sources import resolve_model
+
+    return build(study, resolve=resolve_model, **kw)

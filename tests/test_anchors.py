@@ -9,7 +9,7 @@ import yaml
 
 from mergesearch.errors import MergeSearchError
 from mergesearch.evaluation.anchors import choose_anchors, estimate
-from mergesearch.space import space_from_dict
+from mergesearch.search import space_from_dict
 from tests.test_search import SPACE, cli, env, write_space  # noqa: F401
 
 
@@ -52,7 +52,7 @@ def test_a_study_scores_later_trials_on_anchors(zoo, tmp_path):
     see only the anchors, and their value is the weighted anchor estimate of the candidate's own
     verdicts (checked by scoring the recorded recipe again on the whole split)."""
     from mergesearch.recipe import parse_recipes
-    from mergesearch.study import Searcher
+    from tests.conftest import bench
 
     space = write_space(
         tmp_path,
@@ -76,8 +76,8 @@ def test_a_study_scores_later_trials_on_anchors(zoo, tmp_path):
         assert all(1 <= len(v["indices"]) <= 5 for v in anchors.values())
 
     sp = space_from_dict(yaml.safe_load(space.read_text()), space)
-    searcher = Searcher(sp)
-    searcher.hold_models()  # the exact engine: task arithmetic's candidates are the same
+    searcher = bench(sp)
+    searcher.use_exact_engine()  # the exact engine: task arithmetic's candidates are the same
     t = done[-1]
     res, _ = searcher.score(parse_recipes(t.user_attrs["recipe"]), "search", 40)
     want = np.mean([estimate(res[k].scores[v["indices"]], v["weights"]) for k, v in anchors.items()])
@@ -99,11 +99,12 @@ def test_uniform_known_recipes_extend_to_three_models():
     compares with it; uneven recipes (linear 70/30) and slerp stay two-model only."""
     from pathlib import Path
 
-    from mergesearch.space import load_space
+    from mergesearch.search import load_space
+    from mergesearch.search.known_recipes import baseline_values
 
     space = load_space(Path(__file__).parents[1] / "search_spaces" / "smollm2_ta_blocks.yaml")
-    values = space.baseline_values("task_arithmetic λ=1", 30)
+    values = baseline_values(space, "task_arithmetic λ=1", 30)
     assert len(values) == 3 * 2 * 6 and set(values.values()) == {1.0}
     linear = space_from_dict(dict(space.raw, method="linear", parameters={"weight": [0.0, 1.0]}))
-    assert set(linear.baseline_values("linear 50/50", 30).values()) == {0.5}
-    assert linear.baseline_values("linear 70/30", 30) is None
+    assert set(baseline_values(linear, "linear 50/50", 30).values()) == {0.5}
+    assert baseline_values(linear, "linear 70/30", 30) is None

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mergesearch import study as study_mod
 from mergesearch.cli import main
+from mergesearch.search import storage as study_mod
 from tests.tiny_models import make_base, make_finetune
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -249,6 +249,24 @@ CASES: list[tuple[str, Callable, str]] = [
         "label",
     ),
     ("task file a list", lambda t: search(t, tasks=[_write(t / "tl.yaml", b"- 1\n")]), "expected a mapping"),
+    # -- silent paths closed (issue 25, item 8) ------------------------------------------------------
+    (
+        "space key given twice",
+        lambda t: ["search", _write(t / "s.yaml", Path(space(t)).read_bytes() + b"method: ties\n")],
+        "key 'method' is given twice",
+    ),
+    (
+        "recipe key given twice",
+        lambda t: [
+            "merge",
+            _write(t / "r.yaml", Path(_recipe(t)).read_bytes() + b"merge_method: ties\n"),
+            str(t / "out"),
+        ],
+        "key 'merge_method' is given twice",
+    ),
+    ("eval tasks a comma", lambda t: ["eval", str(ZOO["add"]), "--tasks", ","], "names no task"),
+    ("sequential of two", lambda t: search(t, order="sequential"), "sequential with two models"),
+    ("export a failed trial", lambda t: ["export", _failed_study(t), "--trial", "0"], "failed"),
 ]
 
 ZOO: dict[str, Path] = {}
@@ -269,6 +287,21 @@ def _empty_study(t: Path) -> str:
     s.set_user_attr("space", {"raw": dict(SPACE, name="empty"), "path": None})
     s.tell(s.ask(), state=optuna.trial.TrialState.FAIL)
     return "empty"
+
+
+def _failed_study(t: Path) -> str:
+    """A study whose trial 0 has a recipe and failed (its merge raised)."""
+    import optuna
+
+    d = t / "results" / "failed"
+    d.mkdir(parents=True)
+    s = optuna.create_study(study_name="failed", storage=f"sqlite:///{d / 'study.db'}")
+    s.set_user_attr("space", {"raw": dict(SPACE, name="failed"), "path": None})
+    trial = s.ask()
+    trial.set_user_attr("recipe", Path(_recipe(t)).read_text())
+    trial.set_user_attr("error", "the models cannot be merged")
+    s.tell(trial, state=optuna.trial.TrialState.FAIL)
+    return "failed"
 
 
 def _write(p: Path, data: bytes) -> str:
@@ -320,3 +353,71 @@ def test_task_weights_name_tasks_given_by_path(zoo, tmp_path, monkeypatch, capfd
     monkeypatch.setattr(study_mod, "RESULTS", tmp_path / "results")
     argv = search(tmp_path, tasks=[task(tmp_path), "add"], task_weights={"mytask": 2, "add": 1}, trials=2)
     assert main(argv) == 0, capfd.readouterr().err
+
+
+def _stopped_study(root: Path) -> str:
+    """A study whose trial 0 completed and trial 1 was stopped early at 20 examples per task."""
+    import optuna
+
+    d = root / "results" / "stopped"
+    d.mkdir(parents=True)
+    s = optuna.create_study(study_name="stopped", storage=f"sqlite:///{d / 'study.db'}")
+    s.set_user_attr("space", {"raw": dict(SPACE, name="stopped"), "path": None})
+    for state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED):
+        trial = s.ask()
+        trial.set_user_attr("recipe", Path(_recipe(root)).read_text())
+        trial.set_user_attr("scores", {"add": 0.5})
+        if state == optuna.trial.TrialState.PRUNED:
+            trial.set_user_attr("stopped_at", 20)
+        s.tell(trial, 0.5 if state == optuna.trial.TrialState.COMPLETE else None, state=state)
+    return "stopped"
+
+
+def test_export_of_a_stopped_trial_warns_and_says_so(zoo, tmp_path, monkeypatch, capfd):
+    """A stopped-early trial is exported as asked, with a warning and its state in the header."""
+    ZOO.update(zoo.models)
+    monkeypatch.setattr(study_mod, "RESULTS", tmp_path / "results")
+    name = _stopped_study(tmp_path)
+    with pytest.warns(UserWarning, match="stopped early after 20 examples per task"):
+        assert main(["export", name, "--trial", "1", "-o", str(tmp_path / "t1.yaml")]) == 0
+    header = (tmp_path / "t1.yaml").read_text().splitlines()
+    assert header[1] == (
+        "# state: PRUNED (trial 1 was stopped early after 20 examples per task: its search scores are "
+        "of those examples only)"
+    )
+    assert main(["export", name, "--trial", "0", "-o", str(tmp_path / "t0.yaml")]) == 0
+    assert (tmp_path / "t0.yaml").read_text().splitlines()[1] == "# state: COMPLETE"
+
+
+def test_a_full_disk_during_export_names_the_output(zoo, tmp_path, tmpfs, monkeypatch, capfd):
+    """ENOSPC while writing the export: one line naming the file asked for, nothing left behind."""
+    ZOO.update(zoo.models)
+    monkeypatch.setattr(study_mod, "RESULTS", tmp_path / "results")
+    name = _stopped_study(tmp_path)
+    disk = tmpfs("disk", size="64k")
+    (disk / "filler").write_bytes(b"x" * 60_000)
+    try:
+        (disk / "more").write_bytes(b"x" * 8192)  # fill what rounding left
+    except OSError:
+        pass
+    before = sorted(p.name for p in disk.iterdir())
+    capfd.readouterr()
+    out = disk / "best.yaml"
+    assert main(["export", name, "--trial", "0", "-o", str(out)]) == 2
+    err = [x for x in capfd.readouterr().err.splitlines() if x.strip()]
+    assert err == [
+        f"error: {out}: No space left on device; the disk is full; free space (completed "
+        "trials are kept) and run the command again"
+    ], err
+    assert sorted(p.name for p in disk.iterdir()) == before  # no partial file, no temporary one
+
+
+def test_the_base_among_the_models_is_a_warning(zoo, tmp_path, monkeypatch):
+    """Legal, but under task arithmetic its task vector is zero: the search says so and runs."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(study_mod, "RESULTS", tmp_path / "results")
+    argv = search(tmp_path, models=["zoo:base", "zoo:add"], trials=1)
+    with pytest.warns(
+        UserWarning, match="model zoo:base is the base; under task_arithmetic its task vector is zero"
+    ):
+        assert main(argv) == 0

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mergesearch.errors import MergeSearchError
-from mergesearch.evaluation.native import NativeEvaluator, bootstrap_ci
+from mergesearch.evaluation import NativeEvaluator, bootstrap_ci
 from mergesearch.evaluation.tasks import find_task, load_task
 from mergesearch.modeling import load_model
 

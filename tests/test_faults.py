@@ -15,9 +15,9 @@ from pathlib import Path
 import optuna
 import pytest
 
-from mergesearch import study as study_mod
 from mergesearch.cli import main
 from mergesearch.errors import MergeSearchError
+from mergesearch.search import storage as study_mod
 from tests.test_search import cli, env, write_space
 
 COMPLETE, RUNNING, FAIL = (
@@ -25,26 +25,6 @@ COMPLETE, RUNNING, FAIL = (
     optuna.trial.TrialState.RUNNING,
     optuna.trial.TrialState.FAIL,
 )
-
-
-@pytest.fixture
-def tmpfs(tmp_path):
-    """mount(name, size, ro=False): a tmpfs folder under tmp_path; unmounted afterwards."""
-    mounted: list[Path] = []
-
-    def mount(name: str, size: str = "1m", ro: bool = False) -> Path:
-        d = tmp_path / name
-        d.mkdir()
-        opts = f"size={size}" + (",ro" if ro else "")
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(d)], capture_output=True)
-        if r.returncode:
-            pytest.skip(f"mounting a tmpfs needs root (CI runs as root): {r.stderr.decode().strip()}")
-        mounted.append(d)
-        return d
-
-    yield mount
-    for d in mounted:
-        subprocess.run(["umount", "-l", str(d)], capture_output=True)
 
 
 def journal_trials(path: Path, name: str) -> list[optuna.trial.FrozenTrial]:
@@ -179,7 +159,7 @@ def test_an_interrupt_waits_for_the_storage_call_and_is_never_lost():
     """SIGINT during a storage call lets the call finish; inside the objective it is raised when
     the call returns, elsewhere at `check` (after the trial is recorded); one that something
     swallowed (Python does, inside garbage-collection callbacks) is raised again at `check`."""
-    from mergesearch import interrupts
+    from mergesearch.search import interrupts
 
     class Storage:  # one public method of Optuna's storage interface
         def get_all_studies(self):
@@ -314,11 +294,12 @@ def test_budget_is_the_studys_and_failing_trials_stop_the_search(zoo, tmp_path, 
     assert len(s.trials) == 5 and s.user_attrs["trials"] == 3
 
     # A space whose trials all fail (after validation passed) stops after three, with the first error.
-    from mergesearch.space import load_space
-    from mergesearch.study import Searcher, run_search
+    from mergesearch.search import load_space
+    from tests.conftest import bench
+    from tests.conftest import search as run_search
 
     sp = load_space(write_space(tmp_path, name="failing", fidelity=[20], trials=20))
-    searcher = Searcher(sp)
+    searcher = bench(sp)
     calls = []
 
     def broken(*a, **k):
@@ -329,7 +310,7 @@ def test_budget_is_the_studys_and_failing_trials_stop_the_search(zoo, tmp_path, 
     searcher.validate = lambda: None
     searcher.engine.write_into = broken
     with pytest.raises(MergeSearchError, match=r"3 trials in a row failed.*the first error: broken merge 1$"):
-        run_search(sp, searcher=searcher, progress=False)
+        run_search(sp, bench=searcher, progress=False)
     _, err = capfd.readouterr()
     assert "Traceback" not in err and "Trial 0 failed" not in err
     s = optuna.load_study(
@@ -342,7 +323,7 @@ def test_budget_is_the_studys_and_failing_trials_stop_the_search(zoo, tmp_path, 
 def test_the_sampler_never_proposes_another_process_candidate():
     from optuna.distributions import FloatDistribution
 
-    from mergesearch.study import _NoRepeats
+    from mergesearch.search.samplers import NoRepeats as _NoRepeats
 
     dist = {"x": FloatDistribution(0, 1)}
 

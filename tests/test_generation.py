@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from mergesearch.evaluation import find_task, load_task
+from mergesearch.evaluation import NativeEvaluator, Scorer, find_task, load_task
 from mergesearch.evaluation.answers import EXTRACTORS, Extractor, Normalizer, verdict
 from mergesearch.evaluation.generate import Generator
 from mergesearch.evaluation.lmeval import LMEvalBackend
-from mergesearch.evaluation.native import NativeEvaluator
 
 EVALS = Path(__file__).resolve().parents[1] / "evals"
 GENERATIVE = ["word_problems", "chat_arith"]
@@ -333,7 +332,7 @@ def test_lm_eval_task_splits_are_disjoint_seeded_and_limits_are_prefixes(zoo, tm
     p = _add_lm_eval_task(tmp_path, 30, ", search_fraction: 0.6, split_seed: 3")
     task = load_task(p)
     model, tok = load_model(zoo.models["add"])
-    ev = NativeEvaluator(model, tok)
+    ev = Scorer(model, tok)  # routes the lm-eval task to lm-eval
     loaded = ev.lm_eval().load(task)
     assert loaded.documents == 30 and len(loaded.search) == 18 and len(loaded.test) == 12
     assert sorted(loaded.search + loaded.test) == list(range(30))

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from mergesearch.errors import MergeSearchError
-from mergesearch.gradient import constants, learn_coefficients, linear_map, merged_weights
-from mergesearch.space import load_space
-from mergesearch.study import Searcher
+from mergesearch.search import load_space
+from mergesearch.search.gradient import constants, learn_coefficients, linear_map, merged_weights
+from tests.conftest import bench
 from tests.test_search import cli, write_space
 
 
@@ -31,7 +31,7 @@ def _space(tmp_path, **over):
 def test_the_differentiated_merge_is_the_engines_merge(zoo, tmp_path):
     """At any point of the space (weights and λ per layer and component), W(v) equals the tensor
     the exact engine writes for that point's recipe, within fp32 rounding."""
-    searcher = Searcher(_space(tmp_path))
+    searcher = bench(_space(tmp_path))
     coefs = searcher.space.coefficients("task_arithmetic", searcher.num_layers)
     g = torch.Generator().manual_seed(0)
     v = torch.tensor(
@@ -40,7 +40,7 @@ def test_the_differentiated_merge_is_the_engines_merge(zoo, tmp_path):
     linear = linear_map(searcher, [c.key for c in coefs])
     base, taus = constants(searcher, linear)
     ours = merged_weights(linear, base, taus, v)
-    searcher.hold_models()
+    searcher.use_exact_engine()
     exact = searcher.engine.state_dict(searcher.recipes({c.key: float(x) for c, x in zip(coefs, v)}))
     assert sorted(ours) == sorted(n for n, t in exact.items() if t.is_floating_point())
     for n, t in ours.items():
@@ -48,7 +48,7 @@ def test_the_differentiated_merge_is_the_engines_merge(zoo, tmp_path):
 
 
 def test_learning_lowers_the_loss_and_stays_in_range(zoo, tmp_path):
-    searcher = Searcher(_space(tmp_path))
+    searcher = bench(_space(tmp_path))
     r = learn_coefficients(searcher, seconds=None, steps=60, seed=0)
     assert r.steps == 60 and len(r.losses) == 60
     assert sum(r.losses[-10:]) / 10 < 0.8 * sum(r.losses[:10]) / 10, r.losses
@@ -58,7 +58,7 @@ def test_learning_lowers_the_loss_and_stays_in_range(zoo, tmp_path):
 
 
 def test_gradient_needs_task_arithmetic(zoo, tmp_path):
-    searcher = Searcher(_space(tmp_path, method="ties", parameters={"weight": [0, 1], "density": [0.2, 1]}))
+    searcher = bench(_space(tmp_path, method="ties", parameters={"weight": [0, 1], "density": [0.2, 1]}))
     with pytest.raises(MergeSearchError, match="add task_arithmetic to the space's methods"):
         learn_coefficients(searcher, steps=1)
     # from the CLI: one line, exit 2, and no study left behind
@@ -95,7 +95,7 @@ def test_a_search_warm_started_by_gradient(zoo, tmp_path):
 
 def test_a_spaces_gradient_steps_give_the_same_warm_start_every_time(zoo, tmp_path, results):
     """`gradient_steps` (not seconds) in a space: two studies of it enqueue the same point."""
-    from mergesearch.study import run_search
+    from tests.conftest import search as run_search
 
     points = []
     for name in ("a", "b"):

@@ -45,11 +45,36 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16 if t.dtype == torch.bfloat16 else torch.int32)
 
 
-def _reference_merge(bank, base, taus, masks, scales, mix):
-    """`task_arithmetic.combine` of whole-tensor masked task vectors: the reference definition."""
+def _plain_keep(tau, mask, sparsification, density, gamma, epsilon):
+    """The 0/1 keep mask by the definitions, with no backend: a magnitude sparsifier keeps its
+    rank window of |τ| (`sparsify.rank_window`; equal magnitudes ranked in flat index order,
+    the lower index the lower rank); DARE keeps u < d and DELLA u < (d − ε) + 2ε·rank (`sparsify.della_ranks`), u
+    being the task vector's fixed draws (tested apart, in test_uniforms_and_level_sums)."""
+    n, flat = tau.numel(), tau.reshape(-1)
+    if sparsification in ("magnitude", "magnitude_outliers"):
+        window = sparsify.rank_window(sparsification, n, density, gamma)
+        keep = torch.zeros(n)
+        if window is None:
+            return torch.ones_like(tau)
+        r0, r1 = window
+        order = torch.sort(flat.float().abs(), stable=True).indices  # ascending, ties by index
+        keep[order[r0:r1]] = 1
+        return keep.reshape(tau.shape).to(tau.dtype)
+    u = mask.draws(0, n, torch.empty(n, dtype=torch.float32))
+    if sparsification == "random":
+        return (u < mask.d).reshape(tau.shape).to(tau.dtype)
+    if mask.d <= 0:
+        return torch.zeros_like(tau)
+    p = sparsify.della_ranks(tau).reshape(-1).mul(2).mul(epsilon).add(mask.d - epsilon).float()
+    return (u < p).reshape(tau.shape).to(tau.dtype)
+
+
+def _reference_merge(base, taus, masks, keeps, scales, mix):
+    """`task_arithmetic.combine` of whole-tensor masked task vectors: the reference definition,
+    with the plain keep masks (`keeps`, as `_plain_keep` gives them)."""
     deltas = []
-    for t, m, s in zip(taus, masks, scales):
-        d = t * bank.torch.keep_mask(t, m) if m is not None else t.clone()
+    for t, m, keep, s in zip(taus, masks, keeps, scales):
+        d = t * keep if m is not None else t.clone()
         deltas.append(d * s if s is not None else d)
     w = mix.w.reshape(-1, *[1] * base.dim())
     return combine(base, torch.stack(deltas), w, consensus=mix.consensus, normalize=mix.normalize,
@@ -75,7 +100,9 @@ def test_merge_equals_the_reference_bit_for_bit(passes, dtype, shape, ties):
                   for key, t, m in zip(keys, taus, masks)]  # fmt: skip
         out = torch.empty_like(base)
         passes.merge(out, base, taus, masks, scales, mix)
-        expected = _reference_merge(bank, base, taus, masks, scales, mix)
+        keeps = [_plain_keep(t, m, sparsification, d, 0.01, 0.1) if m is not None else None
+                 for t, m, d in zip(taus, masks, density)]  # fmt: skip
+        expected = _reference_merge(base, taus, masks, keeps, scales, mix)
         assert torch.equal(_bits(out), _bits(expected)), (sparsification, consensus, rescale, density, mix)
 
 
@@ -93,7 +120,11 @@ def test_merge_with_a_window_inside_one_tie_group(passes, dtype):
     mix = Mix.of([0.6, 0.5], dtype, base.device, False, False, 1.0)
     out = torch.empty_like(base)
     passes.merge(out, base, taus, masks, [None, None], mix)
-    assert torch.equal(_bits(out), _bits(_reference_merge(bank, base, taus, masks, [None, None], mix)))
+    keeps = [
+        _plain_keep(t, m, "magnitude_outliers", d, g, 0)
+        for t, m, d, g in zip(taus, masks, [0.3, 0.45], [0.2, 0.1])
+    ]
+    assert torch.equal(_bits(out), _bits(_reference_merge(base, taus, masks, keeps, [None, None], mix)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

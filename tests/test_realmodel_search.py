@@ -85,9 +85,9 @@ def test_smollm2_zoo_specialists_lead_on_their_skill_and_its_spaces_search():
     """`zoo build --base smollm2`: every specialist leads the base and the other specialists on its
     own skill by the zoo's margin, as recorded in zoo.json and its model card; the shipped SmolLM2
     spaces then search it for real (the anchors space past its reference trials)."""
+    from mergesearch.search import load_space
     from mergesearch.smollm2_zoo import MARGIN, SKILLS, build_smollm2_zoo
-    from mergesearch.space import load_space
-    from mergesearch.study import run_search
+    from tests.conftest import search as run_search
 
     zoo = build_smollm2_zoo(progress=False, log=lambda s: None)
     for skill in SKILLS:
@@ -102,7 +102,7 @@ def test_smollm2_zoo_specialists_lead_on_their_skill_and_its_spaces_search():
     )
     import tempfile
 
-    import mergesearch.study as study_mod
+    import mergesearch.search.storage as study_mod
 
     old = study_mod.RESULTS
     study_mod.RESULTS = Path(tempfile.mkdtemp(prefix="smolzoo-"))

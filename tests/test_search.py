@@ -20,58 +20,9 @@ import torch
 import yaml
 
 from mergesearch.errors import MergeSearchError
-from mergesearch.space import load_space
+from mergesearch.search import load_space
+from tests.conftest import SPACE, cli, env, mergekit_yaml, write_space  # noqa: F401
 from tests.tiny_models import load_weights
-
-SPACE = {
-    "name": "t",
-    "base": "zoo:base",
-    "models": ["zoo:add", "zoo:reverse"],
-    "method": "dare_ties",
-    "granularity": "layer",
-    "components": ["attention", "other"],
-    "parameters": {"weight": [0.2, 1.2], "density": [0.3, 1.0]},
-    "tasks": ["add", "reverse"],
-    "fidelity": [20, 60],
-    "trials": 12,
-}
-
-
-def write_space(tmp_path: Path, **over) -> Path:
-    d = dict(SPACE, **over)
-    p = tmp_path / f"{d['name']}.yaml"
-    p.write_text(yaml.safe_dump(d))
-    return p
-
-
-def env(tmp_path: Path) -> dict:
-    return dict(os.environ, MERGESEARCH_RESULTS=str(tmp_path / "results"))
-
-
-def cli(tmp_path: Path, *args, check=True, **kw) -> subprocess.CompletedProcess:
-    p = subprocess.run(
-        [sys.executable, "-m", "mergesearch", *args],
-        capture_output=True,
-        text=True,
-        env=env(tmp_path),
-        cwd=tmp_path,
-        **kw,
-    )
-    if check:
-        assert p.returncode == 0, p.stderr[-3000:]
-    return p
-
-
-def mergekit_yaml(cwd: Path, recipe: str, out: str) -> None:
-    """mergekit itself builds the model of an exported recipe (the draws of `--random-seed 0`)."""
-    mk = subprocess.run(
-        [str(Path(sys.executable).parent / "mergekit-yaml"), recipe, out, "--random-seed", "0"]
-        + ["--no-write-model-card", "--quiet"],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-    )
-    assert mk.returncode == 0, mk.stderr[-3000:]
 
 
 def trials(db: str, name: str) -> list[optuna.trial.FrozenTrial]:
@@ -305,14 +256,15 @@ def test_dashboard_serves_the_study_with_objective_names(zoo, tmp_path):
         status, _ = _get(f"http://127.0.0.1:{port}/static/bundle.js")
         assert status == 200
     finally:
+        served = proc.poll() is None  # still up after every request: nothing crashed it
         proc.terminate()
         proc.wait(timeout=10)
-    assert proc.returncode is not None
+    assert served and proc.returncode == -signal.SIGTERM, (proc.returncode, proc.stderr.read()[-2000:])
 
 
 def test_bad_search_input(zoo, tmp_path, results):
     """The library's own checks (the CLI's are in test_bad_input.py), and a changed space."""
-    from mergesearch.study import run_search
+    from tests.conftest import search as run_search
 
     with pytest.raises(MergeSearchError, match="at least 1"):
         run_search(load_space(write_space(tmp_path)), trials=0, progress=False)
@@ -411,7 +363,7 @@ DEMO_SPACES = [
 def test_every_shipped_space_runs(zoo, results, path):
     """Each demo-zoo space in search_spaces/ searches the zoo for real (baselines, then sampled
     trials), through the search engine; stepped ranges give values on their grid."""
-    from mergesearch.study import run_search
+    from tests.conftest import search as run_search
 
     space = load_space(path)
     if space.gradient_steps:  # the demo's warm start: a few steps show it runs (600 take ~30 s)
@@ -483,8 +435,8 @@ def test_study_names_stay_inside_results_and_version(zoo, tmp_path):
 def test_a_sequential_space_searches_the_merge_order(zoo, tmp_path, results):
     """Three models merged pairwise: the order is a categorical over the 6 permutations, each
     trial's recipe follows its order, and the report compares the orders on the test split."""
-    from mergesearch.report import report
-    from mergesearch.study import run_search
+    from tests.conftest import report
+    from tests.conftest import search as run_search
 
     space = load_space(
         write_space(
@@ -558,7 +510,7 @@ def test_the_newer_methods_are_searched_as_themselves(zoo, tmp_path, results, mo
     trial's search score is the score of its recipe merged by `mergesearch merge` (the exact path)."""
     from mergesearch.engine import merge
     from mergesearch.evaluation import evaluate_model
-    from mergesearch.study import run_search
+    from tests.conftest import search as run_search
 
     space = load_space(
         write_space(
@@ -592,8 +544,8 @@ def test_the_newer_methods_are_searched_as_themselves(zoo, tmp_path, results, mo
 def test_a_method_choice_study_searches_and_reports_only_what_each_method_uses(zoo, tmp_path, results):
     """Task arithmetic ignores density: its trials search none and their recipes carry none, while
     TIES trials search it; the report has a method column saying which method each recipe used."""
-    from mergesearch.report import report
-    from mergesearch.study import run_search
+    from tests.conftest import report
+    from tests.conftest import search as run_search
 
     space = load_space(
         write_space(
@@ -630,8 +582,8 @@ def test_a_method_choice_study_searches_and_reports_only_what_each_method_uses(z
 def test_the_report_weighs_tasks_as_the_search_did(zoo, tmp_path, results):
     """With objective: mean and task_weights, the report's means and gains are that weighted mean,
     not the plain one (the headline is about what the search optimized)."""
-    from mergesearch.report import report
-    from mergesearch.study import run_search
+    from tests.conftest import report
+    from tests.conftest import search as run_search
 
     space = load_space(
         write_space(

@@ -1,13 +1,17 @@
-"""Scoring a candidate: tasks as data (`tasks`), the native batched harness (`native`),
-lm-evaluation-harness as a second backend (`lmeval`)."""
+"""Scoring a candidate: tasks as data (`tasks`), token sequences (`sequences`), the native batched
+harness (`native`), lm-evaluation-harness as a second backend (`lmeval`), the result types both
+return (`results`), and `Scorer`, which routes each task to its backend."""
 
 from __future__ import annotations
 
-from .native import NativeEvaluator, TaskResult, bootstrap_ci, configure_threads
+from .native import NativeEvaluator, configure_threads
+from .results import TaskResult, bootstrap_ci, task_weight, weighted_mean
+from .scorer import Scorer
 from .tasks import Task, find_task, load_task
 
 __all__ = [
     "NativeEvaluator",
+    "Scorer",
     "Task",
     "TaskResult",
     "bootstrap_ci",
@@ -15,6 +19,8 @@ __all__ = [
     "evaluate_model",
     "find_task",
     "load_task",
+    "task_weight",
+    "weighted_mean",
 ]
 
 
@@ -38,7 +44,7 @@ def evaluate_model(
     for t in task_objs:
         t.check(tok)
     if backend == "native":
-        scorer = NativeEvaluator(model, tok)  # lm_eval: tasks go to lm-eval inside it
+        scorer = Scorer(model, tok)  # a task naming an lm-eval task goes to lm-eval
     elif backend == "lm-eval":
         from .lmeval import LMEvalBackend
 

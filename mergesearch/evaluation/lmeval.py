@@ -29,7 +29,8 @@ import numpy as np
 import yaml
 
 from ..errors import MergeSearchError
-from .native import TaskResult, prompt_text
+from .results import TaskResult
+from .sequences import prompt_text
 from .tasks import Task
 
 MIN_SPLIT_DOCS = 2

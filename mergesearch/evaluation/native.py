@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ..errors import MergeSearchError
+from .results import TaskResult
+from .sequences import padded, prompt_text, teacher_forced
 from .tasks import Example, Task
 
 
@@ -78,34 +79,6 @@ def batch_sizes(model, device: torch.device, tokens: int = 256, share: float = 0
         return min(cap, 1 << (n.bit_length() - 1))
 
     return fit(tokens * (per_token + logits), cap_tf), fit(tokens * per_token, cap_gen)
-
-
-def prompt_text(tok, ex: Example) -> str:
-    """The prompt as the model reads it: chat turns through the tokenizer's chat template."""
-    if ex.messages is None:
-        return ex.prompt
-    return tok.apply_chat_template(ex.messages, tokenize=False, add_generation_prompt=True)
-
-
-@dataclass
-class TaskResult:
-    task: str
-    metric: str
-    split: str
-    scores: np.ndarray  # per example: 1/0 verdicts, or per-example NLL sums for perplexity
-    weights: np.ndarray | None = None  # token counts, for perplexity
-    seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def n(self) -> int:
-        return len(self.scores)
-
-    @property
-    def value(self) -> float:
-        if self.metric == "perplexity":
-            return float(np.exp(self.scores.sum() / self.weights.sum()))
-        return float(self.scores.mean()) if len(self.scores) else float("nan")
 
 
 DRAFT_MIN_ACCEPTANCE = 0.5
@@ -205,13 +178,10 @@ class NativeEvaluator:
     @torch.inference_mode()
     def _logprobs(self, seqs: list[list[int]]) -> list[torch.Tensor]:
         """Per sequence, log-softmax over the vocabulary at every position (right padded)."""
-        n = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), n), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), n), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+        batch = padded(seqs, self.pad)
+        logits = self.model(
+            input_ids=batch.ids.to(self.device), attention_mask=batch.mask.to(self.device)
+        ).logits
         return logits.float().log_softmax(-1).cpu()
 
     def _batches(self, items):
@@ -223,10 +193,9 @@ class NativeEvaluator:
         for batch in self._batches(examples):
             seqs, spans = [], []
             for ex in batch:
-                p = self.encode(self.prompt_text(ex))
-                t = self.encode(ex.target, special=False) + [self.eos]
-                seqs.append(p + t)
-                spans.append((len(p), len(t)))
+                x = teacher_forced(self, ex)
+                seqs.append(x.ids)
+                spans.append((len(x.prompt), len(x.answer)))
             lp = self._logprobs(seqs)
             for i, (start, k) in enumerate(spans):
                 pred = lp[i, start - 1 : start - 1 + k].argmax(-1)
@@ -271,22 +240,14 @@ class NativeEvaluator:
                 counts.append(len(s) - 1)
         return np.array(nll), np.array(counts, dtype=float)
 
-    def lm_eval(self):
-        """lm-evaluation-harness on the same model, for tasks that name an lm-eval task."""
-        if getattr(self, "_lm_eval", None) is None:
-            from .lmeval import LMEvalBackend
-
-            self._lm_eval = LMEvalBackend(self.model, self.tok)
-        return self._lm_eval
-
     def evaluate(
         self, task: Task, split: str = "search", limit: int | None = None, indices: list[int] | None = None
     ) -> TaskResult:
         """Score the split's first `limit` examples, or the examples at `indices` (anchors)."""
         if task.lm_eval is not None:
-            if indices is not None:
-                raise MergeSearchError(f"task {task.name}: anchors are not supported for lm-eval tasks")
-            return self.lm_eval().evaluate(task, split, limit)
+            raise MergeSearchError(
+                f"task {task.name}: names an lm-eval task, which lm-eval scores (evaluation.Scorer routes it)"
+            )
         examples = task.examples(split, limit)
         if indices is not None:
             if not all(0 <= i < len(examples) for i in indices):
@@ -314,20 +275,3 @@ class NativeEvaluator:
             self.model.train(was_training)
         res.seconds = time.perf_counter() - t0
         return res
-
-
-def bootstrap_ci(
-    result: TaskResult, n_boot: int = 1000, seed: int = 0, level: float = 0.95
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of the task's metric over examples."""
-    rng = np.random.default_rng(seed)
-    n = result.n
-    if n == 0:
-        return float("nan"), float("nan")
-    idx = rng.integers(0, n, size=(n_boot, n))
-    if result.metric == "perplexity":
-        stats = np.exp(result.scores[idx].sum(1) / result.weights[idx].sum(1))
-    else:
-        stats = result.scores[idx].mean(1)
-    lo, hi = np.quantile(stats, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(lo), float(hi)

@@ -219,7 +219,8 @@ METHODS: dict[str, Method] = {
     )
 }
 
-# Parameters whose value must lie in [0, 1] wherever it is given.
+# Parameters whose value must lie in [0, 1] wherever it is given (a recipe, the planner, a search
+# space): mergekit takes no other density. A search space narrows more (search/space_file.py).
 UNIT_INTERVAL = ("density",)
 
 

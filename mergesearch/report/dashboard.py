@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import MergeSearchError
-from .study import open_storage, study_dir
+from ..errors import MergeSearchError
+from ..search import open_storage, study_dir
 
 
 class StudyArtifacts:

@@ -30,9 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import MergeSearchError
-from .evaluation.tasks import Task
-from .plan import plan_merge
+from ..errors import MergeSearchError
+from ..evaluation.results import weighted_mean
+from ..evaluation.sequences import IGNORE, TeacherForced, padded_examples, teacher_forced
+from ..evaluation.tasks import Task
+from ..plan import plan_merge
 
 FAMILY = "task_arithmetic"
 
@@ -46,18 +48,18 @@ class GradientResult:
 
 
 def linear_map(
-    searcher, keys: list[str]
+    bench, keys: list[str]
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per merged tensor: (A_w [models, K], c_w [models], A_λ [K], c_λ): the weights and λ of
     every model as affine functions of the coefficient vector, from the planner at v = 0 and at
     each unit vector (exact: the planner's gradients interpolate anchors linearly)."""
     base = {k: 0.0 for k in keys}
-    method = {"method": FAMILY} if len(searcher.space.methods) > 1 else {}
+    method = {"method": FAMILY} if len(bench.space.methods) > 1 else {}
     layouts: dict = {}  # every point has the same structure: plan its layout once
 
     def per_tensor(values: dict[str, float]) -> dict[str, tuple[list[float], float]]:
-        (recipe,) = searcher.recipes(values | method)
-        plan = plan_merge(recipe, models=searcher.engine.models, layouts=layouts)
+        (recipe,) = bench.recipes(values | method)
+        plan = plan_merge(recipe, models=bench.engine.models, layouts=layouts)
         out = {}
         for t in plan.tasks:
             if t.floating:
@@ -87,35 +89,29 @@ def merged_weights(linear: dict, base: dict, taus: dict, v: torch.Tensor) -> dic
     return out
 
 
-def constants(searcher, names, dtype=torch.float32) -> tuple[dict, dict]:
+def constants(bench, names, dtype=torch.float32) -> tuple[dict, dict]:
     """The base's tensors and each model's task vector τ = model − base, on the model's device."""
-    ck = searcher.engine.models
-    device = next(searcher.model.parameters()).device
-    base = {n: ck[searcher.base_path].get(n, device).to(dtype) for n in names}
-    taus = {n: [ck[p].get(n, device).to(dtype) - base[n] for p in searcher.model_paths] for n in names}
+    ck = bench.engine.models
+    device = next(bench.model.parameters()).device
+    base = {n: ck[bench.base_path].get(n, device).to(dtype) for n in names}
+    taus = {n: [ck[p].get(n, device).to(dtype) - base[n] for p in bench.model_paths] for n in names}
     return base, taus
 
 
-def _examples(searcher, task: Task, limit: int) -> list[tuple[list[int], int]]:
-    """(prompt + target + EOS token ids, where the target starts) per search example."""
-    ev = searcher.evaluator
-    out = []
-    for ex in task.examples("search", limit):
-        p = ev.encode_prompt(ev.prompt_text(ex))
-        t = ev.encode(ex.target, special=False) + [ev.eos]
-        out.append((p + t, len(p)))
-    return out
+def _examples(bench, task: Task, limit: int) -> list[TeacherForced]:
+    """The search examples as teacher-forced sequences, encoded as the scorer encodes them."""
+    return [teacher_forced(bench.evaluator.native, ex) for ex in task.examples("search", limit)]
 
 
-def check(searcher) -> None:
+def check(bench) -> None:
     """Refuse, before anything is created, a space or tasks the gradient cannot learn on."""
-    space = searcher.space
+    space = bench.space
     if FAMILY not in space.methods or space.order == "sequential":
         raise MergeSearchError(
             f"{space.path or space.name}: gradient-learned coefficients are for task arithmetic merged "
             "all at once; add task_arithmetic to the space's methods (the search then tunes the rest)"
         )
-    bad = [t.name for t in searcher.tasks if t.lm_eval is not None or t.metric != "exact_match"]
+    bad = [t.name for t in bench.tasks if t.lm_eval is not None or t.metric != "exact_match"]
     if bad:
         raise MergeSearchError(
             f"task(s) {', '.join(bad)}: gradient learning needs a target per example (exact_match tasks "
@@ -124,7 +120,7 @@ def check(searcher) -> None:
 
 
 def learn_coefficients(
-    searcher,
+    bench,
     *,
     seconds: float | None = 60.0,
     steps: int | None = None,
@@ -134,15 +130,15 @@ def learn_coefficients(
     seed: int = 0,
     log=lambda msg: None,
 ) -> GradientResult:
-    """Task-arithmetic coefficients of `searcher.space` learned by gradient on the search split,
+    """Task-arithmetic coefficients of `bench.space` learned by gradient on the search split,
     for `seconds` of wall time or `steps` Adam steps, whichever comes first. `start`: initial
     values by parameter name (default: the known recipe task arithmetic λ=1 where the ranges
     allow it, else the middle of each range)."""
-    check(searcher)
+    check(bench)
     if seconds is None and steps is None:
         raise MergeSearchError("give the gradient a budget: seconds or steps")
-    space = searcher.space
-    coefs = space.coefficients(FAMILY, searcher.num_layers)
+    space = bench.space
+    coefs = space.coefficients(FAMILY, bench.num_layers)
     keys = [c.key for c in coefs]
     lo = torch.tensor([space.parameters[c.param].low for c in coefs])
     hi = torch.tensor([space.parameters[c.param].high for c in coefs])
@@ -153,52 +149,45 @@ def learn_coefficients(
         for i, c in enumerate(coefs)
     ]
     t0 = time.perf_counter()
-    linear = linear_map(searcher, keys)
-    device = next(searcher.model.parameters()).device
-    base, taus = constants(searcher, linear)
+    linear = linear_map(bench, keys)
+    device = next(bench.model.parameters()).device
+    base, taus = constants(bench, linear)
     v = torch.tensor(init, dtype=torch.float32, requires_grad=True)
     opt = torch.optim.Adam([v], lr=lr)
     weights = space.task_weights if space.objective == "mean" else {}
-    data = {t.name: _examples(searcher, t, space.fidelity[-1]) for t in searcher.tasks}
+    data = {t.name: _examples(bench, t, space.fidelity[-1]) for t in bench.tasks}
     rng = np.random.default_rng(seed)
-    model = searcher.model
+    model = bench.model
     orig_dtype = next(model.parameters()).dtype
     model.float()  # differentiate in fp32 (a bf16 model on a GPU is put back below)
     was_training = model.training
     model.eval()
-    pad = searcher.evaluator.pad
+    pad = bench.evaluator.native.pad
     losses: list[float] = []
     step, last_log = 0, t0
     try:
         while (steps is None or step < steps) and (seconds is None or time.perf_counter() - t0 < seconds):
             params = merged_weights(linear, base, taus, v)
-            total, wsum = 0.0, 0.0
-            for task in searcher.tasks:
+            per_task = {}
+            for task in bench.tasks:
                 rows = data[task.name]
                 pick = rng.choice(len(rows), size=min(batch, len(rows)), replace=False)
-                seqs = [rows[i] for i in pick]
-                n = max(len(s) for s, _ in seqs)
-                ids = torch.full((len(seqs), n), pad, dtype=torch.long)
-                mask = torch.zeros((len(seqs), n), dtype=torch.long)
-                gold = torch.full((len(seqs), n), -100, dtype=torch.long)
-                for i, (s, start_at) in enumerate(seqs):
-                    ids[i, : len(s)] = torch.tensor(s)
-                    mask[i, : len(s)] = 1
-                    gold[i, start_at - 1 : len(s) - 1] = torch.tensor(s[start_at:])
+                b = padded_examples([rows[i] for i in pick], pad)
                 logits = torch.func.functional_call(
                     model,
                     params,
                     args=(),
-                    kwargs={"input_ids": ids.to(device), "attention_mask": mask.to(device)},
+                    kwargs={"input_ids": b.ids.to(device), "attention_mask": b.mask.to(device)},
                 ).logits
                 # per example: the summed NLL of its target and EOS tokens; mean over the batch
                 nll = torch.nn.functional.cross_entropy(
-                    logits.float().transpose(1, 2), gold.to(device), ignore_index=-100, reduction="none"
+                    logits.float().transpose(1, 2),
+                    b.next_token_labels().to(device),
+                    ignore_index=IGNORE,
+                    reduction="none",
                 ).sum(1)
-                w = float(weights.get(task.name, 1.0))
-                total = total + w * nll.mean()
-                wsum += w
-            loss = total / wsum
+                per_task[task.name] = nll.mean()
+            loss = weighted_mean(per_task, weights)
             opt.zero_grad()
             loss.backward()
             opt.step()

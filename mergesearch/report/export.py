@@ -1,0 +1,97 @@
+"""A trial's recipe as mergekit YAML, with a header saying what it scored and how it ended."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import optuna
+
+from ..errors import MergeSearchError
+from ..recipe import Recipe, dump_recipes, parse_recipes, rounded
+from ..search import MERGE_SEED, study_dir
+from ..search.trials import TrialRecord, record
+from .files import atomic_text
+from .tables import best_trial, load
+
+State = optuna.trial.TrialState
+
+
+def trial_recipes(t: TrialRecord) -> list[Recipe]:
+    """What the report scores and export writes for a trial: its recorded recipe with values
+    rounded to 4 significant digits (`recipe.rounded`), so the reported test score is the score
+    of the exported file, not of the unrounded one the study merged."""
+    return rounded(parse_recipes(t.recipe))
+
+
+def recipe_text(t: TrialRecord) -> str:
+    return dump_recipes(trial_recipes(t))
+
+
+def test_scores_of(study: str, trial: int) -> dict[str, float]:
+    """The trial's test scores from the report's test_scores.json (rounded), {} when the report
+    did not score it. Rows are matched by trial number (a label match once gave trial 1 the
+    scores of trial 12)."""
+    scores_file = study_dir(study) / "test_scores.json"
+    if not scores_file.is_file():
+        return {}
+    for c in json.loads(scores_file.read_text())["candidates"]:
+        # test_scores.json before the trial field: the label is "trial N" or "trial N (best)"
+        number = c["trial"] if "trial" in c else _label_trial(c["label"])
+        if number == trial:
+            return {k: round(v["value"], 4) for k, v in c["test"].items()}
+    return {}
+
+
+def _label_trial(label: str) -> int | None:
+    head = label.removesuffix(" (best)")
+    word, _, n = head.partition(" ")
+    return int(n) if word == "trial" and n.isdigit() else None
+
+
+def _ending(t: TrialRecord) -> str | None:
+    """What a user must know about a trial that did not complete, or None."""
+    if t.state == State.PRUNED:
+        at = f" after {t.stopped_at} examples per task" if t.stopped_at else ""
+        return f"trial {t.number} was stopped early{at}: its search scores are of those examples only"
+    if t.state == State.RUNNING:
+        return f"trial {t.number} is still running (or its process died): it has no scores yet"
+    return None
+
+
+def export(
+    study: str, storage: str | None = None, *, trial: int | None = None, out: str | Path | None = None
+) -> Path:
+    """A trial's recipe (default: the best) as mergekit YAML with a provenance header. A failed
+    trial is refused; a stopped-early or running one is exported with a warning and its state in
+    the header."""
+    s = load(study, storage)
+    if trial is None:
+        t = best_trial(s)
+    else:
+        t = record(s, trial)
+        if t is None or t.recipe is None:
+            raise MergeSearchError(f"study {study!r} has no trial {trial} with a recipe")
+    if t.state == State.FAIL:
+        raise MergeSearchError(
+            f"trial {t.number} of study {study!r} failed ({t.error or 'no message recorded'}); its recipe "
+            "was never scored: export a complete trial (mergesearch report lists them in trials.csv)"
+        )
+    ending = _ending(t)
+    if ending:
+        warnings.warn(f"{ending}; exported as asked", stacklevel=2)
+    test = test_scores_of(study, t.number)
+    estimate = " (anchor estimates)" if t.anchor_estimate else ""
+    header = [
+        f"# mergesearch export: study {study}, trial {t.number}",
+        f"# state: {t.state.name}" + (f" ({ending})" if ending else ""),
+        f"# search scores{estimate}: {json.dumps({k: round(v, 4) for k, v in t.scores.items()})}",
+        f"# test scores: {json.dumps(test) if test else 'not measured yet (run mergesearch report)'}",
+        f"# seed: {MERGE_SEED} (mergesearch merge --seed {MERGE_SEED} / mergekit-yaml --random-seed {MERGE_SEED})",
+        "",
+    ]
+    text = "\n".join(header) + recipe_text(t)
+    path = Path(out) if out else study_dir(study) / f"trial_{t.number}.yaml"
+    atomic_text(path, text)
+    return path

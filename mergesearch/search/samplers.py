@@ -1,0 +1,110 @@
+"""The optimizer behind a study: the space's sampler, and a wrapper that keeps processes sharing
+a study from running one another's candidates again."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from typing import Any
+
+import optuna
+
+from ..errors import MergeSearchError
+from .known_recipes import BASELINES
+from .space import SearchSpace
+from .trials import stored
+
+SAMPLERS = ("auto", "cmaes", "nsga2", "tpe", "gp", "random")
+
+
+def cmaes_cannot_search(space: SearchSpace) -> str | None:
+    """Why CMA-ES cannot search this space, or None: it samples real vectors, not a choice among
+    methods or merge orders (a categorical)."""
+    if not space.categorical:
+        return None
+    return f"sampler cmaes cannot choose among {'methods' if len(space.methods) > 1 else 'merge orders'} (a categorical)"
+
+
+def make_sampler(
+    space: SearchSpace, name: str, seed: int, multi: bool, trials: int
+) -> optuna.samplers.BaseSampler:
+    if name == "auto":
+        name = "nsga2" if multi else ("tpe" if space.categorical else "cmaes")
+    if name == "cmaes":
+        if multi:
+            raise MergeSearchError(
+                "sampler cmaes optimizes one objective; use objective: mean, or --sampler nsga2"
+            )
+        why = cmaes_cannot_search(space)
+        if why:
+            raise MergeSearchError(f"{why}; use --sampler tpe")
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=len(BASELINES) + 1)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(8, min(50, trials // 8)))
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=10)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=10)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise MergeSearchError(f"--sampler {name!r}: use cmaes, nsga2, tpe, gp or random")
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def process_seed(seed: int, s: optuna.Study) -> int:
+    """A sampler seed for a process joining an existing study: derived from the study (its name
+    and size), the host and the process, so that no two processes draw the same proposals."""
+    key = f"{seed}:{s.study_name}:{len(s.get_trials(deepcopy=False))}:{socket.gethostname()}:{os.getpid()}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
+
+
+class NoRepeats(optuna.samplers.BaseSampler):
+    """The space's sampler, except that it never proposes a candidate another process already ran.
+
+    Population samplers (NSGA-II) can return a parent unchanged, and processes on one study share
+    the population, so one process may run another's candidate again: the same score for one
+    trial's cost. When a whole proposal equals a trial run by another process, the sampler is asked
+    again (its generator has moved on), and after 10 tries the trial is sampled at random. A single
+    process's own repeats are left as they are, so a study run by one process stays the study the
+    space's seed gives."""
+
+    def __init__(self, inner: optuna.samplers.BaseSampler, me: str) -> None:
+        self.inner, self.me = inner, me
+
+    def infer_relative_search_space(self, study, trial):
+        return self.inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        params = self.inner.sample_relative(study, trial, search_space)
+        if not params or set(params) != set(search_space):
+            return params  # some parameters are drawn independently: no exact repeat to fear
+        others = {
+            params_key(t.params)
+            for t in study.get_trials(deepcopy=False)
+            if t.params and stored(t, "worker", self.me) != self.me
+        }
+        for _ in range(10):
+            if params_key(params) not in others:
+                return params
+            params = self.inner.sample_relative(study, trial, search_space)
+        return {}
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial):
+        self.inner.before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values):
+        self.inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.inner.reseed_rng()
+
+
+def params_key(params: dict[str, Any]) -> tuple:
+    return tuple(sorted((k, v) for k, v in params.items()))
