@@ -92,7 +92,7 @@ def memory(paths: list[str], dtype_name: str, cache_ranks: bool = False) -> None
     # what a search over task-vector methods holds
     engine = ResidentEngine(paths, base=paths[0], exact=False, cache_ranks=cache_ranks)
     model = _live(paths[0], engine)
-    return_freed_memory()  # as Searcher does after building the live model
+    return_freed_memory()  # as search.Bench does after building the live model
     model_bytes = sum(
         v.numel() * v.element_size() for (ref, _), v in engine.tensors.items() if ref == paths[0]
     )

@@ -39,52 +39,54 @@ def main() -> None:
     args = ap.parse_args()
     os.environ["MERGESEARCH_RESULTS"] = tempfile.mkdtemp(prefix="bench_gradient_")
 
-    from mergesearch import study as study_mod
-    from mergesearch.gradient import learn_coefficients
-    from mergesearch.report import Scored, best_trial, paired_gain, trial_recipes
-    from mergesearch.space import BASELINES, baseline_recipe, load_space
+    from mergesearch.report import best_trial, trial_recipes
+    from mergesearch.report.scoring import Scored, paired_gain
+    from mergesearch.search import Bench, load_space, run_search, storage
+    from mergesearch.search.gradient import learn_coefficients
+    from mergesearch.search.known_recipes import BASELINES, baseline_recipe
+    from mergesearch.sources import resolve_model
 
-    study_mod.RESULTS = Path(os.environ["MERGESEARCH_RESULTS"])
+    storage.RESULTS = Path(os.environ["MERGESEARCH_RESULTS"])
     space = load_space(args.space)
     space.seed = args.seed
     T = args.seconds
 
     def search(name: str, timeout: float, gradient: float | None) -> list:
-        searcher = study_mod.Searcher(space)
+        bench = Bench(space, resolve=resolve_model)
         t0 = time.perf_counter()
-        s = study_mod.run_search(
+        s = run_search(
             space,
             study=name,
             trials=100_000,
             timeout=timeout,
             gradient_seconds=gradient,
             progress=False,
-            searcher=searcher,
+            bench=bench,
         )
         wall = time.perf_counter() - t0
         best = best_trial(s)
         done = sum(t.state.is_finished() for t in s.trials)
         print(
-            f"{name}: {done} trials in {wall:.0f}s, best trial {best.number} ({best.user_attrs.get('kind')})",
+            f"{name}: {done} trials in {wall:.0f}s, best trial {best.number} ({best.kind})",
             flush=True,
         )
         return [trial_recipes(best), wall, done]
 
     arms = {}
     arms["search"] = search("search", T, None)
-    searcher = study_mod.Searcher(space)
+    bench = Bench(space, resolve=resolve_model)
     t0 = time.perf_counter()
-    g = learn_coefficients(searcher, seconds=T, seed=args.seed)
+    g = learn_coefficients(bench, seconds=T, seed=args.seed)
     print(
         f"gradient: {g.steps} steps in {g.seconds:.0f}s, loss {g.losses[0]:.4f} → {g.losses[-1]:.4f}",
         flush=True,
     )
-    arms["gradient"] = [searcher.recipes(g.values), time.perf_counter() - t0, g.steps]
+    arms["gradient"] = [bench.recipes(g.values), time.perf_counter() - t0, g.steps]
     # warm start: the gradient's T/2 happens inside run_search before its timeout of T/2 starts
     arms["warm start"] = search("warm", T / 2, T / 2)
 
-    scorer = study_mod.Searcher(space)
-    scorer.hold_models()  # the exact engine: mergekit's model
+    scorer = Bench(space, resolve=resolve_model)
+    scorer.use_exact_engine()  # mergekit's model
 
     def scored(label: str, recipes) -> Scored:
         test, _ = scorer.score(recipes, "test")

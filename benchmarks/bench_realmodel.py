@@ -164,8 +164,8 @@ def main() -> None:
         for n, s in out["threads"]:
             print(f"eval 64 examples (largest) with {n} CPU threads: {s:.2f}s", flush=True)
 
-    from mergesearch.space import load_space, space_from_dict
-    from mergesearch.study import run_search
+    from mergesearch.search import load_space, run_search, space_from_dict
+    from mergesearch.search.trials import records
 
     for phase, file in (("full", "smollm2_ta_blocks.yaml"), ("anchors", "smollm2_ta_blocks_anchors.yaml")):
         if args.phases and phase not in args.phases.split(","):
@@ -179,15 +179,15 @@ def main() -> None:
         t = time.perf_counter()
         s = run_search(space, study=f"bench_{phase}", trials=args.trials, device=device, progress=False)
         wall = time.perf_counter() - t
-        done = [x for x in s.trials if x.state.is_finished() and "merge_seconds" in x.user_attrs]
+        done = [x for x in records(s) if x.state.is_finished() and x.merge_seconds is not None]
         med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
         row = {
             "trials": len(done),
             "wall_s": wall,
             "trials_per_hour": len(done) / wall * 3600,
-            "merge_s_median": med([x.user_attrs["merge_seconds"] for x in done]),
-            "eval_s_median": med([x.user_attrs["eval_seconds"] for x in done]),
-            "examples_per_trial": sum(sum(x.user_attrs["examples"].values()) for x in done) / len(done),
+            "merge_s_median": med([x.merge_seconds for x in done]),
+            "eval_s_median": med([x.eval_seconds for x in done]),
+            "examples_per_trial": sum(sum(x.examples.values()) for x in done) / len(done),
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         }
         if device == "cuda":

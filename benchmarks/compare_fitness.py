@@ -19,7 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main() -> None:
     from mergesearch.recipe import parse_recipes
     from mergesearch.report import best_trial, load
-    from mergesearch.study import Searcher, space_of
+    from mergesearch.search import Bench, space_of
+    from mergesearch.search.trials import TrialRecord, records
+    from mergesearch.sources import resolve_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("full")
@@ -27,11 +29,11 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=5, help="anchor trials to re-rank on the whole search split")
     args = ap.parse_args()
     full, few = load(args.full), load(args.few)
-    searcher = Searcher(space_of(few))
-    searcher.hold_models()  # the exact engine: what the reports score
+    bench = Bench(space_of(few), resolve=resolve_model)
+    bench.use_exact_engine()  # what the reports score
 
-    def scores(trial, split):
-        res, _ = searcher.score(parse_recipes(trial.user_attrs["recipe"]), split)
+    def scores(trial: TrialRecord, split):
+        res, _ = bench.score(parse_recipes(trial.recipe), split)
         return res
 
     def paired(a, b, n_boot=2000, seed=0):
@@ -52,8 +54,8 @@ def main() -> None:
     print(f"full minus few: {g:+.3f} (paired 95% CI [{lo:+.3f}, {hi:+.3f}])")
 
     ranked = sorted(
-        [t for t in few.trials if t.user_attrs.get("fitness") == "anchors" and t.value is not None],
-        key=lambda t: -t.value,
+        [t for t in records(few) if t.anchor_estimate and t.values is not None],
+        key=lambda t: -t.mean,
     )[: args.top]
     rows = []
     for t in ranked:

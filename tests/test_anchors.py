@@ -10,7 +10,7 @@ import yaml
 from mergesearch.errors import MergeSearchError
 from mergesearch.evaluation.anchors import choose_anchors, estimate
 from mergesearch.search import space_from_dict
-from tests.test_search import SPACE, cli, env, write_space  # noqa: F401
+from tests.conftest import SPACE, bench, cli, write_space
 
 
 def test_anchors_reproduce_every_reference_model_when_clusters_are_pure():
@@ -47,12 +47,12 @@ def test_anchor_space_keys_are_checked():
         space_from_dict(dict(base, fidelity=[40], anchors=[5, 3]))
 
 
+@pytest.mark.e2e
 def test_a_study_scores_later_trials_on_anchors(zoo, tmp_path):
     """The first `reference` trials see the whole search split and record their verdicts; the rest
     see only the anchors, and their value is the weighted anchor estimate of the candidate's own
     verdicts (checked by scoring the recorded recipe again on the whole split)."""
     from mergesearch.recipe import parse_recipes
-    from tests.conftest import bench
 
     space = write_space(
         tmp_path,

@@ -88,7 +88,7 @@ def test_generation_on_cuda_equals_hf_generate_and_the_cpu_verdicts(zoo):
 def test_search_and_report_on_cuda_by_default(zoo, tmp_path):
     """`search` and `report` pick the GPU by themselves (--device auto) and finish; the report's
     numbers for the best recipe agree with `eval` of the exported recipe's merge on the CPU."""
-    from tests.test_search import cli  # a real subprocess of the CLI, results under tmp_path
+    from tests.conftest import cli  # a real subprocess of the CLI, results under tmp_path
 
     space = {
         "name": "gpu",

@@ -18,7 +18,8 @@ import pytest
 from mergesearch.cli import main
 from mergesearch.errors import MergeSearchError
 from mergesearch.search import storage as study_mod
-from tests.test_search import cli, env, write_space
+from tests.conftest import bench, cli, env, write_space
+from tests.conftest import search as run_search
 
 COMPLETE, RUNNING, FAIL = (
     optuna.trial.TrialState.COMPLETE,
@@ -47,6 +48,7 @@ def one_error_line(stderr: str, *says: str) -> None:
         assert s in lines[0], lines[0]
 
 
+@pytest.mark.e2e
 def test_a_full_disk_mid_search_loses_no_completed_trial(zoo, tmp_path, tmpfs):
     disk = tmpfs("disk", "48k")  # holds the journal of about six trials
     space = write_space(tmp_path, name="full", fidelity=[20], trials=30)
@@ -111,6 +113,7 @@ def test_read_only_and_full_folders_fail_cleanly(zoo, tmp_path, tmpfs, monkeypat
         assert os.listdir(ro) == []
 
 
+@pytest.mark.e2e
 def test_ctrl_c_exits_130_with_one_word_and_the_study_resumes(zoo, tmp_path):
     # a budget it cannot finish before the signal: a short one could end between two polls
     space = write_space(tmp_path, name="intr", fidelity=[200], trials=100_000)
@@ -204,6 +207,7 @@ def _params(t: optuna.trial.FrozenTrial) -> str:
     return json.dumps(t.params, sort_keys=True)
 
 
+@pytest.mark.e2e
 def test_concurrent_and_resumed_searches_never_repeat_a_candidate(zoo, tmp_path):
     """Two `search` processes on one journal study, one killed mid-trial; then the same command to
     resume. No candidate is proposed twice, and the killed one's trial is released by the other
@@ -295,8 +299,6 @@ def test_budget_is_the_studys_and_failing_trials_stop_the_search(zoo, tmp_path, 
 
     # A space whose trials all fail (after validation passed) stops after three, with the first error.
     from mergesearch.search import load_space
-    from tests.conftest import bench
-    from tests.conftest import search as run_search
 
     sp = load_space(write_space(tmp_path, name="failing", fidelity=[20], trials=20))
     searcher = bench(sp)

@@ -111,6 +111,7 @@ def smollm2_path() -> Path:
     return smollm2_folder(log=lambda s: None)
 
 
+@pytest.mark.e2e
 def test_fixture_is_the_real_model(smol):
     model, tok = smol
     cfg = model.config
@@ -120,6 +121,7 @@ def test_fixture_is_the_real_model(smol):
     assert tok(" 12", add_special_tokens=False)["input_ids"] == tok.convert_tokens_to_ids(["Ġ", "1", "2"])
 
 
+@pytest.mark.e2e
 def test_live_model_of_a_tied_model_is_the_model(smol):
     """A study's live model (built from config, weights copied in) equals from_pretrained's,
     tied head included: an untied head once scored every SmolLM2 candidate 0."""
@@ -135,6 +137,7 @@ def test_live_model_of_a_tied_model_is_the_model(smol):
         assert torch.equal(live(**ids).logits, model(**ids).logits)
 
 
+@pytest.mark.e2e
 def test_generator_equals_hf_generate(smol):
     """Batched, left-padded, shared-prefix decoding with rows leaving the batch: the same
     continuations as transformers' generate, one prompt at a time."""
@@ -156,6 +159,7 @@ def test_generator_equals_hf_generate(smol):
     assert sum(bool(x.strip()) for x in ours) == len(ours)
 
 
+@pytest.mark.e2e
 def test_drafts_change_speed_not_outputs(smol):
     """Candidate B scored with candidate A's outputs as drafts gives B's own outputs, in fewer passes."""
     model, tok = smol
@@ -179,6 +183,7 @@ def test_drafts_change_speed_not_outputs(smol):
     assert drafted.extra["forward_passes"] < plain.extra["forward_passes"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", GENERATIVE)
 def test_native_verdicts_equal_lm_eval_generate_until(smol, name):
     """Example by example, on a subset (the full ≥ 200-example check: benchmarks/bench_eval.py)."""
@@ -196,6 +201,7 @@ def test_native_verdicts_equal_lm_eval_generate_until(smol, name):
         assert ours.value > 0.3  # the real model solves many: the comparison is not vacuous
 
 
+@pytest.mark.e2e
 def test_chat_template_renders_system_prompt_and_shots(smol, tmp_path):
     _, tok = smol
     (tmp_path / "d.jsonl").write_text(
@@ -263,6 +269,7 @@ def _lm_eval_yaml(tmp_path: Path, docs: int) -> Path:
 GEN = "generation: {until: ['\\n'], max_new_tokens: 4}\n"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "case,extra,message",
     [
@@ -294,6 +301,7 @@ def test_bad_generative_tasks_exit_2_without_traceback(zoo, tmp_path, case, extr
     assert lines[-1].startswith("error: ") and __import__("re").search(message, lines[-1]), r.stderr[-2000:]
 
 
+@pytest.mark.e2e
 def test_extraction_that_never_matches_is_reported_with_counts(zoo, tmp_path):
     p = _task_file(tmp_path, "nomatch", GEN + "extract: {regex: 'ANSWER=(\\d+)'}\n")
     r = _cli(tmp_path, "eval", str(zoo.models["add"]), "--tasks", str(p), "--json")
@@ -344,6 +352,7 @@ def test_lm_eval_task_splits_are_disjoint_seeded_and_limits_are_prefixes(zoo, tm
     assert test.n == 12 and 0 < full.value and 0 < test.value  # the add specialist solves these
 
 
+@pytest.mark.e2e
 def test_search_and_report_with_an_lm_eval_task(zoo, tmp_path):
     """lm-eval as the fitness of a real study: the split recorded, rungs as sample limits, the
     report's test scores from the task's test documents."""

@@ -12,8 +12,8 @@ import torch
 from mergesearch.errors import MergeSearchError
 from mergesearch.search import load_space
 from mergesearch.search.gradient import constants, learn_coefficients, linear_map, merged_weights
-from tests.conftest import bench
-from tests.test_search import cli, write_space
+from tests.conftest import bench, cli, write_space
+from tests.conftest import search as run_search
 
 
 def _space(tmp_path, **over):
@@ -57,6 +57,7 @@ def test_learning_lowers_the_loss_and_stays_in_range(zoo, tmp_path):
         assert rng.low <= r.values[c.key] <= rng.high
 
 
+@pytest.mark.e2e
 def test_gradient_needs_task_arithmetic(zoo, tmp_path):
     searcher = bench(_space(tmp_path, method="ties", parameters={"weight": [0, 1], "density": [0.2, 1]}))
     with pytest.raises(MergeSearchError, match="add task_arithmetic to the space's methods"):
@@ -70,6 +71,7 @@ def test_gradient_needs_task_arithmetic(zoo, tmp_path):
     assert not (tmp_path / "results" / "tiesg" / "study.db").exists()
 
 
+@pytest.mark.e2e
 def test_a_search_warm_started_by_gradient(zoo, tmp_path):
     """`search --gradient S`: the learned point is enqueued after the known recipes, runs as a
     tagged trial, and the report scores it on the test split and compares the best with it."""
@@ -93,9 +95,9 @@ def test_a_search_warm_started_by_gradient(zoo, tmp_path):
     assert f"Gradient reference: trial {g.number}" in md
 
 
+@pytest.mark.e2e
 def test_a_spaces_gradient_steps_give_the_same_warm_start_every_time(zoo, tmp_path, results):
     """`gradient_steps` (not seconds) in a space: two studies of it enqueue the same point."""
-    from tests.conftest import search as run_search
 
     points = []
     for name in ("a", "b"):

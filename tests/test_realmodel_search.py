@@ -10,7 +10,7 @@ import optuna
 import pytest
 import yaml
 
-from tests.test_search import cli, mergekit_yaml
+from tests.conftest import cli, mergekit_yaml
 
 EVALS = Path(__file__).resolve().parents[1] / "evals"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import optuna
+import pytest
 import yaml
 
 from mergesearch.recipe import dump_recipes
@@ -12,6 +13,8 @@ from mergesearch.search import load_space
 from mergesearch.search.studies import create_or_load
 from mergesearch.search.trials import enqueued
 from tests.conftest import bench, cli, report, write_space
+
+pytestmark = pytest.mark.e2e  # real CLI subprocesses, searches and reports
 
 
 def test_export_of_a_front_trial_takes_its_own_test_scores(zoo, tmp_path, results):

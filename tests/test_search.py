@@ -21,8 +21,11 @@ import yaml
 
 from mergesearch.errors import MergeSearchError
 from mergesearch.search import load_space
-from tests.conftest import SPACE, cli, env, mergekit_yaml, write_space  # noqa: F401
+from tests.conftest import cli, env, mergekit_yaml, report, write_space
+from tests.conftest import search as run_search
 from tests.tiny_models import load_weights
+
+pytestmark = pytest.mark.e2e  # real CLI subprocesses, searches and reports
 
 
 def trials(db: str, name: str) -> list[optuna.trial.FrozenTrial]:
@@ -264,7 +267,6 @@ def test_dashboard_serves_the_study_with_objective_names(zoo, tmp_path):
 
 def test_bad_search_input(zoo, tmp_path, results):
     """The library's own checks (the CLI's are in test_bad_input.py), and a changed space."""
-    from tests.conftest import search as run_search
 
     with pytest.raises(MergeSearchError, match="at least 1"):
         run_search(load_space(write_space(tmp_path)), trials=0, progress=False)
@@ -363,7 +365,6 @@ DEMO_SPACES = [
 def test_every_shipped_space_runs(zoo, results, path):
     """Each demo-zoo space in search_spaces/ searches the zoo for real (baselines, then sampled
     trials), through the search engine; stepped ranges give values on their grid."""
-    from tests.conftest import search as run_search
 
     space = load_space(path)
     if space.gradient_steps:  # the demo's warm start: a few steps show it runs (600 take ~30 s)
@@ -435,8 +436,6 @@ def test_study_names_stay_inside_results_and_version(zoo, tmp_path):
 def test_a_sequential_space_searches_the_merge_order(zoo, tmp_path, results):
     """Three models merged pairwise: the order is a categorical over the 6 permutations, each
     trial's recipe follows its order, and the report compares the orders on the test split."""
-    from tests.conftest import report
-    from tests.conftest import search as run_search
 
     space = load_space(
         write_space(
@@ -510,7 +509,6 @@ def test_the_newer_methods_are_searched_as_themselves(zoo, tmp_path, results, mo
     trial's search score is the score of its recipe merged by `mergesearch merge` (the exact path)."""
     from mergesearch.engine import merge
     from mergesearch.evaluation import evaluate_model
-    from tests.conftest import search as run_search
 
     space = load_space(
         write_space(
@@ -544,8 +542,6 @@ def test_the_newer_methods_are_searched_as_themselves(zoo, tmp_path, results, mo
 def test_a_method_choice_study_searches_and_reports_only_what_each_method_uses(zoo, tmp_path, results):
     """Task arithmetic ignores density: its trials search none and their recipes carry none, while
     TIES trials search it; the report has a method column saying which method each recipe used."""
-    from tests.conftest import report
-    from tests.conftest import search as run_search
 
     space = load_space(
         write_space(
@@ -582,8 +578,6 @@ def test_a_method_choice_study_searches_and_reports_only_what_each_method_uses(z
 def test_the_report_weighs_tasks_as_the_search_did(zoo, tmp_path, results):
     """With objective: mean and task_weights, the report's means and gains are that weighted mean,
     not the plain one (the headline is about what the search optimized)."""
-    from tests.conftest import report
-    from tests.conftest import search as run_search
 
     space = load_space(
         write_space(

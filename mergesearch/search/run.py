@@ -56,7 +56,8 @@ def run_search(
     `gradient_seconds` (and the space's `gradient_steps`, whichever ends first): a new study first
     learns task-arithmetic coefficients by gradient on the search split (`gradient.py`) and
     enqueues them after the known recipes, as the search's warm start and the report's gradient
-    reference.
+    reference. `resolve` turns the space's model references into folders when no `bench` is given
+    (folders only by default; the CLI and the demo pass `sources.resolve_model`, which knows the zoos).
     """
     study_name = study or space.name
     study_dir(study_name)  # a bad name fails before anything is loaded

@@ -176,7 +176,7 @@ def space_from_dict(d: dict, p: Path | None = None) -> SearchSpace:
         raise MergeSearchError(
             f"{where}: task_weights: a mapping of task to weight, e.g. {{add: 2, reverse: 1}}"
         )
-    for k, v in weights.items():  # keys are task names, checked against the loaded tasks (Searcher)
+    for k, v in weights.items():  # keys are task names, checked against the loaded tasks (bench.Bench)
         number(v, f"{where}: task_weights.{k}", minimum=0)
     if not isinstance(d.get("baselines", True), bool):
         raise MergeSearchError(f"{where}: baselines: true or false, not {d['baselines']!r}")

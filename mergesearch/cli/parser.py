@@ -1,241 +1,11 @@
-"""Command line: parse, call the library, print. Every command is a library call."""
+"""The command line's grammar: every command, flag and help text, and the types that check them."""
 
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Sequence
 
-from .errors import MergeSearchError
-
-
-def _cmd_merge(args: argparse.Namespace) -> int:
-    from .engine import merge
-
-    out = merge(
-        args.recipe,
-        args.out_dir,
-        seed=args.seed,
-        device=args.device,
-        overwrite=args.overwrite,
-        allow_pickle=args.allow_pickle,
-        shard_size=args.shard_size,
-        progress=not args.quiet,
-    )
-    if not args.quiet:
-        print(f"wrote {out}")
-        print(f"next: mergesearch eval {out} --tasks TASK[,TASK...]   # score the merged model")
-    return 0
-
-
-def _cmd_zoo(args: argparse.Namespace) -> int:
-    log = (lambda s: None) if args.quiet else print
-    if args.base == "smollm2":
-        from .smollm2_zoo import build_smollm2_zoo
-
-        zoo = build_smollm2_zoo(
-            args.out, device=args.device, progress=not args.quiet, log=log, rebuild=args.rebuild
-        )
-    else:
-        if args.device is not None:
-            raise MergeSearchError("--device applies to --base smollm2; the demo zoo trains on the CPU")
-        from .zoo import build_zoo
-
-        zoo = build_zoo(args.out, progress=not args.quiet, log=log, rebuild=args.rebuild)
-    print(f"zoo at {zoo.root} (built in {zoo.seconds:.0f}s)")
-    skills = list(next(iter(zoo.scores.values())))
-    print("exact match on test splits:")
-    print(f"  {'model':10s}" + "".join(f"{s:>10s}" for s in skills))
-    for name, scores in zoo.scores.items():
-        print(f"  {name:10s}" + "".join(f"{scores[s]:10.3f}" for s in skills))
-    for name, check in zoo.checks.items():
-        print(f"  [{'ok' if check['ok'] else 'FAIL'}] {name}: {check['detail']}")
-    for name, path in zoo.models.items():
-        print(f"  {name}: {path}")
-    return 0
-
-
-def _cmd_eval(args: argparse.Namespace) -> int:
-    import json
-
-    from .evaluation import evaluate_model
-
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if not tasks:
-        raise MergeSearchError(
-            f"--tasks {args.tasks!r} names no task; give task names or YAML paths, e.g. add,reverse"
-        )
-    rows = evaluate_model(
-        args.model_dir,
-        tasks,
-        split=args.split,
-        limit=args.limit,
-        backend=args.backend,
-        device=args.device,
-        evals_dir=args.evals_dir,
-    )
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    print(f"{'task':20s} {'metric':12s} {'n':>5s} {'value':>8s}   95% CI (bootstrap)   seconds")
-    for r in rows:
-        print(
-            f"{r['task']:20s} {r['metric']:12s} {r['n']:5d} {r['value']:8.4f}   "
-            f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}]   {r['seconds']:.2f}"
-        )
-    for r in rows:
-        if r.get("unextracted"):
-            print(
-                f"note: {r['task']}: the answer extraction found nothing in {r['unextracted']} of {r['n']} "
-                "outputs (scored wrong); check the task's extract: against the model's outputs"
-            )
-    return 0
-
-
-def _cmd_search(args: argparse.Namespace) -> int:
-    from .search import load_space, run_search, study_dir
-    from .sources import resolve_model
-
-    space = load_space(args.space)
-    name = args.study or space.name
-    study = run_search(
-        space,
-        study=name,
-        storage=args.storage,
-        trials=args.trials,
-        timeout=args.timeout,
-        sampler=args.sampler,
-        seed=args.seed,
-        device=args.device,
-        progress=not args.quiet,
-        cache_ranks=args.cache_ranks,
-        set_budget=args.set_budget,
-        gradient_seconds=args.gradient,
-        resolve=resolve_model,
-        log=_log(args),
-    )
-    _print_study(study, name, args.storage)
-    if args.storage is None:
-        print(f"storage: {study_dir(name) / 'study.db'}")
-    return 0
-
-
-def _cmd_worker(args: argparse.Namespace) -> int:
-    from .search import load_study_space, run_search
-    from .sources import resolve_model
-
-    space = load_study_space(args.study, args.storage)
-    study = run_search(
-        space,
-        study=args.study,
-        storage=args.storage,
-        trials=args.trials,
-        timeout=args.timeout,
-        device=args.device,
-        progress=not args.quiet,
-        cache_ranks=args.cache_ranks,
-        worker=True,
-        resolve=resolve_model,
-        log=_log(args),
-    )
-    _print_study(study, args.study, args.storage)
-    return 0
-
-
-def _storage_flag(storage: str | None) -> str:
-    return f" --storage {storage}" if storage else ""
-
-
-def _log(args: argparse.Namespace):
-    """Progress lines for long phases, unless --quiet."""
-    return (lambda m: None) if args.quiet else (lambda m: print(m, flush=True))
-
-
-def _print_study(study, name: str, storage: str | None) -> None:
-    """What the search did and what to run next."""
-    import optuna
-
-    from .search.trials import StudyAttr, records
-
-    trials = records(study)
-    states = [t.state for t in trials]
-    n = {
-        s.name.lower(): states.count(s)
-        for s in (
-            optuna.trial.TrialState.COMPLETE,
-            optuna.trial.TrialState.PRUNED,
-            optuna.trial.TrialState.FAIL,
-        )
-    }
-    print(
-        f"study {name}: {len(states)} trials ({n['complete']} complete, {n['pruned']} stopped early, "
-        f"{n['fail']} failed)"
-    )
-    budget = study.user_attrs.get(StudyAttr.BUDGET)
-    finished = sum(s.is_finished() for s in states)
-    if budget and finished < budget:
-        print(
-            f"stopped before the budget ({finished} of {budget} trials finished): run the same command to go on"
-        )
-    from .report import front
-
-    best = max(front(study), key=lambda t: t.mean, default=None)  # as the report picks it
-    if best is not None:
-        scores = ", ".join(f"{k} {v:.3f}" for k, v in best.scores.items())
-        tag = f" ({best.baseline})" if best.baseline else ""
-        print(f"best trial {best.number}{tag}: search mean {best.mean:.3f} ({scores})")
-        st = _storage_flag(storage)
-        print(f"next: mergesearch report {name}{st}        # test-split scores, gains with intervals, plots")
-        print(f"      mergesearch export {name}{st} -o best.yaml   # the best recipe as mergekit YAML")
-        print(f"      mergesearch dashboard {name}{st}     # optuna-dashboard on 127.0.0.1:8080")
-
-
-def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import report
-    from .search import study_dir
-    from .sources import resolve_model
-
-    summary = report(args.study, args.storage, device=args.device, resolve=resolve_model, log=_log(args))
-    out = study_dir(args.study)
-    if "gain" in summary:
-        g = summary["gain"]
-        print(
-            f"best trial {summary['best_trial']}: test mean {g['best_test_mean']:.3f} vs "
-            f"{g['over']} {g['baseline_test_mean']:.3f}: gain {g['gain']:+.3f} "
-            f"(paired 95% CI [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}])"
-        )
-        if summary.get("best_is_baseline") or g["ci95"][1] < 0:
-            print("no learned recipe beat the known recipes; report.md says what to try")
-    print(f"report: {out / 'report.md'}")
-    print(
-        f"next: mergesearch export {args.study}{_storage_flag(args.storage)} -o best.yaml   # the best recipe as mergekit YAML"
-    )
-    return 0
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    from .report import export
-
-    path = export(args.study, args.storage, trial=args.trial, out=args.output)
-    print(f"wrote {path}")
-    print(
-        f"next: mergesearch merge {path} MERGED --seed 0   # or: mergekit-yaml {path} MERGED --random-seed 0"
-    )
-    return 0
-
-
-def _cmd_dashboard(args: argparse.Namespace) -> int:
-    from .report.dashboard import serve
-
-    serve(args.study, args.storage, port=args.port)
-    return 0
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    run_demo(trials=args.trials, study=args.study, progress=not args.quiet)
-    return 0
+from ..errors import MergeSearchError
+from . import commands as c
 
 
 class _Parser(argparse.ArgumentParser):
@@ -282,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mergesearch",
         description="Learn model-merge coefficients: search, merge, evaluate, export mergekit recipes.",
     )
-    from . import __version__
+    from .. import __version__
 
     p.add_argument("--version", action="version", version=f"mergesearch {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -318,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--shard-size", default="5GB", help="maximum bytes per output shard, e.g. 5GB, 500MB (default: 5GB)"
     )
     m.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
-    m.set_defaults(func=_cmd_merge)
+    m.set_defaults(func=c.cmd_merge)
 
     z = sub.add_parser("zoo", help="build a model zoo: a base and specialists fine-tuned from it")
     zsub = z.add_subparsers(dest="zoo_command", required=True, metavar="ACTION")
@@ -357,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the smollm2 zoo trains: auto (CUDA when present, else CPU), cpu, cuda, cuda:N (default: auto)",
     )
     zb.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    zb.set_defaults(func=_cmd_zoo)
+    zb.set_defaults(func=c.cmd_zoo)
 
     e = sub.add_parser(
         "eval",
@@ -384,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--evals-dir", default=None, help="folder of task YAMLs (default: the repository's evals/)"
     )
     e.add_argument("--json", action="store_true", help="print the rows as JSON for scripts")
-    e.set_defaults(func=_cmd_eval)
+    e.set_defaults(func=c.cmd_eval)
 
     def run_flags(sp) -> None:
         sp.add_argument("--device", default="auto", help=DEVICE_HELP)
@@ -458,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         "derives its own from it, so no two processes propose the same candidates",
     )
     run_flags(se)
-    se.set_defaults(func=_cmd_search)
+    se.set_defaults(func=c.cmd_search)
 
     w = sub.add_parser(
         "worker",
@@ -476,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.add_argument("--timeout", type=seconds, default=None, help="stop after this many seconds")
     run_flags(w)
-    w.set_defaults(func=_cmd_worker)
+    w.set_defaults(func=c.cmd_worker)
 
     r = sub.add_parser(
         "report",
@@ -488,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     storage_flags(r, False)
     r.add_argument("--device", default="auto", help=DEVICE_HELP)
     r.add_argument("-q", "--quiet", action="store_true", help="no line per candidate scored")
-    r.set_defaults(func=_cmd_report)
+    r.set_defaults(func=c.cmd_report)
 
     x = sub.add_parser(
         "export",
@@ -504,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", default=None, help="output file (default: results/<study>/trial_<N>.yaml)"
     )
     storage_flags(x, False)
-    x.set_defaults(func=_cmd_export)
+    x.set_defaults(func=c.cmd_export)
 
     d = sub.add_parser(
         "dashboard",
@@ -522,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     storage_flags(d, False)
     d.add_argument("--port", type=whole(1), default=8080, help="port on 127.0.0.1 (default: 8080)")
-    d.set_defaults(func=_cmd_dashboard)
+    d.set_defaults(func=c.cmd_dashboard)
 
     dm = sub.add_parser(
         "demo",
@@ -537,44 +307,5 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dm.add_argument("--study", default="demo", help="study name (default: demo)")
     dm.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    dm.set_defaults(func=_cmd_demo)
+    dm.set_defaults(func=c.cmd_demo)
     return p
-
-
-def _one_line_warning(message, category, filename, lineno, line=None) -> str:
-    return f"warning: {message}\n"
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    import warnings
-
-    warnings.formatwarning = _one_line_warning  # what happened, not where in our code
-    try:
-        args = build_parser().parse_args(argv)
-        if getattr(args, "device", None) is not None:
-            from .modeling import resolve_device
-
-            args.device = resolve_device(args.device)
-        return args.func(args)
-    except MergeSearchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except OSError as e:  # a full disk, a read-only folder: say which file and what to do
-        print(f"error: {os_error(e)}", file=sys.stderr)
-        return 2
-
-
-def os_error(e: OSError) -> str:
-    import errno
-
-    where = e.filename or "a file"
-    advice = {
-        errno.ENOSPC: "the disk is full; free space (completed trials are kept) and run the command again",
-        errno.EROFS: "the file system is read-only; choose a writable folder (MERGESEARCH_RESULTS, --storage, -o, OUT_DIR)",
-        errno.EACCES: "permission denied; choose a folder you can write (MERGESEARCH_RESULTS, --storage, -o, OUT_DIR)",
-        errno.EDQUOT: "the disk quota is used up; free space and run the command again",
-    }.get(e.errno, "check the path and run the command again")
-    return f"{where}: {e.strerror or e}; {advice}"
