@@ -12,7 +12,7 @@ import json
 import random
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from .checkpoint import (
 )
 from .errors import MergeSearchError
 from .plan import MergePlan, TensorTask, plan_merge
-from .recipe import Recipe, dump_recipes, load_recipes
+from .recipe import ZOO_REFERENCE, Recipe, dump_recipes, load_recipes
 
 
 def seed_everything(seed: int, device: torch.device | None = None) -> None:
@@ -106,8 +106,11 @@ def merge(
     shard_size: str | int = "5GB",
     progress: bool = False,
     recipe_dir: Path | None = None,
+    resolve: Callable[[str, Path | None], Path] | None = None,
 ) -> Path:
-    """Merge a recipe (or a multi-stage list, or a YAML file) into a Hugging Face model folder."""
+    """Merge a recipe (or a multi-stage list, or a YAML file) into a Hugging Face model folder.
+    `resolve` turns a zoo reference (`smollm2:largest`, as `export --references space` writes)
+    into its folder; the CLI passes `sources.resolve_model`."""
     if isinstance(recipe, (str, Path)):
         recipe_dir = Path(recipe).resolve().parent
         recipes = load_recipes(recipe)
@@ -125,6 +128,8 @@ def merge(
         p = Path(ref).expanduser()
         if not p.exists() and recipe_dir is not None and (recipe_dir / ref).exists():
             p = recipe_dir / ref
+        if not p.exists() and resolve is not None and ZOO_REFERENCE.match(ref):
+            return resolve(ref, None)
         if not p.exists():
             raise MergeSearchError(
                 f"model {ref}: folder does not exist (paths are relative to the current directory)"

@@ -10,6 +10,7 @@ whose first substring match wins.
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +108,11 @@ def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
         if f is None or f == "*" or (tensor_name and f in tensor_name):
             return evaluate_setting(cond["value"], tensor_name, t)
     return None
+
+
+# `scheme:name`: a model of a zoo (zoo:add, smollm2:largest), which only a zoo-aware resolver
+# (`mergesearch.sources.resolve_model`) turns into a folder.
+ZOO_REFERENCE = re.compile(r"^([a-z][a-z0-9_]*):([^/\\]+)$")
 
 
 @dataclass
@@ -317,6 +323,21 @@ _Dumper.add_representer(list, _represent_list)
 def dump_recipes(recipes: list[Recipe]) -> str:
     docs = [yaml.dump(r.to_dict(), Dumper=_Dumper, sort_keys=False) for r in recipes]
     return "---\n".join(docs)
+
+
+def renamed(recipes: list[Recipe], names: dict[str, str]) -> list[Recipe]:
+    """The recipes with every model reference in `names` replaced by its value (base models,
+    models and slice sources; stage names and references not in `names` stay)."""
+    out = copy.deepcopy(recipes)
+    for r in out:
+        r.base_model = names.get(r.base_model, r.base_model) if r.base_model else r.base_model
+        for src in r.models or []:
+            src.model = names.get(src.model, src.model)
+        for sl in r.slices or []:
+            sl.base_model = names.get(sl.base_model, sl.base_model) if sl.base_model else sl.base_model
+            for src in sl.sources:
+                src.model = names.get(src.model, src.model)
+    return out
 
 
 def rounded(recipes: list[Recipe], digits: int = 4) -> list[Recipe]:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests.tiny_models import make_base, make_finetune
@@ -142,3 +143,19 @@ def report(study, **kw):
     from mergesearch.sources import resolve_model
 
     return build(study, resolve=resolve_model, **kw)
+
+
+def index_order_mask(tau: torch.Tensor, sparsification: str, density: float, gamma: float) -> torch.Tensor:
+    """The rank window of |τ| that mergekit keeps, ranking ties by flat index (stable sort)."""
+    a = tau.reshape(-1).abs().float()
+    n = a.numel()
+    if sparsification == "magnitude":
+        k = max(1, int(density * n))
+        r0, r1 = n - k, n
+    else:
+        target, n_top = int(density * n), int(gamma * n)
+        r0 = max(0, n - target - n_top)
+        r1 = min(n, r0 + target)
+    mask = torch.zeros_like(a)
+    mask[torch.sort(a, stable=True).indices[r0:r1]] = 1
+    return mask.reshape(tau.shape).to(tau.dtype)

@@ -22,6 +22,7 @@ from mergesearch.candidates.passes import Mix
 from mergesearch.candidates.torch_passes import TorchPasses
 from mergesearch.methods import interpolation, sparsify
 from mergesearch.methods.task_arithmetic import combine
+from tests.conftest import index_order_mask
 
 BACKENDS = [TorchPasses(chunk=4096), NumbaPasses()]
 SPARSIFIERS = TaskVectorBank.SPARSIFICATIONS
@@ -47,19 +48,14 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 def _plain_keep(tau, mask, sparsification, density, gamma, epsilon):
     """The 0/1 keep mask by the definitions, with no backend: a magnitude sparsifier keeps its
-    rank window of |τ| (`sparsify.rank_window`; equal magnitudes ranked in flat index order,
-    the lower index the lower rank); DARE keeps u < d and DELLA u < (d − ε) + 2ε·rank (`sparsify.della_ranks`), u
+    rank window of |τ| (`conftest.index_order_mask`: equal magnitudes ranked in flat index order);
+    DARE keeps u < d and DELLA u < (d − ε) + 2ε·rank (`sparsify.della_ranks`), u
     being the task vector's fixed draws (tested apart, in test_uniforms_and_level_sums)."""
-    n, flat = tau.numel(), tau.reshape(-1)
+    n = tau.numel()
     if sparsification in ("magnitude", "magnitude_outliers"):
-        window = sparsify.rank_window(sparsification, n, density, gamma)
-        keep = torch.zeros(n)
-        if window is None:
+        if density >= 1:
             return torch.ones_like(tau)
-        r0, r1 = window
-        order = torch.sort(flat.float().abs(), stable=True).indices  # ascending, ties by index
-        keep[order[r0:r1]] = 1
-        return keep.reshape(tau.shape).to(tau.dtype)
+        return index_order_mask(tau, sparsification, density, gamma) if density > 0 else torch.zeros_like(tau)
     u = mask.draws(0, n, torch.empty(n, dtype=torch.float32))
     if sparsification == "random":
         return (u < mask.d).reshape(tau.shape).to(tau.dtype)
@@ -135,7 +131,8 @@ def test_masked_l1_equals_the_sum_over_the_mask(passes, dtype):
     bank = TaskVectorBank(chunk=4096, cache_ranks=True)
     for s in ("magnitude", "magnitude_outliers", "random", "della"):
         (mask,) = bank.masks(["0:w"], [tau], s, [0.4], [0.01], [0.1])
-        expected = (tau.double().abs() * bank.mask("0:w", tau, s, 0.4, 0.01, 0.1).double()).sum().item()
+        keep = _plain_keep(tau, mask, s, 0.4, 0.01, 0.1)
+        expected = (tau.double().abs() * keep.double()).sum().item()
         rtol = 2e-6 if dtype == torch.float32 or passes.name == "numba" else 8e-3
         assert passes.masked_l1(tau, mask) == pytest.approx(expected, rel=rtol), s
     assert passes.masked_l1(tau, None) == pytest.approx(tau.double().abs().sum().item(), rel=rtol)

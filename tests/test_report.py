@@ -6,6 +6,7 @@ import json
 
 import optuna
 import pytest
+import torch
 import yaml
 
 from mergesearch.recipe import dump_recipes
@@ -65,3 +66,22 @@ def test_export_of_a_front_trial_takes_its_own_test_scores(zoo, tmp_path, result
     assert "# state: COMPLETE" in header
     recipe = yaml.safe_load((tmp_path / "t1.yaml").read_text())
     assert [m["parameters"]["weight"] for m in recipe["models"]] == [1.0, 0.0]
+
+
+def test_exported_zoo_references_merge_as_the_folders_do(zoo, tmp_path, results):
+    """`export --references space` writes `zoo:add` (no machine path); `mergesearch merge`
+    resolves it and builds the same model as from the folders version."""
+    from tests.tiny_models import load_weights
+
+    cli(tmp_path, "search", str(write_space(tmp_path, name="refs", trials=3, fidelity=[20])), "-q")
+    cli(tmp_path, "export", "refs", "-o", "folders.yaml")
+    cli(tmp_path, "export", "refs", "--references", "space", "-o", "space.yaml")
+    shared = yaml.safe_load((tmp_path / "space.yaml").read_text())
+    assert shared["base_model"] == "zoo:base"
+    assert [m["model"] for m in shared["models"]] == ["zoo:add", "zoo:reverse"]
+    assert "# models: zoo references" in (tmp_path / "space.yaml").read_text()
+    assert str(zoo.root) in (tmp_path / "folders.yaml").read_text()
+    cli(tmp_path, "merge", "folders.yaml", "a", "--seed", "0", "-q")
+    cli(tmp_path, "merge", "space.yaml", "b", "--seed", "0", "-q")
+    a, b = load_weights(tmp_path / "a"), load_weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

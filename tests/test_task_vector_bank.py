@@ -16,6 +16,7 @@ from mergesearch.candidates.cuts import Cuts
 from mergesearch.candidates.ranks import DellaRanks
 from mergesearch.methods import sparsify
 from mergesearch.methods.task_arithmetic import combine, generalized_task_arithmetic
+from tests.conftest import index_order_mask
 
 SHAPES = [(70, 130), (300,), (40, 33)]
 DETERMINISTIC = {  # method: (sparsification, consensus, default normalize)
@@ -42,27 +43,11 @@ def _params(rng: random.Random, k: int) -> dict:
     }
 
 
-def _index_order_mask(tau: torch.Tensor, sparsification: str, density: float, gamma: float) -> torch.Tensor:
-    """The rank window of |τ| that mergekit keeps, ranking ties by flat index (stable sort)."""
-    a = tau.reshape(-1).abs().float()
-    n = a.numel()
-    if sparsification == "magnitude":
-        k = max(1, int(density * n))
-        r0, r1 = n - k, n
-    else:
-        target, n_top = int(density * n), int(gamma * n)
-        r0 = max(0, n - target - n_top)
-        r1 = min(n, r0 + target)
-    mask = torch.zeros_like(a)
-    mask[torch.sort(a, stable=True).indices[r0:r1]] = 1
-    return mask.reshape(tau.shape).to(tau.dtype)
-
-
 def _reference(base, taus, p, sparsification, consensus, normalize):
     """combine() of index-order masks: mergekit's definition with that tie rule."""
     deltas = torch.stack(
         [
-            t if sparsification is None or d >= 1 else t * _index_order_mask(t, sparsification, d, g)
+            t if sparsification is None or d >= 1 else t * index_order_mask(t, sparsification, d, g)
             for t, d, g in zip(taus, p["density"], p["gamma"])
         ]
     )
@@ -105,7 +90,7 @@ def test_ties_between_equal_magnitudes_go_to_the_lower_index():
     kw = dict(sparsification="magnitude", consensus=True, normalize=True, rescale=False)
     assert not bank.exact_for(keys, taus, density=d, gamma=None, **kw)  # a tie group is split
     for t, di, key in zip(taus, d, keys):
-        assert torch.equal(bank.mask(key, t, "magnitude", di), _index_order_mask(t, "magnitude", di, 0.0))
+        assert torch.equal(bank.mask(key, t, "magnitude", di), index_order_mask(t, "magnitude", di, 0.0))
 
 
 def test_cuts_are_exact_on_structured_tensors_and_when_the_sample_misleads():
@@ -122,10 +107,10 @@ def test_cuts_are_exact_on_structured_tensors_and_when_the_sample_misleads():
             if not trust_sample:
                 bank.cuts.samples["0:w"] = torch.linspace(5.0, 6.0, 4096)  # nothing there
             assert torch.equal(
-                bank.mask("0:w", tau, "magnitude", d), _index_order_mask(tau, "magnitude", d, 0.0)
+                bank.mask("0:w", tau, "magnitude", d), index_order_mask(tau, "magnitude", d, 0.0)
             )
             got = bank.mask("0:w", tau, "magnitude_outliers", d, gamma=0.03)
-            assert torch.equal(got, _index_order_mask(tau, "magnitude_outliers", d, 0.03))
+            assert torch.equal(got, index_order_mask(tau, "magnitude_outliers", d, 0.03))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

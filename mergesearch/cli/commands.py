@@ -9,6 +9,7 @@ from ..errors import MergeSearchError
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from ..engine import merge
+    from ..sources import resolve_model
 
     out = merge(
         args.recipe,
@@ -19,6 +20,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle,
         shard_size=args.shard_size,
         progress=not args.quiet,
+        resolve=resolve_model,
     )
     if not args.quiet:
         print(f"wrote {out}")
@@ -214,7 +216,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from ..report import export
 
-    path = export(args.study, args.storage, trial=args.trial, out=args.output)
+    path = export(args.study, args.storage, trial=args.trial, out=args.output, references=args.references)
     print(f"wrote {path}")
     print(
         f"next: mergesearch merge {path} MERGED --seed 0   # or: mergekit-yaml {path} MERGED --random-seed 0"

@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         "merge",
         help="merge models from a mergekit YAML recipe into a Hugging Face folder",
         description="Stream a mergekit-style recipe (one document, or mergekit-multi stages "
-        "separated by ---) tensor by tensor into OUT_DIR. Results equal mergekit 0.1.5's.",
+        "separated by ---) tensor by tensor into OUT_DIR. Results equal mergekit 0.1.5's. Models are "
+        "folders (relative to the current directory or the recipe's), or zoo references such as "
+        "zoo:add and smollm2:largest (as `export --references space` writes them), built on first use.",
     )
     m.add_argument("recipe", help="mergekit YAML recipe file")
     m.add_argument("out_dir", help="output model folder (written atomically)")
@@ -272,6 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--best", action="store_true", help="the best trial (default)")
     x.add_argument(
         "-o", "--output", default=None, help="output file (default: results/<study>/trial_<N>.yaml)"
+    )
+    x.add_argument(
+        "--references",
+        choices=["folders", "space"],
+        default="folders",
+        help="how models are named: folders (this machine's paths, what mergekit-yaml runs) or space "
+        "(a zoo model by its reference, e.g. smollm2:largest, as the space names it: a file to share; "
+        "mergesearch merge resolves it) (default: folders)",
     )
     storage_flags(x, False)
     x.set_defaults(func=c.cmd_export)

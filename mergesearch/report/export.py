@@ -9,9 +9,9 @@ from pathlib import Path
 import optuna
 
 from ..errors import MergeSearchError
-from ..recipe import Recipe, dump_recipes, parse_recipes, rounded
+from ..recipe import ZOO_REFERENCE, Recipe, dump_recipes, parse_recipes, renamed, rounded
 from ..search import MERGE_SEED, study_dir
-from ..search.trials import TrialRecord, record
+from ..search.trials import StudyAttr, TrialRecord, record
 from .files import atomic_text
 from .tables import best_trial, load
 
@@ -25,8 +25,15 @@ def trial_recipes(t: TrialRecord) -> list[Recipe]:
     return rounded(parse_recipes(t.recipe))
 
 
-def recipe_text(t: TrialRecord) -> str:
-    return dump_recipes(trial_recipes(t))
+def recipe_text(t: TrialRecord, names: dict[str, str] | None = None) -> str:
+    """The trial's recipe as export writes it, models renamed by `names` (`zoo_names`)."""
+    return dump_recipes(renamed(trial_recipes(t), names or {}))
+
+
+def zoo_names(folders: dict[str, str]) -> dict[str, str]:
+    """{folder: reference} for the models a space names by a zoo reference (`smollm2:largest`):
+    what a report shows and `export --references space` writes instead of this machine's folders."""
+    return {folder: ref for ref, folder in folders.items() if ZOO_REFERENCE.match(ref)}
 
 
 def test_scores_of(study: str, trial: int) -> dict[str, float]:
@@ -61,11 +68,19 @@ def _ending(t: TrialRecord) -> str | None:
 
 
 def export(
-    study: str, storage: str | None = None, *, trial: int | None = None, out: str | Path | None = None
+    study: str,
+    storage: str | None = None,
+    *,
+    trial: int | None = None,
+    out: str | Path | None = None,
+    references: str = "folders",
 ) -> Path:
     """A trial's recipe (default: the best) as mergekit YAML with a provenance header. A failed
     trial is refused; a stopped-early or running one is exported with a warning and its state in
-    the header."""
+    the header. `references`: "folders" (what mergekit-yaml runs here) or "space" (zoo models by
+    their reference, as the space names them: a file to share; `mergesearch merge` resolves them)."""
+    if references not in ("folders", "space"):
+        raise MergeSearchError(f"--references {references!r}: use folders or space")
     s = load(study, storage)
     if trial is None:
         t = best_trial(s)
@@ -91,7 +106,19 @@ def export(
         f"# seed: {MERGE_SEED} (mergesearch merge --seed {MERGE_SEED} / mergekit-yaml --random-seed {MERGE_SEED})",
         "",
     ]
-    text = "\n".join(header) + recipe_text(t)
+    names = {}
+    if references == "space":
+        if StudyAttr.MODEL_FOLDERS not in s.user_attrs:
+            raise MergeSearchError(
+                f"study {study!r} did not record its models' folders (made before mergesearch recorded "
+                "them): export without --references space"
+            )
+        names = zoo_names(s.user_attrs[StudyAttr.MODEL_FOLDERS])
+        if names:
+            header.insert(
+                -1, "# models: zoo references as the space names them (mergesearch merge resolves them)"
+            )
+    text = "\n".join(header) + recipe_text(t, names)
     path = Path(out) if out else study_dir(study) / f"trial_{t.number}.yaml"
     atomic_text(path, text)
     return path

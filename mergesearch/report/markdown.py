@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ..search import MERGE_SEED, Bench
 from ..search.trials import TrialRecord
-from .export import recipe_text
+from .export import recipe_text, zoo_names
 
 
 def fmt_ci(r: dict) -> str:
@@ -173,7 +173,7 @@ def markdown(summary: dict, plots: dict[str, str], best: TrialRecord, bench: Ben
         f"`--random-seed {MERGE_SEED}`)",
         "",
         "```yaml",
-        recipe_text(best).rstrip(),
+        recipe_text(best, zoo_names(bench.folders)).rstrip(),
         "```",
         "",
     ]

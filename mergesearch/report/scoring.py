@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..evaluation import TaskResult, bootstrap_ci, task_weight, weighted_mean
-from ..recipe import Recipe, Source, dump_recipes
+from ..recipe import Recipe, Source, dump_recipes, renamed
 from ..search import Bench
 from ..search.trials import TrialRecord
 
@@ -85,7 +85,10 @@ class Rescorer:
     """Scores recipes on the bench's exact engine, each trial once."""
 
     def __init__(self, bench: Bench, weights: dict[str, float] | None, log) -> None:
+        from .export import zoo_names
+
         self.bench, self.weights, self.log = bench, weights, log
+        self.names = zoo_names(bench.folders)  # rows show zoo models by reference, not this machine's folder
         self.by_trial: dict[int, Scored] = {}
 
     def score(
@@ -108,7 +111,7 @@ class Rescorer:
         )
         x = Scored(
             label,
-            dump_recipes(recipes),
+            dump_recipes(renamed(recipes, self.names)),
             search,
             test,
             recorded,

@@ -19,8 +19,8 @@ from ..errors import MergeSearchError
 from ..evaluation import Scorer, TaskResult, configure_threads, find_task, weighted_mean
 from ..methods import METHODS
 from ..modeling import live_model, load_tokenizer
-from ..recipe import Recipe
-from .space import ZOO_REFERENCE, SearchSpace
+from ..recipe import ZOO_REFERENCE, Recipe
+from .space import SearchSpace
 
 MERGE_SEED = 0  # DARE/DELLA draws of every candidate; exported recipes carry it
 
@@ -58,6 +58,7 @@ class Bench:
         self.device = device
         self.base_path = str(resolve(space.base, space.path))
         self.model_paths = [str(resolve(m, space.path)) for m in space.models]
+        self.folders = dict(zip([space.base, *space.models], [self.base_path, *self.model_paths]))
         # Task-vector methods only (and no sequential stages): keep τ = x − b resident instead of x.
         gta_only = all(METHODS[m].task_vectors for m in space.methods) and space.order != "sequential"
         # The search engine (exact=False): task-vector candidates in chunks with shared work,

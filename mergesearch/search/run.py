@@ -83,6 +83,8 @@ def run_search(
     directions = bench.directions if multi else ["maximize"]
     s, created = create_or_load(space, study_name, storage, directions=directions, objective_names=names)
     record_task_splits(s, bench.task_splits)
+    if created:  # what each reference meant here: reports write zoo models by their reference
+        s.set_user_attr(StudyAttr.MODEL_FOLDERS, bench.folders)
     budget = s.user_attrs.get(StudyAttr.BUDGET)
     if created or budget is None:
         budget = trials or space.trials

@@ -19,13 +19,11 @@ from typing import Any
 from ..architecture import Architecture
 from ..errors import MergeSearchError
 from ..methods.registry import METHODS, get_method
-from ..recipe import Recipe, Source
+from ..recipe import ZOO_REFERENCE, Recipe, Source
 
 MODEL_PARAMS = ("weight", "density", "gamma", "epsilon")
 SHARED_PARAMS = ("t", "lambda", "select_topk")
 COMPONENTS = ("attention", "mlp", "other")
-# `scheme:name`: a model of a zoo (zoo:add, smollm2:largest), which only a zoo-aware resolver knows.
-ZOO_REFERENCE = re.compile(r"^([a-z][a-z0-9_]*):([^/\\]+)$")
 
 
 @dataclass

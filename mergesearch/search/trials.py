@@ -142,3 +142,4 @@ class StudyAttr:
     ANCHORS = "anchors"  # {task: {indices, weights}}
     ANCHOR_REFERENCE_TRIALS = "anchor_reference_trials"
     BASELINES_ENQUEUED = "baselines_enqueued"
+    MODEL_FOLDERS = "model_folders"  # {reference as the space names it: the folder it resolved to}
