@@ -85,20 +85,7 @@ def run_search(
     record_task_splits(s, bench.task_splits)
     if created:  # what each reference meant here: reports write zoo models by their reference
         s.set_user_attr(StudyAttr.MODEL_FOLDERS, bench.folders)
-    budget = s.user_attrs.get(StudyAttr.BUDGET)
-    if created or budget is None:
-        budget = trials or space.trials
-        s.set_user_attr(StudyAttr.BUDGET, budget)
-    elif trials is not None and trials != budget and not worker:
-        if not set_budget:
-            raise MergeSearchError(
-                f"study {study_name!r} has a budget of {budget} trials, set when it was created; "
-                f"--trials {trials} would change it for every worker. Omit --trials to resume, or add "
-                f"--set-budget to make the budget {trials}"
-            )
-        budget = trials
-        s.set_user_attr(StudyAttr.BUDGET, budget)
-    target = trials if worker and trials is not None else budget
+    target = _target(s, created, space.trials, trials, worker, set_budget)
     # The first process of a new study uses the space's seed (a study is reproducible); any other
     # process (a resume, a second search, a worker) derives its own, so that it never proposes
     # the candidates another process already ran.
@@ -127,6 +114,45 @@ def run_search(
         progress,
         best=max((t.mean for t in records(s, (State.COMPLETE,))), default=-math.inf),
     )
+    _optimize(
+        s,
+        objective,
+        todo,
+        target,
+        timeout or space.timeout,
+        bar,
+        storage or str(study_dir(study_name) / "study.db"),
+    )
+    return s
+
+
+def _target(
+    s: optuna.Study, created: bool, default: int, trials: int | None, worker: bool, set_budget: bool
+) -> int:
+    """How many finished trials this process runs the study to: the study's budget (set when it is
+    created; changed only with `set_budget`), or a worker's own `trials`."""
+    budget = s.user_attrs.get(StudyAttr.BUDGET)
+    if created or budget is None:
+        budget = trials or default
+        s.set_user_attr(StudyAttr.BUDGET, budget)
+    elif trials is not None and trials != budget and not worker:
+        if not set_budget:
+            raise MergeSearchError(
+                f"study {s.study_name!r} has a budget of {budget} trials, set when it was created; "
+                f"--trials {trials} would change it for every worker. Omit --trials to resume, or add "
+                f"--set-budget to make the budget {trials}"
+            )
+        budget = trials
+        s.set_user_attr(StudyAttr.BUDGET, budget)
+    return trials if worker and trials is not None else budget
+
+
+def _optimize(
+    s: optuna.Study, objective: Objective, todo: int, target: int, timeout, bar: Progress, where: str
+) -> None:
+    """Optuna's loop with our callbacks: progress, a stop after repeated failures, a stop at the
+    budget (shared by every worker), Ctrl-C between storage writes. `where` names the storage in
+    a disk error."""
     failures = Failures()
 
     def stop_at_budget(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -141,7 +167,7 @@ def run_search(
             s.optimize(
                 objective,
                 n_trials=todo,
-                timeout=timeout or space.timeout,
+                timeout=timeout,
                 callbacks=[bar, failures, stop_at_budget, interrupts.check],
                 catch=(MergeSearchError,),
                 gc_after_trial=False,
@@ -153,7 +179,7 @@ def run_search(
         if cause is None:
             raise
         if cause.filename is None:
-            cause.filename = storage or str(study_dir(study_name) / "study.db")
+            cause.filename = where
         raise cause from None
     finally:
         bar.close()
@@ -163,7 +189,6 @@ def run_search(
             f"stopped after {failures.limit} trials in a row failed (trials {failures.numbers}); "
             f"the first error: {failures.first_error}"
         )
-    return s
 
 
 class Failures:
