@@ -218,9 +218,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     path = export(args.study, args.storage, trial=args.trial, out=args.output, references=args.references)
     print(f"wrote {path}")
-    print(
-        f"next: mergesearch merge {path} MERGED --seed 0   # or: mergekit-yaml {path} MERGED --random-seed 0"
-    )
+    if args.references == "space":  # zoo references: mergekit-yaml needs folders
+        print(
+            f"next: mergesearch merge {path} MERGED --seed 0   # resolves zoo references (mergekit-yaml needs folders)"
+        )
+    else:
+        print(
+            f"next: mergesearch merge {path} MERGED --seed 0   # or: mergekit-yaml {path} MERGED --random-seed 0"
+        )
     return 0
 
 
