@@ -94,19 +94,16 @@ class Bench:
         self._check_task_settings()
 
     def _check_inputs(self) -> None:
-        """The base given again among the models: legal, but rarely what was meant."""
-        if self.base_path not in self.model_paths:
+        """The base given again among the models: under a task-vector method its τ is zero, so its
+        coefficients change nothing (a warning, not an error: the search still runs as asked).
+        Interpolating methods (linear, slerp, ...) merge the base as any input: nothing to say."""
+        vectors = [m for m in self.space.methods if METHODS[m].task_vectors]
+        if self.base_path not in self.model_paths or not vectors:
             return
         ref = self.space.models[self.model_paths.index(self.base_path)]
-        vectors = [m for m in self.space.methods if METHODS[m].task_vectors]
         warnings.warn(
-            f"{self.space.path or self.space.name}: model {ref} is the base"
-            + (
-                f"; under {', '.join(vectors)} its task vector is zero, so its coefficients change "
-                "nothing: remove it from models"
-                if vectors
-                else " (a merge of the base with the models, as asked)"
-            ),
+            f"{self.space.path or self.space.name}: model {ref} is the base; under {', '.join(vectors)} "
+            "its task vector is zero, so its coefficients change nothing: remove it from models",
             stacklevel=3,
         )
 
