@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..evaluation import weighted_mean
 from ..search import MERGE_SEED, Bench, resolve_folder, space_of, study_dir
 from ..search.bench import Resolver
 from ..search.known_recipes import BASELINES, baseline_recipe
@@ -119,8 +120,6 @@ def report(
             "baseline_test_mean": top_base.test_mean,
         }
         if ceiling:  # known only where the specialists are named after their tasks (the zoos)
-            from ..evaluation import weighted_mean
-
             headroom = weighted_mean(ceiling, weights) - top_base.test_mean
             summary["gain"] |= {"headroom": headroom, "goal": min(0.10, headroom / 2)}
     if tuned is not None:

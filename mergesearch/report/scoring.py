@@ -16,6 +16,7 @@ from ..evaluation import TaskResult, bootstrap_ci, task_weight, weighted_mean
 from ..recipe import Recipe, Source, dump_recipes, renamed
 from ..search import Bench
 from ..search.trials import TrialRecord
+from .export import trial_recipes, zoo_names
 
 
 @dataclass
@@ -85,8 +86,6 @@ class Rescorer:
     """Scores recipes on the bench's exact engine, each trial once."""
 
     def __init__(self, bench: Bench, weights: dict[str, float] | None, log) -> None:
-        from .export import zoo_names
-
         self.bench, self.weights, self.log = bench, weights, log
         self.names = zoo_names(bench.folders)  # rows show zoo models by reference, not this machine's folder
         self.by_trial: dict[int, Scored] = {}
@@ -126,8 +125,6 @@ class Rescorer:
 
     def trial(self, t: TrialRecord, label: str) -> Scored:
         """A trial's rounded recipe (what export writes), scored once however often it is asked."""
-        from .export import trial_recipes
-
         if t.number in self.by_trial:
             return self.by_trial[t.number]
         return self.score(label, trial_recipes(t), t.scores or None, trial=t.number)
