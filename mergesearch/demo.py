@@ -22,7 +22,8 @@ def run_demo(*, trials: int | None = None, study: str = "demo", progress: bool =
         print(f"    {name:8s} " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()))
     space = load_space(DEMO_SPACE)
     print(f"2/4 search: {space.description}")
-    bench = Bench(space, resolve=resolve_model)
+    log = (lambda m: print(f"    {m}", flush=True)) if progress else (lambda m: None)
+    bench = Bench(space, resolve=resolve_model, log=log)
     run_search(
         space,
         study=study,
@@ -30,7 +31,7 @@ def run_demo(*, trials: int | None = None, study: str = "demo", progress: bool =
         progress=progress,
         bench=bench,
         set_budget=True,
-        log=(lambda m: print(f"    {m}", flush=True)) if progress else (lambda m: None),
+        log=log,
     )
     print("3/4 report: re-scoring the best and Pareto-front recipes and the known recipes on the test split")
     summary = report(study, bench=bench)

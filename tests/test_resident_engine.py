@@ -59,7 +59,7 @@ def test_task_vector_engine_writes_live_model_bit_for_bit(tiny, tmp_path, arch):
     base = str(tiny[f"{arch}/base"])
     refs = sorted({str(p) for k, p in tiny.items() if k.startswith(arch)})
     engine = ResidentEngine(refs, base=base)
-    assert len(engine.task_vectors) == 3 * len([k for k in engine.tensors if k[0] == base])
+    assert len(engine.inputs.taus) == 3 * len(engine.inputs.weights(base))
     model = transformers.AutoModelForCausalLM.from_pretrained(base)
     for name in GTA:
         (recipe,) = parse_recipes(yaml.safe_dump(_randomize(all_cases[name], rng)))
@@ -117,7 +117,7 @@ def test_dare_candidates_share_their_draws(tiny):
             )
         )
         out = engine.state_dict(r, seed=0)
-        return {k: (v - engine.tensors[(base, k)]) != 0 for k, v in out.items()}
+        return {k: (v - engine.inputs.weights(base)[k]) != 0 for k, v in out.items()}
 
     low, high = kept(0.3), kept(0.6)
     for k in low:
@@ -251,19 +251,19 @@ def test_a_search_candidate_is_its_own_methods_merge(tiny, method, monkeypatch):
     for task in search.plan(recipe).tasks:
         keys = [(ref, search.models[ref].resolve(name)) for ref, name in task.inputs]
         others = [k for i, k in enumerate(keys) if i != task.base]
-        if not all(k in search.task_vectors for k in others):
+        if not all(search.inputs.is_task_vector(k) for k in others):
             continue
         checked += 1
         args = m.gta_arguments({**task.shared, **task.per_model})
         deltas = []
         for i, (ref, name) in enumerate(others):
-            tau = search.task_vectors[(ref, name)]
+            tau = search.inputs.tensor(ref, name)
             extra = {"epsilon": args["epsilon"][i]} if args["epsilon"] else {}
             mask = search.bank.mask(
                 f"{refs.index(ref)}:{name}", tau, m.sparsification, args["density"][i], **extra
             )
             deltas.append(sparsify.rescale_l1(tau, mask, args["rescale"]))
-        b = search.tensors[keys[task.base]]
+        b = search.inputs.tensor(*keys[task.base])
         w = torch.tensor(args["weight"], dtype=b.dtype).reshape(-1, *[1] * b.dim())
         expected = combine(b, torch.stack(deltas), w, consensus=m.consensus, normalize=args["normalize"],
                            lambda_=args["lambda_"])  # fmt: skip

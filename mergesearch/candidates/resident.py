@@ -1,5 +1,5 @@
-"""The in-memory engine a search uses: inputs loaded once, each candidate written in place into
-one live model. Task-vector candidates go through the bank (`bank.py`); every other method, and
+"""The in-memory engine a search uses: inputs held in one placement, each candidate written in
+place into one live model. Task-vector candidates go through the bank (`bank.py`); every other method, and
 any sparsification the bank does not declare, through the reference merge (`engine.merge_tensor`)."""
 
 from __future__ import annotations
@@ -11,23 +11,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import Checkpoint, check_finite
+from ..checkpoint import Checkpoint
 from ..engine import merge_tensor, seed_everything
 from ..errors import MergeSearchError
 from ..plan import Layout, MergePlan, TensorTask, plan_merge
 from ..recipe import Recipe
 from . import numba_kernels
 from .bank import TaskVectorBank, chunk_for
+from .placement import Inputs
 
 
 class ResidentEngine:
-    """Input tensors loaded once and kept resident; each candidate recipe is written in place
-    into one live model's parameters (no files, no per-candidate model allocation).
+    """Each candidate recipe written in place into one live model's parameters (no files, no
+    per-candidate model allocation), from inputs held in one `placement` (`placement.py`):
+    `device` (loaded once onto `device`: the resident engine), `host` (host memory, pinned on
+    CUDA, copied per tensor) or `disk` (the checkpoint files, memory-mapped, read per tensor).
+    Every placement gives the same candidate bit for bit.
 
-    With `base=`, the other models are kept as task vectors τ = x − b (computed once, exactly
-    as a merge computes them, replacing x: no extra memory), and task-vector methods reuse one
-    scratch buffer and write straight into the live parameters. Methods that need the models
-    themselves (linear, slerp, ...) then cannot run: build the engine without `base=`.
+    With `base=`, the other models are task vectors τ = x − b (held as τ, replacing x: no extra
+    memory; or, from the files, computed per tensor), and task-vector methods reuse one scratch
+    buffer and write straight into the live parameters. Methods that need the models themselves
+    (linear, slerp, ...) then cannot run: build the engine without `base=`.
 
     Randomized methods draw from the global RNG reseeded per candidate, in the same order as a
     disk merge, so a candidate equals `merge(recipe, seed=...)` bit for bit.
@@ -49,6 +53,7 @@ class ResidentEngine:
         exact: bool = True,
         seed: int = 0,
         cache_ranks: bool = False,
+        placement: str = "device",
     ) -> None:
         self.device = torch.device(device)
         self.base = base
@@ -60,27 +65,16 @@ class ResidentEngine:
         self.layouts: dict[tuple, Layout] = {}  # plan layouts by structure (`plan.layout_key`)
         if base is not None and base not in self.models:
             raise MergeSearchError(f"ResidentEngine: base {base} is not among the models")
-        self.tensors: dict[tuple[str, str], torch.Tensor] = {}
-        self.task_vectors: dict[tuple[str, str], torch.Tensor] = {}
-        order = ([base] if base else []) + [r for r in self.models if r != base]
-        for ref in order:
-            ck = self.models[ref]
-            for name in ck.meta:
-                x = ck.get(name, self.device)
-                check_finite(x, name, ck.path)
-                b = self.tensors.get((base, name)) if base and ref != base else None
-                if b is not None and x.is_floating_point() and x.shape == b.shape and x.dtype == b.dtype:
-                    # in place: the same rounding as x − b, without a second copy of the model
-                    self.task_vectors[(ref, name)] = x.sub_(b) if x.device == b.device else x - b
-                else:
-                    self.tensors[(ref, name)] = x
-            ck.close()
+        self.inputs = Inputs(self.models, base, self.device, placement)
         self._scratch: dict[torch.dtype, torch.Tensor] = {}
-        params = sum(t.numel() for (ref, _), t in self.tensors.items() if ref == base) if base else 0
         self.bank = TaskVectorBank(
-            seed, chunk=chunk_for(params) if base else 1 << 16, cache_ranks=cache_ranks
+            seed, chunk=chunk_for(self.inputs.base_numel()) if base else 1 << 16, cache_ranks=cache_ranks
         )
         return_freed_memory()
+
+    @property
+    def placement(self) -> str:
+        return self.inputs.placement
 
     def plan(self, recipe: Recipe) -> MergePlan:
         """The recipe's plan over the resident models. A search's candidates share their layout
@@ -106,8 +100,11 @@ class ResidentEngine:
                     seed_everything(seed, self.device)
                 last = i == len(recipes) - 1
                 out = {}
-                for task in plan.tasks:
-                    value = self._merge(plan, task, (targets or {}).get(task.name) if last else None)
+                keys = [self._keys(task) for task in plan.tasks]
+                for task, got in zip(plan.tasks, self.inputs.stream(keys)):
+                    value = self._merge(plan, task, got, (targets or {}).get(task.name) if last else None)
+                    if self.inputs.owns(value):  # a streamed buffer, reused for a later tensor
+                        value = value.clone()
                     if last:
                         yield task.name, value
                     else:
@@ -115,18 +112,23 @@ class ResidentEngine:
                 if last:
                     return
                 self.models[r.name] = _ResidentCheckpoint(self.models[plan.tokenizer_from], out, plan.config)
-                self.tensors.update({(r.name, k): v for k, v in out.items()})
+                self.inputs.stage(r.name, out)
                 added.append(r.name)
         finally:
             for name in added:
                 del self.models[name]
-                for key in [k for k in self.tensors if k[0] == name]:
-                    del self.tensors[key]
+                self.inputs.unstage(name)
 
-    def _merge(self, plan: MergePlan, task: TensorTask, target: torch.Tensor | None) -> torch.Tensor:
-        keys = [(ref, self.models[ref].resolve(name)) for ref, name in task.inputs]
-        if not any(k in self.task_vectors for k in keys):
-            tensors = [self.tensors[k] for k in keys]
+    def _keys(self, task: TensorTask) -> list[tuple[str, str]]:
+        return [(ref, self.models[ref].resolve(name)) for ref, name in task.inputs]
+
+    def _merge(
+        self, plan: MergePlan, task: TensorTask, got: dict, target: torch.Tensor | None
+    ) -> torch.Tensor:
+        """One output tensor from its inputs `got` (τ for a task-vector key)."""
+        keys = self._keys(task)
+        if not any(self.inputs.is_task_vector(k) for k in keys):
+            tensors = [got[k] for k in keys]
             if plan.method.elementwise and task.floating:
                 return _chunked(plan, task, tensors, target)
             return merge_tensor(plan, task, tensors)
@@ -136,14 +138,14 @@ class ResidentEngine:
             plan.method.task_vectors
             and base_key
             and base_key[0] == self.base
-            and all(k in self.task_vectors for k in others)
+            and all(self.inputs.is_task_vector(k) for k in others)
         ):
             raise MergeSearchError(
                 f"{plan.method.name} with base {base_key[0] if base_key else None}: this engine holds task "
                 f"vectors against {self.base}; build ResidentEngine without base= for this recipe"
             )
-        base = self.tensors[base_key]
-        taus = [self.task_vectors[k] for k in others]
+        base = got[base_key]
+        taus = [got[k] for k in others]
         if base.dtype != task.work_dtype:  # a recipe `dtype` that differs from the stored one
             raise MergeSearchError(
                 f"tensor {task.name}: recipe dtype {task.work_dtype} differs from the resident "

@@ -168,6 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
             "model): a DELLA candidate then costs comparisons instead of a sort (15-30x faster at 100M "
             "parameters, benchmarks/RESULTS.md); off by default to keep a search within (2 + K) x model memory",
         )
+        sp.add_argument(
+            "--placement",
+            choices=("auto", "device", "host", "disk"),  # candidates.placement.CHOICES, without torch
+            default=None,
+            help="where the base and task vectors live while candidates are merged: device (loaded once "
+            "onto --device, fastest), host (host memory, pinned, copied to the GPU per tensor), disk "
+            "(the safetensors files memory-mapped, read per tensor: the least memory). Every placement "
+            "gives the same candidates. Default: the space's placement key, else auto (what fits in free "
+            "memory beside the live model; docs/scale.md)",
+        )
 
     def storage_flags(sp, study_required: bool):
         sp.add_argument(

@@ -14,11 +14,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..candidates import ResidentEngine, return_freed_memory
+from ..candidates.placement import Choice, choose
+from ..checkpoint import Checkpoint
 from ..errors import MergeSearchError
 from ..evaluation import Scorer, TaskResult, configure_threads, find_task, weighted_mean
 from ..methods import METHODS
-from ..modeling import live_model, load_tokenizer
+from ..modeling import compute_dtype, live_model, load_tokenizer
 from ..recipe import ZOO_REFERENCE, Recipe
 from .space import SearchSpace
 
@@ -43,6 +47,15 @@ def resolve_folder(ref: str, space_path: Path | None) -> Path:
     return p.resolve()
 
 
+def placement_choice(refs: list[str], device: str, asked: str) -> Choice:
+    """Where a search on these models holds its inputs (`placement.choose`), from their headers."""
+    models = {ref: Checkpoint(ref) for ref in refs}
+    metas = models[refs[0]].meta.values()
+    stored = next((m.dtype for m in metas if m.dtype.is_floating_point), torch.float32)
+    live = sum(math.prod(m.shape) for m in metas) * compute_dtype(device, stored).itemsize
+    return choose(models, device, live, asked)
+
+
 class Bench:
     """Everything a trial needs, loaded once: resident inputs, one live model, the tasks."""
 
@@ -53,6 +66,8 @@ class Bench:
         device: str = "cpu",
         cache_ranks: bool = False,
         resolve: Resolver = resolve_folder,
+        placement: str | None = None,
+        log=lambda msg: None,
     ) -> None:
         self.space = space
         self.device = device
@@ -64,19 +79,25 @@ class Bench:
         # The search engine (exact=False): task-vector candidates in chunks with shared work,
         # DARE/DELLA from the bank's fixed draws (common to all candidates and workers). Reports
         # score the chosen recipes again with the exact engine (mergekit's model).
+        refs = list(dict.fromkeys([self.base_path, *self.model_paths]))
+        # Where the inputs live: the flag, else the space's key, else what fits (placement.choose).
+        self.placement = placement_choice(refs, device, placement or space.placement)
+        log(str(self.placement))
         self.engine = ResidentEngine(
-            list(dict.fromkeys([self.base_path, *self.model_paths])),
+            refs,
             device=device,
             base=self.base_path if gta_only else None,
             exact=False,
             seed=MERGE_SEED,
             cache_ranks=cache_ranks,
+            placement=self.placement.placement,
         )
         base_ck = self.engine.models[self.base_path]
         self.arch, self.num_layers = base_ck.arch, base_ck.num_layers or 1
-        base_weights = {name: t for (ref, name), t in self.engine.tensors.items() if ref == self.base_path}
+        base_weights = self.engine.inputs.weights(self.base_path)
         configure_threads(sum(t.numel() for t in base_weights.values()))
         self.model = live_model(self.base_path, base_weights, device=device)
+        del base_weights
         return_freed_memory()
         self.tok = load_tokenizer(self.base_path)
         # A search verifies each generative example's previous output in one pass (generate.py).
@@ -156,9 +177,9 @@ class Bench:
         and scores are those of the model mergekit builds. Frees the task vectors first."""
         self.evaluator.reuse_outputs = False  # reported numbers come from plain decoding
         if self.engine.base is not None:
-            refs = list(self.engine.models)
+            refs, placement = list(self.engine.models), self.engine.placement
             self.engine = None
-            self.engine = ResidentEngine(refs, device=self.device)
+            self.engine = ResidentEngine(refs, device=self.device, placement=placement)
 
     def recipes(self, values: dict[str, Any]) -> list[Recipe]:
         return self.space.recipes(values, self.arch, self.num_layers, self.base_path, self.model_paths)

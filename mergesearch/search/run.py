@@ -42,6 +42,7 @@ def run_search(
     bench: Bench | None = None,
     resolve: Resolver = resolve_folder,
     cache_ranks: bool = False,
+    placement: str | None = None,
     worker: bool = False,
     set_budget: bool = False,
     gradient_seconds: float | None = None,
@@ -58,6 +59,8 @@ def run_search(
     enqueues them after the known recipes, as the search's warm start and the report's gradient
     reference. `resolve` turns the space's model references into folders when no `bench` is given
     (folders only by default; the CLI and the demo pass `sources.resolve_model`, which knows the zoos).
+    `placement`: where the inputs live (`candidates/placement.py`), over the space's key; `auto`
+    chooses from free memory, and the choice is logged and recorded on every trial.
     """
     study_name = study or space.name
     study_dir(study_name)  # a bad name fails before anything is loaded
@@ -69,7 +72,7 @@ def run_search(
         raise MergeSearchError(f"--seed {seed}: a whole number from 0 to 2**32-1")
     if bench is None:
         log(f"loading the base and {len(space.models)} models, tasks {', '.join(space.tasks)}")
-        bench = Bench(space, device=device, cache_ranks=cache_ranks, resolve=resolve)
+        bench = Bench(space, device=device, cache_ranks=cache_ranks, resolve=resolve, placement=placement, log=log)
     multi = space.objective == "pareto" and len(bench.tasks) > 1
     sampler_name = sampler or space.sampler
     make_sampler(space, sampler_name, 0, multi, 1)  # refuse a sampler that cannot search this space

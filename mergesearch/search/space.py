@@ -78,6 +78,9 @@ class SearchSpace:
     # a new study first learns task-arithmetic coefficients by this many gradient steps (gradient.py)
     # and enqueues them as a warm start; steps, not seconds, so that the study is reproducible
     gradient_steps: int = 0
+    # where the search holds the inputs (candidates/placement.py); auto: from free memory. Not part
+    # of the fingerprint: each worker may hold them differently, and every placement gives the same candidates
+    placement: str = "auto"
     description: str = ""
     path: Path | None = None
     raw: dict = field(default_factory=dict)  # the YAML as written, stored with the study
@@ -94,7 +97,7 @@ class SearchSpace:
 
     def fingerprint(self) -> str:
         d = asdict(self)
-        for k in ("trials", "timeout", "path", "description", "sampler", "raw", "gradient_steps"):
+        for k in ("trials", "timeout", "path", "description", "sampler", "raw", "gradient_steps", "placement"):
             d.pop(k)
         if d["search_order"]:  # the default: studies made before the key existed keep their print
             d.pop("search_order")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MergeSearchError
+from ..candidates.placement import CHOICES as PLACEMENT_CHOICES
 from ..methods.registry import METHODS, UNIT_INTERVAL, get_method
 from ..yaml_files import names, number, read_mapping
 from .samplers import SAMPLERS, cmaes_cannot_search
@@ -36,6 +37,7 @@ KEYS = {
     "dtype",
     "search_order",
     "gradient_steps",
+    "placement",
 }
 # A search also keeps t between the two models and select_topk a fraction (mergekit would
 # extrapolate t, and treats select_topk ≥ 1 as 1): ranges outside [0, 1] only waste trials.
@@ -206,6 +208,11 @@ def space_from_dict(d: dict, p: Path | None = None) -> SearchSpace:
         if k != "weight_sum_max":
             raise MergeSearchError(f"{where}: constraints.{k}: unknown; supported: weight_sum_max")
         number(v, f"{where}: constraints.{k}")
+    placement = d.get("placement", "auto")
+    if placement not in PLACEMENT_CHOICES:
+        raise MergeSearchError(
+            f"{where}: placement {placement!r}: where the inputs live; use one of {', '.join(PLACEMENT_CHOICES)}"
+        )
     space = SearchSpace(
         name=str(d.get("name", p.stem if p else "space")),
         base=str(d["base"]),
@@ -229,6 +236,7 @@ def space_from_dict(d: dict, p: Path | None = None) -> SearchSpace:
         dtype=dtype,
         search_order=search_order,
         gradient_steps=gradient_steps,
+        placement=placement,
         description=str(d.get("description", "")),
         path=p,
         raw=dict(d),

@@ -47,6 +47,7 @@ class TrialRecord:
     gradient_steps: int | None = None
     gradient_seconds: float | None = None
     worker: str | None = None  # "host:pid" of the process that ran it
+    placement: str | None = None  # where that process held the inputs (candidates/placement.py)
     sampler_seed: int | None = None
     weight_sum: float | None = None  # constraints.weight_sum_max: Σ of the mean weights
     feasible: bool | None = None
