@@ -93,9 +93,7 @@ def memory(paths: list[str], dtype_name: str, cache_ranks: bool = False) -> None
     engine = ResidentEngine(paths, base=paths[0], exact=False, cache_ranks=cache_ranks)
     model = _live(paths[0], engine)
     return_freed_memory()  # as search.Bench does after building the live model
-    model_bytes = sum(
-        v.numel() * v.element_size() for (ref, _), v in engine.tensors.items() if ref == paths[0]
-    )
+    model_bytes = sum(v.numel() * v.element_size() for v in engine.inputs.weights(paths[0]).values())
     loaded = _vm("VmRSS") - floor
     for method in METHODS:  # DELLA last: its peak is also reported apart
         if method == "della":
@@ -115,7 +113,7 @@ def _live(base: str, engine):
     """The live model as a search builds it (from config, parameters copied from the engine)."""
     from mergesearch.modeling import live_model
 
-    return live_model(base, {n: t for (ref, n), t in engine.tensors.items() if ref == base})
+    return live_model(base, engine.inputs.weights(base))
 
 
 def _vm(key: str) -> int:

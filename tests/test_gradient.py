@@ -57,6 +57,29 @@ def test_learning_lowers_the_loss_and_stays_in_range(zoo, tmp_path):
         assert rng.low <= r.values[c.key] <= rng.high
 
 
+def test_the_streamed_gradient_is_the_references(zoo, tmp_path):
+    """The default (W written into the live model from the files, ⟨G, τ⟩ contracted as each
+    gradient arrives) learns the coefficients autograd learns through the merge held in fp32."""
+    searcher = bench(_space(tmp_path))
+    ref = learn_coefficients(searcher, seconds=None, steps=30, seed=0, streamed=False)
+    got = learn_coefficients(searcher, seconds=None, steps=30, seed=0)
+    assert got.values.keys() == ref.values.keys()
+    assert max(abs(got.values[k] - ref.values[k]) for k in ref.values) < 1e-5, (got.values, ref.values)
+    torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses), rtol=1e-5, atol=0)
+    assert all(not p.requires_grad or p.grad is None for p in searcher.model.parameters())
+
+
+def test_a_gradient_that_cannot_fit_is_refused_before_it_starts(zoo, tmp_path, monkeypatch):
+    import mergesearch.memory
+
+    searcher = bench(_space(tmp_path))
+    before = {n: p.detach().clone() for n, p in searcher.model.named_parameters()}
+    monkeypatch.setattr(mergesearch.memory, "available_memory", lambda device: 1 << 20)
+    with pytest.raises(MergeSearchError, match=r"gradient: needs .* GiB on cpu .* drop gradient_steps"):
+        learn_coefficients(searcher, seconds=None, steps=5)
+    assert all(torch.equal(p, before[n]) for n, p in searcher.model.named_parameters())
+
+
 @pytest.mark.e2e
 def test_gradient_needs_task_arithmetic(zoo, tmp_path):
     searcher = bench(_space(tmp_path, method="ties", parameters={"weight": [0, 1], "density": [0.2, 1]}))

@@ -100,6 +100,8 @@ class Inputs:
         base: str | None,
         device: torch.device,
         placement: str = "device",
+        *,
+        check: bool = True,
     ) -> None:
         if placement not in PLACEMENTS:
             raise MergeSearchError(f"placement {placement!r}: use one of {', '.join(PLACEMENTS)}")
@@ -119,7 +121,7 @@ class Inputs:
         self._arenas: list[dict[torch.dtype, torch.Tensor]] = [{}, {}]  # disk on the CPU: τ buffers
         self._stream = torch.cuda.Stream(device) if self.cuda and placement != "device" else None
         if placement == "disk":
-            self._map()
+            self._map(check)
         else:
             self._load(device if placement == "device" else torch.device("cpu"))
 
@@ -142,7 +144,7 @@ class Inputs:
                 self._held[(ref, name)] = x
             ck.close()
 
-    def _map(self) -> None:
+    def _map(self, check: bool) -> None:
         maps: dict[Path, mmap.mmap] = {}
         for ref in self._order():
             ck = self.models[ref]
@@ -154,7 +156,8 @@ class Inputs:
                         with open(m.file, "rb") as fh:  # private: a stray write never reaches the file
                             maps[m.file] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
                     x = _view(maps[m.file], m.offset, m.nbytes, m.dtype, m.shape)
-                check_finite(x, name, ck.path)  # one read of every input, before any candidate
+                if check:  # one read of every input, before any candidate
+                    check_finite(x, name, ck.path)
                 self._views[(ref, name)] = x
         self._maps = maps
 

@@ -47,7 +47,7 @@ class Objective:
 
     def _run(self, trial: optuna.Trial):
         b = self.b
-        write(trial, worker=worker_id(), sampler_seed=self.seed, placement=self.bench.engine.placement)
+        write(trial, worker=worker_id(), sampler_seed=self.seed, placement=b.engine.placement)
         values = b.space.suggest(trial, b.num_layers)
         recipes = b.recipes(values)
         yaml_text = dump_recipes(recipes)
