@@ -221,7 +221,7 @@ def main() -> None:
                 # mergekit, and linear, from the models themselves (one engine at a time: memory)
                 plain = ResidentEngine(paths)
                 model = _live(paths[0], plain)
-                sds = [{k: v for (ref, k), v in plain.tensors.items() if ref == p} for p in paths]
+                sds = [plain.inputs.weights(p) for p in paths]
                 model_bytes = sum(v.numel() * v.element_size() for v in sds[0].values())
                 for method in methods:
                     if method == "linear":

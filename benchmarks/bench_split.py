@@ -50,7 +50,7 @@ def main() -> None:
         engine = ResidentEngine(paths, base=paths[0], exact=False, cache_ranks=True)
         model = _live(paths[0], engine)
         model_bytes = sum(
-            v.numel() * v.element_size() for (r, _), v in engine.inputs.weights(paths[0]).items()
+            v.numel() * v.element_size() for v in engine.inputs.weights(paths[0]).values()
         )
         touched = (len(paths) + 1) * model_bytes  # read base and K task vectors, write one model
         print("| method | candidate s | in the kernel s | the rest s | GB/s | memcpy GB/s | % of memcpy |")
