@@ -135,9 +135,13 @@ def build(shape: str, root: Path, device: str, shard_bytes: int = 2 << 30) -> li
         weight_map = {}
         for j, names in enumerate(shards):
             fname = f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file({n: _tensor(n, tensors[n], i, device) for n in names}, str(tmp / fname), {"format": "pt"})
+            save_file(
+                {n: _tensor(n, tensors[n], i, device) for n in names}, str(tmp / fname), {"format": "pt"}
+            )
             weight_map |= dict.fromkeys(names, fname)
-        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map})
+        )
         (tmp / "config.json").write_text(json.dumps(cfg))
         for f in TOKENIZER_FILES:
             if (tok / f).is_file():
@@ -202,7 +206,9 @@ def one_placement(args) -> dict:
     if args.cap_gb and args.device.startswith("cuda"):
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * 1e9 / total))
-        os.environ["MERGESEARCH_DEVICE_MEMORY"] = str(int(args.cap_gb * 1e9))  # what placement and batches see
+        os.environ["MERGESEARCH_DEVICE_MEMORY"] = str(
+            int(args.cap_gb * 1e9)
+        )  # what placement and batches see
     from mergesearch.memory import rss
     from mergesearch.search import run_search
     from mergesearch.search.bench import Bench
@@ -271,7 +277,9 @@ def one_placement(args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-1.7b")
-    ap.add_argument("--root", default=None, help="where the models are built (default: $MERGESEARCH_HOME/scale/<shape>)")
+    ap.add_argument(
+        "--root", default=None, help="where the models are built (default: $MERGESEARCH_HOME/scale/<shape>)"
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--placements", default="disk,device", help="comma-separated, each in a fresh process")
     ap.add_argument("--trials", type=int, default=3)

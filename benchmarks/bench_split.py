@@ -49,9 +49,7 @@ def main() -> None:
         paths = make_models(Path(tmp), args.size, getattr(torch, args.dtype))
         engine = ResidentEngine(paths, base=paths[0], exact=False, cache_ranks=True)
         model = _live(paths[0], engine)
-        model_bytes = sum(
-            v.numel() * v.element_size() for v in engine.inputs.weights(paths[0]).values()
-        )
+        model_bytes = sum(v.numel() * v.element_size() for v in engine.inputs.weights(paths[0]).values())
         touched = (len(paths) + 1) * model_bytes  # read base and K task vectors, write one model
         print("| method | candidate s | in the kernel s | the rest s | GB/s | memcpy GB/s | % of memcpy |")
         print("|---|---|---|---|---|---|---|")

@@ -73,12 +73,15 @@ def choose(
         return Choice(asked, f"as asked; {gib(need)} of inputs")
     free = available_memory(device)
     if need + live_bytes + headroom <= free:
-        return Choice("device", f"{gib(need)} of inputs fit beside the live model in {gib(free)} free on {device}")
+        return Choice(
+            "device", f"{gib(need)} of inputs fit beside the live model in {gib(free)} free on {device}"
+        )
     if device.type == "cuda":
         host = available_memory("cpu")
         if need + HEADROOM_MIN <= host:
             return Choice(
-                "host", f"{gib(need)} of inputs: not in {gib(free)} free on {device}, in {gib(host)} of host memory"
+                "host",
+                f"{gib(need)} of inputs: not in {gib(free)} free on {device}, in {gib(host)} of host memory",
             )
         return Choice("disk", f"{gib(need)} of inputs: neither on {device} nor in {gib(host)} of host memory")
     return Choice(
@@ -113,7 +116,13 @@ class Inputs:
             for ref, ck in models.items():
                 for name, m in ck.meta.items():
                     b = bmeta.get(name)
-                    if ref != base and b and m.dtype.is_floating_point and m.shape == b.shape and m.dtype == b.dtype:
+                    if (
+                        ref != base
+                        and b
+                        and m.dtype.is_floating_point
+                        and m.shape == b.shape
+                        and m.dtype == b.dtype
+                    ):
                         self.taus.add((ref, name))
         self.staged: dict[Key, torch.Tensor] = {}  # a multi-stage recipe's intermediates
         self._held: dict[Key, torch.Tensor] = {}  # device / host: every input, loaded once
@@ -211,7 +220,11 @@ class Inputs:
             pending = pool.submit(self._fetch, key_lists[0], 0) if key_lists else None
             for i in range(len(key_lists)):
                 got, event = pending.result()
-                pending = pool.submit(self._fetch, key_lists[i + 1], (i + 1) % 2) if i + 1 < len(key_lists) else None
+                pending = (
+                    pool.submit(self._fetch, key_lists[i + 1], (i + 1) % 2)
+                    if i + 1 < len(key_lists)
+                    else None
+                )
                 if event is not None:  # the side stream's copies before this stream's merge
                     current = torch.cuda.current_stream(self.device)
                     current.wait_event(event)
@@ -290,5 +303,7 @@ def _pinned(x: torch.Tensor) -> torch.Tensor:
             _PIN_WARNED.set()
             import warnings
 
-            warnings.warn("could not pin host memory for the inputs; copies to the GPU will not overlap", stacklevel=2)
+            warnings.warn(
+                "could not pin host memory for the inputs; copies to the GPU will not overlap", stacklevel=2
+            )
         return x

@@ -209,7 +209,10 @@ def _nll(model, rows: list[TeacherForced], pad: int, device) -> torch.Tensor:
     b = padded_examples(rows, pad)
     logits = model(input_ids=b.ids.to(device), attention_mask=b.mask.to(device)).logits
     return torch.nn.functional.cross_entropy(
-        logits.float().transpose(1, 2), b.next_token_labels().to(device), ignore_index=IGNORE, reduction="none"
+        logits.float().transpose(1, 2),
+        b.next_token_labels().to(device),
+        ignore_index=IGNORE,
+        reduction="none",
     ).sum(1)
 
 

@@ -72,7 +72,9 @@ def run_search(
         raise MergeSearchError(f"--seed {seed}: a whole number from 0 to 2**32-1")
     if bench is None:
         log(f"loading the base and {len(space.models)} models, tasks {', '.join(space.tasks)}")
-        bench = Bench(space, device=device, cache_ranks=cache_ranks, resolve=resolve, placement=placement, log=log)
+        bench = Bench(
+            space, device=device, cache_ranks=cache_ranks, resolve=resolve, placement=placement, log=log
+        )
     multi = space.objective == "pareto" and len(bench.tasks) > 1
     sampler_name = sampler or space.sampler
     make_sampler(space, sampler_name, 0, multi, 1)  # refuse a sampler that cannot search this space

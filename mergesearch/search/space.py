@@ -97,7 +97,16 @@ class SearchSpace:
 
     def fingerprint(self) -> str:
         d = asdict(self)
-        for k in ("trials", "timeout", "path", "description", "sampler", "raw", "gradient_steps", "placement"):
+        for k in (
+            "trials",
+            "timeout",
+            "path",
+            "description",
+            "sampler",
+            "raw",
+            "gradient_steps",
+            "placement",
+        ):
             d.pop(k)
         if d["search_order"]:  # the default: studies made before the key existed keep their print
             d.pop("search_order")

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import MergeSearchError
 from ..candidates.placement import CHOICES as PLACEMENT_CHOICES
+from ..errors import MergeSearchError
 from ..methods.registry import METHODS, UNIT_INTERVAL, get_method
 from ..yaml_files import names, number, read_mapping
 from .samplers import SAMPLERS, cmaes_cannot_search
