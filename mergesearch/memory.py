@@ -3,6 +3,7 @@ chosen from."""
 
 from __future__ import annotations
 
+import os
 import resource
 
 import torch
@@ -10,10 +11,16 @@ import torch
 
 def available_memory(device: torch.device | str) -> int:
     """Bytes free: the GPU's free memory, or the system's MemAvailable (page cache counts as
-    free: the kernel gives it back)."""
+    free: the kernel gives it back). `MERGESEARCH_DEVICE_MEMORY` (bytes) caps what this process may
+    use of a GPU, as `torch.cuda.set_per_process_memory_fraction` does, which the free memory the
+    driver reports does not show."""
     device = torch.device(device)
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        free = int(torch.cuda.mem_get_info(device)[0])
+        cap = os.environ.get("MERGESEARCH_DEVICE_MEMORY")
+        if cap:
+            free = min(free, int(float(cap)) - torch.cuda.memory_reserved(device))
+        return max(0, free)
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:

@@ -192,6 +192,34 @@ def test_batch_sizes_follow_free_memory_and_the_device(monkeypatch):
     assert sizes[2 << 30][0] < sizes[2 << 30][1]  # full-vocabulary logits make teacher forcing dearer
 
 
+def test_a_task_that_runs_out_of_memory_is_scored_again_in_smaller_batches(zoo):
+    """An out-of-memory error halves the batch sizes and scores the task again, instead of
+    failing the trial: the same verdicts as batches that fit from the start."""
+    model, tok = load_model(zoo.models["add"])
+    task = find_task("add")
+    want = NativeEvaluator(model, tok, batch_size=8, gen_batch_size=8).evaluate(task, "search", 64)
+    forward = model.forward
+
+    def small_batches_only(*args, **kw):
+        if kw["input_ids"].shape[0] > 8:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(*args, **kw)
+
+    model.forward = small_batches_only
+    ev = NativeEvaluator(model, tok, batch_size=32, gen_batch_size=32)
+    with pytest.warns(UserWarning) as caught:
+        got = ev.evaluate(task, "search", 64)
+    assert [str(w.message).split(" (")[0] for w in caught] == [
+        "task add: out of memory at batch sizes 32 / 32",
+        "task add: out of memory at batch sizes 16 / 16",
+    ]
+    assert (ev.batch_size, ev.generator.batch_size) == (8, 8)
+    assert got.scores.tolist() == want.scores.tolist()
+    model.forward = lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("out of memory"))
+    with pytest.raises(torch.OutOfMemoryError):  # at batch 1 there is nothing left to try
+        NativeEvaluator(model, tok, batch_size=1, gen_batch_size=1).evaluate(task, "search", 4)
+
+
 def test_device_auto_and_a_missing_gpu():
     from mergesearch.cli import main
     from mergesearch.modeling import resolve_device

@@ -95,6 +95,8 @@ def test_auto_places_what_fits(tiny, monkeypatch):
     c = choose(models, "cpu", 1000)
     assert c == Choice("disk", c.reason) and "do not fit" in c.reason
     assert choose(models, "cpu", 1000, "host").placement == "host"  # asked: no question
+    with pytest.raises(MergeSearchError, match="placement device: .* need .* use placement host or disk"):
+        choose(models, "cpu", 1000, "device")  # unless it cannot fit
     with pytest.raises(MergeSearchError, match="placement 'gpu'"):
         choose(models, "cpu", 1000, "gpu")
     with pytest.raises(MergeSearchError, match="placement 'ram'"):

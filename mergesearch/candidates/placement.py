@@ -69,9 +69,14 @@ def choose(
     device = torch.device(device)
     need = input_bytes(models)
     headroom = max(HEADROOM_MIN, int(HEADROOM * live_bytes))
+    free = available_memory(device)
+    if asked == "device" and need + live_bytes > free:
+        raise MergeSearchError(
+            f"placement device: {gib(need)} of inputs and a {gib(live_bytes)} live model need "
+            f"{gib(need + live_bytes)} on {device}, {gib(free)} is free; use placement host or disk (or auto)"
+        )
     if asked != "auto":
         return Choice(asked, f"as asked; {gib(need)} of inputs")
-    free = available_memory(device)
     if need + live_bytes + headroom <= free:
         return Choice(
             "device", f"{gib(need)} of inputs fit beside the live model in {gib(free)} free on {device}"

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import MergeSearchError
+from ..memory import available_memory
 from .results import TaskResult
 from .sequences import padded, prompt_text, teacher_forced
 from .tasks import Example, Task
@@ -40,20 +41,6 @@ def configure_threads(num_parameters: int | None = None) -> int:
         n = 1
     torch.set_num_threads(n)
     return n
-
-
-def available_memory(device: torch.device) -> int:
-    """Bytes free for evaluation: the GPU's free memory, or the system's MemAvailable."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 << 30  # unknown (not Linux): assume a small machine
 
 
 def batch_sizes(model, device: torch.device, tokens: int = 256, share: float = 0.25) -> tuple[int, int]:
@@ -79,6 +66,12 @@ def batch_sizes(model, device: torch.device, tokens: int = 256, share: float = 0
         return min(cap, 1 << (n.bit_length() - 1))
 
     return fit(tokens * (per_token + logits), cap_tf), fit(tokens * per_token, cap_gen)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's refusal (a RuntimeError)."""
+    text = str(e)
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
 DRAFT_MIN_ACCEPTANCE = 0.5
@@ -260,18 +253,47 @@ class NativeEvaluator:
         was_training = self.model.training
         self.model.eval()
         try:
-            if task.generative:
-                res = self.generate_match(task, examples)
-                res.split = split
-            elif task.metric == "exact_match":
-                res = TaskResult(task.name, "exact_match", split, self.exact_match(examples))
-            elif task.metric == "multiple_choice":
-                acc, acc_norm = self.multiple_choice(examples, task)
-                res = TaskResult(task.name, "acc", split, acc, extra={"acc_norm": acc_norm})
-            else:
-                nll, counts = self.perplexity(examples)
-                res = TaskResult(task.name, "perplexity", split, nll, weights=counts)
+            while True:
+                try:
+                    res = self._score(task, split, examples)
+                    break
+                except (torch.OutOfMemoryError, RuntimeError) as e:
+                    if not _out_of_memory(e) or not self._smaller_batches(task, e):
+                        raise
         finally:
             self.model.train(was_training)
         res.seconds = time.perf_counter() - t0
         return res
+
+    def _score(self, task: Task, split: str, examples: list[Example]) -> TaskResult:
+        if task.generative:
+            res = self.generate_match(task, examples)
+            res.split = split
+            return res
+        if task.metric == "exact_match":
+            return TaskResult(task.name, "exact_match", split, self.exact_match(examples))
+        if task.metric == "multiple_choice":
+            acc, acc_norm = self.multiple_choice(examples, task)
+            return TaskResult(task.name, "acc", split, acc, extra={"acc_norm": acc_norm})
+        nll, counts = self.perplexity(examples)
+        return TaskResult(task.name, "perplexity", split, nll, weights=counts)
+
+    def _smaller_batches(self, task: Task, error: BaseException) -> bool:
+        """Halve the batch sizes after running out of memory (the batches were sized from the
+        memory free when scoring began; a longer prompt or another process can take more), so the
+        task is scored again instead of failing the trial. False at batch 1: nothing left to try."""
+        if self.batch_size == 1 and self.generator.batch_size == 1:
+            return False
+        before = (self.batch_size, self.generator.batch_size)
+        self.batch_size = max(1, self.batch_size // 2)
+        self.generator.batch_size = max(1, self.generator.batch_size // 2)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        import warnings
+
+        warnings.warn(
+            f"task {task.name}: out of memory at batch sizes {before[0]} / {before[1]} ({str(error).splitlines()[0]}); "
+            f"scoring it again at {self.batch_size} / {self.generator.batch_size}",
+            stacklevel=3,
+        )
+        return True
