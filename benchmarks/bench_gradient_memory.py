@@ -24,7 +24,9 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--space", default=None, help="a space YAML")
-    ap.add_argument("--scale", default=None, help="a bench_scale.py models folder instead (K = 3, task largest)")
+    ap.add_argument(
+        "--scale", default=None, help="a bench_scale.py models folder instead (K = 3, task largest)"
+    )
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--placement", default=None, help="the bench's input placement (versions that have it)")

@@ -16,25 +16,34 @@ from mergesearch.checkpoint import Checkpoint
 from mergesearch.errors import MergeSearchError
 from mergesearch.methods.registry import METHODS
 from mergesearch.recipe import parse_recipes
-from tests.test_merge_vs_mergekit import cases
+from tests.test_merge_vs_mergekit import bf16_models, cases  # noqa: F401 (a fixture)
 from tests.test_resident_engine import _randomize
 
 STREAMED = ["host", "disk"]  # on the CPU, host is device's memory: it must still give the same bits
 
 
-def _engines(tiny, method: str, exact: bool, placements):
-    refs = sorted({str(p) for k, p in tiny.items() if k.startswith("llama")})
-    config = next(c for c in cases(tiny, "llama").values() if c["merge_method"] == method)
+def _engines(models, method: str, exact: bool, placements, bf16: bool):
+    refs = sorted({str(p) for k, p in models.items() if k.startswith("llama")})
+    config = next(c for c in cases(models, "llama").values() if c["merge_method"] == method)
+    if bf16:
+        config.pop("dtype", None)  # merged in the inputs' bf16, as a search of bf16 models is
     base = config.get("base_model") if METHODS[method].task_vectors and not exact else None
     return config, {p: ResidentEngine(refs, base=base, exact=exact, placement=p) for p in placements}
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("exact", [False, True], ids=["search", "exact"])
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_placement_gives_the_resident_candidate(tiny, method, exact):
-    config, engines = _engines(tiny, method, exact, ["device", *STREAMED])
+def test_every_placement_gives_the_resident_candidate(tiny, bf16_models, method, exact, dtype):
+    """Several candidates per engine (the caches and the reused buffers carry over); with bf16
+    inputs also written into an fp32 live model, as a search on the CPU does: the bf16 values."""
+    import transformers
+
+    models = bf16_models if dtype == "bf16" else tiny
+    config, engines = _engines(models, method, exact, ["device", *STREAMED], dtype == "bf16")
+    live = transformers.AutoModelForCausalLM.from_pretrained(str(models["llama/base"]), dtype=torch.float32)
     rng = random.Random(7)
-    for n in range(3):  # several candidates: the caches and the reused buffers carry over
+    for n in range(3):
         (recipe,) = parse_recipes(yaml.safe_dump(_randomize(config, rng)))
         want = engines["device"].state_dict(recipe, seed=n)
         for placement in STREAMED:
@@ -42,6 +51,13 @@ def test_every_placement_gives_the_resident_candidate(tiny, method, exact):
             assert sorted(got) == sorted(want)
             for k in want:
                 assert torch.equal(got[k], want[k]), f"{method} in {placement}, candidate {n}: {k}"
+        if dtype == "bf16" and set(want) <= {n for n, _ in live.named_parameters()} | {"lm_head.weight"}:
+            for placement, engine in engines.items():
+                engine.write_into(live, recipe, seed=n)
+                params = dict(live.named_parameters())
+                for k, v in want.items():
+                    if k in params:
+                        assert torch.equal(params[k], v.float()), f"{method} into fp32 ({placement}): {k}"
 
 
 def test_a_multi_stage_recipe_streams_alike(tiny):

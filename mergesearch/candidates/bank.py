@@ -66,6 +66,7 @@ class TaskVectorBank:
         self.ranks = DellaRanks(chunk, cache_ranks)
         self.norms = Norms(self.torch, self.passes_for, self.draws)
         self._mixes: dict[tuple, Mix] = {}
+        self._stage: dict[torch.dtype, torch.Tensor] = {}
 
     @classmethod
     def supports(cls, method: Method, dtype: torch.dtype, device: torch.device | str) -> bool:
@@ -111,7 +112,8 @@ class TaskVectorBank:
         epsilon: list[float] | None = None,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """b + λ·combine(sparsify(τ_i, d_i)·w_i) into `out` (or a new tensor)."""
+        """b + λ·combine(sparsify(τ_i, d_i)·w_i) into `out` (or a new tensor), computed in the
+        inputs' dtype; an fp32 `out` for bf16 inputs (an fp32 live model) receives those values."""
         out = torch.empty_like(base) if out is None else out
         masks = self.masks(keys, taus, sparsification, density, gamma, epsilon)
         scales = [
@@ -119,19 +121,35 @@ class TaskVectorBank:
             for key, t, m in zip(keys, taus, masks)
         ]
         mix = self._mix(weight, base.dtype, base.device, consensus, normalize, lambda_)
-        self._merge_passes(out, base, taus, masks).merge(out, base, taus, masks, scales, mix)
+        passes = self._merge_passes(out, base, taus, masks)
+        if out.dtype != base.dtype and passes is not self.numba:  # only numba's kernel widens as it stores
+            into = self._staging(base)
+            passes.merge(into, base, taus, masks, scales, mix)
+            return out.copy_(into)
+        passes.merge(out, base, taus, masks, scales, mix)
         return out
 
     def _merge_passes(self, out, base, taus, masks) -> Passes:
         numba = self.numba
+        widens = out.dtype == torch.float32 and base.dtype == torch.bfloat16
         if (
             numba is not None
-            and all(x.dtype == base.dtype for x in [out, *taus])
-            and numba.takes(base, out, *taus)
+            and all(x.dtype == base.dtype for x in taus)
+            and (out.dtype == base.dtype or widens)
+            and numba.takes(base, *taus)
+            and numba.takes(out)
             and all(numba.takes_mask(m) for m in masks)
         ):
             return numba
         return self.torch
+
+    def _staging(self, like: torch.Tensor) -> torch.Tensor:
+        """A reused buffer of `like`'s shape, dtype and device (a new tensor per output would cost
+        page faults)."""
+        buf = self._stage.get(like.dtype)
+        if buf is None or buf.numel() < like.numel() or buf.device != like.device:
+            buf = self._stage[like.dtype] = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+        return buf[: like.numel()].view(like.shape)
 
     def _mix(self, *args) -> Mix:
         """`Mix.of(weight, dtype, device, consensus, normalize, λ)`, cached: a candidate's

@@ -101,6 +101,10 @@ def _store(x, like):  # x as a value of `like`'s dtype
     raise NotImplementedError
 
 
+def _store_in(x, like, olike):  # x rounded as `like`'s dtype, as a value of the output's (`olike`)
+    raise NotImplementedError
+
+
 def _bf16_bits(x):
     """torch's fp32 → bf16 rounding (c10 round_to_nearest_even), as the 16 high bits."""
     if x != x:
@@ -138,6 +142,21 @@ def _ov_round(x, like):
 
     def same(x, like):
         return x
+
+    return same
+
+
+@overload(_store_in)
+def _ov_store_in(x, like, olike):
+    if like == types.int16 and olike == types.float32:  # bf16 inputs into an fp32 live model
+
+        def widened(x, like, olike):
+            return _round(x, like)
+
+        return widened
+
+    def same(x, like, olike):
+        return _store(x, like)
 
     return same
 
@@ -607,6 +626,7 @@ def _elect(d, out, base, w, nk, normalize, lam, like):
     x = R(Σ m_k δ_k), q = R(Σ m_k w_k) (1 where 0); out = R(b + R(R(x / q)·λ)); sums in order from
     k = 0, in fp32, as `torch_passes.combine`. Element by element, the models inside (faster
     than a pass per step); without normalize q is 1 and λ may be 1: x / 1 and x·1 are x, bit for bit."""
+    olike = out[0]
     for j in range(out.size):
         total = d[0, j]
         for k in range(1, nk):
@@ -621,20 +641,22 @@ def _elect(d, out, base, w, nk, normalize, lam, like):
         q = _round(weights, like)
         q = (q + np.float32(1) if q == 0 else q) if normalize else np.float32(1)
         x = _round(_round(_round(x, like) / q, like) * lam, like)
-        out[j] = _store(_load(base[j]) + x, like)
+        out[j] = _store_in(_load(base[j]) + x, like, olike)
 
 
 @jit
 def _finish(out, base, acc, divisor, normalize, lam, scale_lambda, like):
-    """out = R(b + x), x = R(R(acc / divisor) · λ) (each step only when asked)."""
+    """out = R(b + x), x = R(R(acc / divisor) · λ) (each step only when asked); R rounds to the
+    inputs' dtype, whatever the output's (bf16 inputs may merge into an fp32 live model)."""
     if normalize:  # branches outside the loops: a branch inside keeps LLVM from vectorizing
         for j in range(out.size):
             acc[j] = _round(acc[j] / divisor, like)
     if scale_lambda:
         for j in range(out.size):
             acc[j] = _round(acc[j] * lam, like)
+    olike = out[0]
     for j in range(out.size):
-        out[j] = _store(_load(base[j]) + acc[j], like)
+        out[j] = _store_in(_load(base[j]) + acc[j], like, olike)
 
 
 @functools.cache

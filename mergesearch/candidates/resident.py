@@ -151,14 +151,14 @@ class ResidentEngine:
                 f"tensor {task.name}: recipe dtype {task.work_dtype} differs from the resident "
                 f"{base.dtype}; load the engine's models in that dtype"
             )
+        # straight into the live parameter, also an fp32 one for bf16 inputs (the CPU's live model)
         out = (
             target
-            if (
-                target is not None
-                and target.dtype == task.out_dtype == base.dtype
-                and target.shape == base.shape
-                and target.device == base.device
-            )
+            if target is not None
+            and task.out_dtype == base.dtype
+            and target.shape == base.shape
+            and target.device == base.device
+            and target.dtype in (base.dtype, torch.float32)
             else None
         )
         gta = plan.method.gta_arguments({**task.shared, **task.per_model})
@@ -167,7 +167,9 @@ class ResidentEngine:
         if self.bank.supports(plan.method, base.dtype, base.device) and (
             not self.exact or self.bank.exact_for(names, taus, **gta)
         ):
-            return self.bank.merge(names, base, taus, out=out, **gta).to(task.out_dtype)
+            value = self.bank.merge(names, base, taus, out=out, **gta)
+            return value if value is out else value.to(task.out_dtype)
+        out = out if out is not None and out.dtype == base.dtype else None  # the reference does not widen
         n = len(taus) * base.numel()
         scratch = self._scratch.get(base.dtype)
         if scratch is None or scratch.numel() < n:
