@@ -159,3 +159,19 @@ def index_order_mask(tau: torch.Tensor, sparsification: str, density: float, gam
     mask = torch.zeros_like(a)
     mask[torch.sort(a, stable=True).indices[r0:r1]] = 1
     return mask.reshape(tau.shape).to(tau.dtype)
+
+
+@pytest.fixture(scope="session")
+def bf16_models(tiny, tmp_path_factory):
+    """The tiny Llama base and fine-tunes stored in bf16 (a base of its own: bf16 rounding)."""
+    from tests.tiny_models import make_finetune
+
+    root = tmp_path_factory.mktemp("bf16")
+    out = {
+        "llama/base": make_finetune(tiny["llama/base"], root / "base", 399, scale=0.0, dtype=torch.bfloat16)
+    }
+    for i in range(3):
+        out[f"llama/ft{i}"] = make_finetune(
+            tiny["llama/base"], root / f"ft{i}", 300 + i, dtype=torch.bfloat16
+        )
+    return out

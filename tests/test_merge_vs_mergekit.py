@@ -363,22 +363,6 @@ def test_sharded_output_and_tokenizer(tiny, tmp_path):
     assert_same(out, mk, exact=False)
 
 
-@pytest.fixture(scope="module")
-def bf16_models(tiny, tmp_path_factory):
-    """The tiny Llama base and fine-tunes stored in bf16 (a base of its own: bf16 rounding)."""
-    from tests.tiny_models import make_finetune
-
-    root = tmp_path_factory.mktemp("bf16")
-    out = {
-        "llama/base": make_finetune(tiny["llama/base"], root / "base", 399, scale=0.0, dtype=torch.bfloat16)
-    }
-    for i in range(3):
-        out[f"llama/ft{i}"] = make_finetune(
-            tiny["llama/base"], root / f"ft{i}", 300 + i, dtype=torch.bfloat16
-        )
-    return out
-
-
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_matches_mergekit_on_bf16_inputs(bf16_models, tmp_path, method):
     """No `dtype`: each method computes in what mergekit computes it in (bf16 for most, fp32 norms

@@ -16,7 +16,7 @@ from mergesearch.checkpoint import Checkpoint
 from mergesearch.errors import MergeSearchError
 from mergesearch.methods.registry import METHODS
 from mergesearch.recipe import parse_recipes
-from tests.test_merge_vs_mergekit import bf16_models, cases  # noqa: F401 (a fixture)
+from tests.test_merge_vs_mergekit import cases
 from tests.test_resident_engine import _randomize
 
 STREAMED = ["host", "disk"]  # on the CPU, host is device's memory: it must still give the same bits
