@@ -199,6 +199,10 @@ class Inputs:
         x = self._views[key]
         return x - self._views[(self.base, name)] if key in self.taus else x
 
+    def mapped(self, ref: str, name: str) -> torch.Tensor:
+        """A model's own tensor as its file holds it (`disk` placement only), τ keys included."""
+        return self._views[(ref, name)]
+
     def is_task_vector(self, key: Key) -> bool:
         return key in self.taus
 

@@ -278,7 +278,13 @@ class StreamedStep:
         self.device = next(bench.model.parameters()).device
         refs = [bench.base_path, *bench.model_paths]
         models = {r: bench.engine.models[r] for r in dict.fromkeys(refs)}
-        self.files = Inputs(models, None, torch.device("cpu"), "disk", check=False)  # the engine checked
+        inputs = bench.engine.inputs
+        # the files, as the engine maps them when it streams from them, else mapped here (checked)
+        self.files = (
+            inputs
+            if inputs.placement == "disk"
+            else Inputs(models, None, torch.device("cpu"), "disk", check=False)
+        )
         self.base, self.others = bench.base_path, bench.model_paths
         self.stored = {n: models[self.base].resolve(n) for n in linear}
         self.params = {n: p for n, p in self.model.named_parameters() if n in linear}
@@ -296,8 +302,8 @@ class StreamedStep:
     def _chunks(self, n: str):
         """(flat slice, b, [τ_m]) in fp32 on the model's device, CHUNK elements at a time."""
         stored = self.stored[n]
-        b_all = self.files.tensor(self.base, stored).reshape(-1)
-        xs = [self.files.tensor(m, stored).reshape(-1) for m in self.others]
+        b_all = self.files.mapped(self.base, stored).reshape(-1)
+        xs = [self.files.mapped(m, stored).reshape(-1) for m in self.others]
         for s in range(0, b_all.numel(), CHUNK):
             e = min(b_all.numel(), s + CHUNK)
             b = b_all[s:e].to(self.device).to(torch.float32)
