@@ -53,6 +53,45 @@ def test_search_engine_candidates_on_cuda_equal_the_cpu_ones(zoo, method):
         assert torch.allclose(a, b, rtol=1e-5, atol=tol), (method, k, float((a - b).abs().max()))
 
 
+@pytest.mark.parametrize("exact", [False, True], ids=["search", "exact"])
+def test_every_placement_on_cuda_gives_the_resident_candidate(bf16_models, exact):
+    """On a GPU, host (pinned, copied on a side stream) and disk (mapped, copied, τ on the GPU)
+    give the resident engine's candidate bit for bit, several candidates in a row, also written
+    into a bf16 live model on the GPU."""
+    import random
+
+    import transformers
+
+    from mergesearch.candidates import ResidentEngine
+    from mergesearch.methods.registry import METHODS
+    from mergesearch.recipe import parse_recipes
+    from tests.test_merge_vs_mergekit import cases
+    from tests.test_resident_engine import _randomize
+
+    refs = sorted({str(p) for k, p in bf16_models.items() if k.startswith("llama")})
+    live = transformers.AutoModelForCausalLM.from_pretrained(
+        str(bf16_models["llama/base"]), dtype=torch.bfloat16
+    ).to("cuda")
+    rng = random.Random(3)
+    for method in ("task_arithmetic", "ties", "dare_ties", "della", "breadcrumbs_ties", "linear"):
+        config = next(c for c in cases(bf16_models, "llama").values() if c["merge_method"] == method)
+        config.pop("dtype", None)
+        base = config.get("base_model") if METHODS[method].task_vectors and not exact else None
+        engines = {
+            p: ResidentEngine(refs, base=base, exact=exact, device="cuda", placement=p)
+            for p in ("device", "host", "disk")
+        }
+        for n in range(2):
+            (recipe,) = parse_recipes(yaml.safe_dump(_randomize(config, rng)))
+            want = engines["device"].state_dict(recipe, seed=n)
+            for placement, engine in engines.items():
+                got = engine.state_dict(recipe, seed=n)
+                assert all(torch.equal(got[k], want[k]) for k in want), (method, placement)
+                engine.write_into(live, recipe, seed=n)
+                params = dict(live.named_parameters())
+                assert all(torch.equal(params[k], want[k]) for k in want if k in params), (method, placement)
+
+
 def test_generation_on_cuda_equals_hf_generate_and_the_cpu_verdicts(zoo):
     """Batched greedy decoding on the GPU gives transformers' own continuations, and the native
     harness's verdicts on the GPU equal the CPU's (fp32 checkpoint: scored in fp32 on both)."""

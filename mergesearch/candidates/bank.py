@@ -99,7 +99,7 @@ class TaskVectorBank:
         self,
         keys: list[str],
         base: torch.Tensor,
-        taus: list[torch.Tensor],
+        taus: list[torch.Tensor] | None,
         *,
         weight: list[float],
         density: list[float],
@@ -111,10 +111,22 @@ class TaskVectorBank:
         gamma: list[float] | None = None,
         epsilon: list[float] | None = None,
         out: torch.Tensor | None = None,
+        models: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """b + λ·combine(sparsify(τ_i, d_i)·w_i) into `out` (or a new tensor), computed in the
-        inputs' dtype; an fp32 `out` for bf16 inputs (an fp32 live model) receives those values."""
+        inputs' dtype; an fp32 `out` for bf16 inputs (an fp32 live model) receives those values.
+        `models` instead of `taus` (task arithmetic only: no mask needs τ): the models x_i, with
+        τ_i = x_i − b made in numba's pass as it goes, or here where that pass does not take them."""
         out = torch.empty_like(base) if out is None else out
+        if models is not None:
+            if sparsification is not None:
+                raise ValueError("TaskVectorBank.merge: models= is for task arithmetic (no sparsification)")
+            mix = self._mix(weight, base.dtype, base.device, consensus, normalize, lambda_)
+            nothing = [None] * len(models)
+            if self._merge_passes(out, base, models, nothing) is self.numba:
+                self.numba.merge(out, base, models, nothing, nothing, mix, from_models=True)
+                return out
+            taus = [torch.sub(x, base) for x in models]
         masks = self.masks(keys, taus, sparsification, density, gamma, epsilon)
         scales = [
             self.norms.rescale(key, t, m) if rescale and m is not None else None

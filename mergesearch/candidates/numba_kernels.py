@@ -370,8 +370,8 @@ def masked_l1(tau, rank, kind, fp, ties, keys) -> float:
         for s in range(b0, b1, SUB):
             m = min(SUB, b1 - s)
             dk[:m] = -0.0
-            _sparsify(tau, rank, kind, fp, ties, keys[s // DRAW_BLOCK], s, s % DRAW_BLOCK, dk[:m],
-                      np.float32(1), tau[0])  # fmt: skip
+            _sparsify(tau[s : s + m], rank[s : s + m], kind, fp, ties, keys[s // DRAW_BLOCK], s, s % DRAW_BLOCK,
+                      dk[:m], np.float32(1), tau[0])  # fmt: skip
             total += _abs_sum(dk[:m])
         sums[blk] = total
     total = 0.0
@@ -445,8 +445,12 @@ def merge(
     divisor,
     lam,
     scale_lambda,
+    from_models=False,
 ):
     """out = b + λ·combine(sparsify(τ_k)·s_k·w_k) for one tensor, as `torch_passes.combine`.
+    With `from_models`, `taus` are the models x_k themselves and each sub-block's τ_k = R(x_k − b)
+    is made here, as torch's subtraction rounds it (inputs streamed from their files then never
+    hold τ in memory).
 
     Per model k: kind[k]; fparams[k] = its row of columns W … SHIFT (named above);
     ties[k, g] = (value, flat index of the first kept, of the first not kept after it) of ≤ 2 tie
@@ -461,6 +465,7 @@ def merge(
     for blk in prange(nblk):
         d = np.empty((nk, SUB), np.float32)
         acc = np.empty(SUB, np.float32)
+        tb = np.empty_like(base[:SUB])  # one sub-block of τ_k, from_models
         like = base[0]  # its type says how to round (a scalar: arrays passed per element cost refcounts)
         w = fparams[:, W].copy()
         b0 = blk * BLOCK
@@ -475,8 +480,13 @@ def merge(
                 acc[:m] = -0.0
             for k in range(nk):
                 fp = fparams[k]
-                _sparsify(taus[k], ranks[k], kind[k], fp, ties[k], keys[k, s // DRAW_BLOCK], s, s % DRAW_BLOCK,
-                          d[k, :m] if consensus else acc[:m], fp[W], like)  # fmt: skip
+                if from_models:
+                    _difference(taus[k][s : s + m], base[s : s + m], tb[:m], like)
+                    tk = tb[:m]
+                else:
+                    tk = taus[k][s : s + m]
+                _sparsify(tk, ranks[k][s : s + m], kind[k], fp, ties[k], keys[k, s // DRAW_BLOCK], s,
+                          s % DRAW_BLOCK, d[k, :m] if consensus else acc[:m], fp[W], like)  # fmt: skip
             if consensus:
                 _elect(d, out[s : s + m], base[s : s + m], w, nk, normalize, lam, like)
             else:
@@ -485,9 +495,17 @@ def merge(
 
 
 @jit
+def _difference(x, b, out, like):
+    """out = x − b in the inputs' dtype, as torch computes it (fp32, then rounded to bf16)."""
+    for j in range(out.size):
+        out[j] = _store(_load(x[j]) - _load(b[j]), like)
+
+
+@jit
 def _sparsify(tau, rank, kind, fp, ties, key, s, i, dk, w, like):
-    """dk += R(R(τ⊙mask · s) · w) for elements [s, s + dk.size) of τ, at position i of its block
-    of draws (whose key is `key`). fp: the model's row of columns W … SHIFT.
+    """dk += R(R(τ⊙mask · s) · w) for τ's elements [s, s + dk.size), given as `tau` (and their
+    DELLA ranks as `rank`), at position i of its block of draws (whose key is `key`). fp: the
+    model's row of columns W … SHIFT.
     Without a rescale (s = 1) R(τ⊙mask · 1) is τ⊙mask (a product of a stored value and 0 or 1):
     a specialization for `scale` None skips that step (in bf16 one rounding of five per model)."""
     if fp[SCALE] == 1:
@@ -498,8 +516,6 @@ def _sparsify(tau, rank, kind, fp, ties, key, s, i, dk, w, like):
 
 @jit
 def _masked_into(tau, rank, kind, fp, ties, key, s, i, dk, scale, w, like):
-    m = dk.size
-    tau = tau[s : s + m]
     if kind == NONE:
         _copy(tau, dk, scale, w, like)
     elif kind == ZERO:
@@ -511,7 +527,7 @@ def _masked_into(tau, rank, kind, fp, ties, key, s, i, dk, scale, w, like):
     elif kind == DRAW:
         _draw(tau, dk, key, i, fp[D], scale, w, like)
     else:
-        _della(tau, dk, key, i, rank[s : s + m], fp[EPS], fp[COLS], fp[SHIFT], scale, w, like)
+        _della(tau, dk, key, i, rank, fp[EPS], fp[COLS], fp[SHIFT], scale, w, like)
 
 
 def _weigh(x, scale, w, like):  # R(R(x·scale)·w), or R(x·w) for scale None (an overload below)

@@ -29,13 +29,16 @@ class NumbaPasses(Passes):
             not isinstance(mask, DellaMask) or mask.d <= 0 or (mask.whole is None and mask.cached is not None)
         )
 
-    def merge(self, out, base, taus, masks, scales, mix: Mix) -> None:
+    def merge(self, out, base, taus, masks, scales, mix: Mix, from_models: bool = False) -> None:
+        """`Passes.merge`; with `from_models`, `taus` are the models x_k and the kernel makes
+        τ_k = x_k − b as it goes (no masks then: they are made from τ)."""
         kind, fp, ties, keys, ranks = self.pack(taus, masks)
         fp[:, nk.W] = mix.w32
         fp[:, nk.SCALE] = [1.0 if s is None else float(s) for s in scales]
         nk.merge(
             nk.as_numpy(out), nk.as_numpy(base), tuple(self._array(t) for t in taus), ranks, kind, fp, ties,
             keys, mix.consensus, mix.normalize, mix.divisor32, np.float32(mix.lambda_), mix.lambda_ != 1,
+            from_models,
         )  # fmt: skip
 
     def masked_l1(self, tau: torch.Tensor, mask) -> float:

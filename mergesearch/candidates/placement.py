@@ -218,22 +218,22 @@ class Inputs:
         ptr = t.untyped_storage().data_ptr()
         return any(a.untyped_storage().data_ptr() == ptr for arena in self._arenas for a in arena.values())
 
-    def stream(self, key_lists: list[list[Key]]) -> Iterator[dict[Key, torch.Tensor]]:
+    def stream(self, key_lists: list[list[Key]], raw: bool = False) -> Iterator[dict[Key, torch.Tensor]]:
         """Per key list, its tensors on the merge device; streamed placements fetch the next
-        list while the caller merges this one."""
+        list while the caller merges this one. `raw` (disk on the CPU): a task-vector key gives
+        the model's own tensor x, for a merge that makes τ = x − b itself."""
+        if raw and not (self.placement == "disk" and not self.cuda):
+            raise ValueError("Inputs.stream: raw is for the disk placement on the CPU")
         if self.placement == "device" or (self.placement == "host" and not self.cuda):
             for keys in key_lists:
                 yield {k: self.staged[k] if k in self.staged else self._held[k] for k in keys}
             return
         with ThreadPoolExecutor(1, thread_name_prefix="mergesearch-fetch") as pool:
-            pending = pool.submit(self._fetch, key_lists[0], 0) if key_lists else None
+            pending = pool.submit(self._fetch, key_lists[0], 0, raw) if key_lists else None
             for i in range(len(key_lists)):
                 got, event = pending.result()
-                pending = (
-                    pool.submit(self._fetch, key_lists[i + 1], (i + 1) % 2)
-                    if i + 1 < len(key_lists)
-                    else None
-                )
+                more = i + 1 < len(key_lists)
+                pending = pool.submit(self._fetch, key_lists[i + 1], (i + 1) % 2, raw) if more else None
                 if event is not None:  # the side stream's copies before this stream's merge
                     current = torch.cuda.current_stream(self.device)
                     current.wait_event(event)
@@ -241,8 +241,13 @@ class Inputs:
                         t.record_stream(current)
                 yield got
 
-    def _fetch(self, keys: list[Key], slot: int) -> tuple[dict[Key, torch.Tensor], object]:
+    def _fetch(self, keys: list[Key], slot: int, raw: bool = False) -> tuple[dict[Key, torch.Tensor], object]:
         """One task's inputs on the merge device (runs in the fetch thread)."""
+        if raw:  # the pages themselves, read ahead of the merge
+            for k in keys:
+                if k not in self.staged:
+                    self._read_ahead(k)
+            return {k: self.staged[k] if k in self.staged else self._views[k] for k in keys}, None
         if self._stream is None:
             return self._fetch_cpu(keys, slot), None
         with torch.cuda.stream(self._stream):
@@ -260,6 +265,16 @@ class Inputs:
             event = torch.cuda.Event()
             event.record(self._stream)
         return got, event
+
+    def _read_ahead(self, key: Key) -> None:
+        """Ask the kernel to read a mapped tensor's pages now (madvise WILLNEED), so the merge
+        finds them in the page cache."""
+        meta = self.models[key[0]].meta[key[1]]
+        mm = self._maps.get(meta.file)
+        if mm is None or not meta.nbytes:  # a pickled file: torch.load mapped it
+            return
+        start = meta.offset // mmap.PAGESIZE * mmap.PAGESIZE
+        mm.madvise(mmap.MADV_WILLNEED, start, meta.offset + meta.nbytes - start)
 
     def _fetch_cpu(self, keys: list[Key], slot: int) -> dict[Key, torch.Tensor]:
         """disk on the CPU: views of the mapped files; τ = x − b into this slot's buffers."""

@@ -101,8 +101,10 @@ class ResidentEngine:
                 last = i == len(recipes) - 1
                 out = {}
                 keys = [self._keys(task) for task in plan.tasks]
-                for task, got in zip(plan.tasks, self.inputs.stream(keys)):
-                    value = self._merge(plan, task, got, (targets or {}).get(task.name) if last else None)
+                raw = self._from_models(plan)
+                for task, got in zip(plan.tasks, self.inputs.stream(keys, raw=raw)):
+                    target = (targets or {}).get(task.name) if last else None
+                    value = self._merge(plan, task, got, target, raw)
                     if self.inputs.owns(value):  # a streamed buffer, reused for a later tensor
                         value = value.clone()
                     if last:
@@ -119,13 +121,26 @@ class ResidentEngine:
                 del self.models[name]
                 self.inputs.unstage(name)
 
+    def _from_models(self, plan: MergePlan) -> bool:
+        """Whether this plan's task vectors come as the models x themselves, for the bank's
+        kernel to make τ = x − b as it merges: task arithmetic from the files on the CPU (the
+        subtraction is then no pass of its own)."""
+        return (
+            self.inputs.placement == "disk"
+            and self.device.type == "cpu"
+            and self.base is not None
+            and plan.method.task_vectors
+            and plan.method.sparsification is None
+            and self.bank.numba is not None
+        )
+
     def _keys(self, task: TensorTask) -> list[tuple[str, str]]:
         return [(ref, self.models[ref].resolve(name)) for ref, name in task.inputs]
 
     def _merge(
-        self, plan: MergePlan, task: TensorTask, got: dict, target: torch.Tensor | None
+        self, plan: MergePlan, task: TensorTask, got: dict, target: torch.Tensor | None, raw: bool = False
     ) -> torch.Tensor:
-        """One output tensor from its inputs `got` (τ for a task-vector key)."""
+        """One output tensor from its inputs `got` (τ for a task-vector key; with `raw`, x)."""
         keys = self._keys(task)
         if not any(self.inputs.is_task_vector(k) for k in keys):
             tensors = [got[k] for k in keys]
@@ -167,7 +182,10 @@ class ResidentEngine:
         if self.bank.supports(plan.method, base.dtype, base.device) and (
             not self.exact or self.bank.exact_for(names, taus, **gta)
         ):
-            value = self.bank.merge(names, base, taus, out=out, **gta)
+            if raw:  # the models: the kernel subtracts the base as it merges
+                value = self.bank.merge(names, base, None, models=taus, out=out, **gta)
+            else:
+                value = self.bank.merge(names, base, taus, out=out, **gta)
             return value if value is out else value.to(task.out_dtype)
         out = out if out is not None and out.dtype == base.dtype else None  # the reference does not widen
         n = len(taus) * base.numel()
