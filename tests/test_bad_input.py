@@ -118,6 +118,8 @@ CASES: list[tuple[str, Callable, str]] = [
     ("tasks empty", lambda t: search(t, tasks=[]), "tasks: a list"),
     ("unknown task", lambda t: search(t, tasks=["addd"]), "unknown task 'addd'"),
     ("unknown method", lambda t: search(t, method="tiez"), "tiez"),
+    ("unknown placement", lambda t: search(t, placement="gpu"), "placement 'gpu': where the inputs live"),
+    ("placement flag", lambda t: search(t) + ["--placement", "ram"], "invalid choice: 'ram'"),
     ("method a number", lambda t: search(t, method=3), "method"),
     ("parameters a list", lambda t: search(t, parameters=["weight"]), "parameters: a mapping"),
     ("range of strings", lambda t: search(t, parameters={"weight": ["a", 1]}), "parameters.weight"),

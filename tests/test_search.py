@@ -32,13 +32,19 @@ def trials(db: str, name: str) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=name, storage=db).trials
 
 
-def test_export_runs_in_mergekit_and_scores_as_reported(zoo, tmp_path):
-    space = write_space(tmp_path, name="exp")
+@pytest.mark.parametrize("placement", [None, "disk"], ids=["auto", "disk"])
+def test_export_runs_in_mergekit_and_scores_as_reported(zoo, tmp_path, placement):
+    """The whole round trip, with the inputs where `auto` puts them (on the device here) and
+    streamed from their files (the space's `placement` key: the search and the report)."""
+    space = write_space(tmp_path, name="exp", **({"placement": placement} if placement else {}))
     search = cli(tmp_path, "search", str(space)).stdout
     # Every command ends by saying what happened and what to run next; nothing stray on stderr.
     assert (
         "loading the base and 2 models" in search and "study exp: created, 0 of 12 trials finished" in search
     )
+    assert f"inputs: {placement or 'device'} (" in search
+    db = f"sqlite:///{tmp_path / 'results' / 'exp' / 'study.db'}"
+    assert {t.user_attrs["placement"] for t in trials(db, "exp")} == {placement or "device"}
     assert re.search(r"best trial \d+.*: search mean \d\.\d{3} \(add \d\.\d{3}, reverse \d\.\d{3}\)", search)
     assert "next: mergesearch report exp" in search and "mergesearch export exp" in search
     report = cli(tmp_path, "report", "exp")
