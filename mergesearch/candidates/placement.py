@@ -13,7 +13,9 @@ alike everywhere), so every placement gives the same candidate bit for bit.
 
 The streamed placements fetch task i+1's inputs in a background thread while task i merges:
 on CUDA on a side stream (the copy overlaps the merge), on the CPU by computing τ from the
-mapped pages (the reads overlap). Two tasks' inputs are in flight at most.
+mapped pages into two reused buffers (the reads overlap). Two tasks' inputs are in flight at
+most. Task arithmetic from the files on the CPU skips that τ: `stream(raw=True)` hands over the
+mapped x (pages read ahead with madvise) and numba's merge kernel subtracts the base as it goes.
 """
 
 from __future__ import annotations
