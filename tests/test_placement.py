@@ -17,7 +17,7 @@ from mergesearch.errors import MergeSearchError
 from mergesearch.methods.registry import METHODS
 from mergesearch.recipe import parse_recipes
 from tests.test_merge_vs_mergekit import cases
-from tests.test_resident_engine import _randomize
+from tests.test_resident_engine import _randomize, two_stages
 
 STREAMED = ["host", "disk"]  # on the CPU, host is device's memory: it must still give the same bits
 
@@ -61,16 +61,7 @@ def test_every_placement_gives_the_resident_candidate(tiny, bf16_models, method,
 
 
 def test_a_multi_stage_recipe_streams_alike(tiny):
-    base, ft = str(tiny["llama/base"]), [str(tiny[f"llama/ft{i}"]) for i in range(3)]
-    text = (
-        f"name: ab\nmerge_method: dare_ties\nbase_model: {base}\nmodels:\n"
-        f"  - {{model: {ft[0]}, parameters: {{weight: 0.6, density: 0.5}}}}\n"
-        f"  - {{model: {ft[1]}, parameters: {{weight: 0.4, density: 0.7}}}}\n---\n"
-        f"merge_method: ties\nbase_model: {base}\nmodels:\n"
-        f"  - {{model: ab, parameters: {{weight: 0.5, density: 0.6}}}}\n"
-        f"  - {{model: {ft[2]}, parameters: {{weight: 0.5, density: 0.6}}}}\n"
-    )
-    recipes = parse_recipes(text)
+    base, ft, recipes = two_stages(tiny)
     want = ResidentEngine([base, *ft]).state_dict(recipes, seed=3)
     disk = ResidentEngine([base, *ft], placement="disk")
     got = disk.state_dict(recipes, seed=3)

@@ -75,9 +75,8 @@ def test_task_vector_engine_writes_live_model_bit_for_bit(tiny, tmp_path, arch):
         engine.write_into(model, linear)
 
 
-def test_write_into_live_model_and_multistage(tiny, tmp_path):
-    import transformers
-
+def two_stages(tiny) -> tuple[str, list[str], list]:
+    """(base, fine-tunes, recipes): DARE-TIES of two fine-tunes, then TIES of that with the third."""
     base, ft = str(tiny["llama/base"]), [str(tiny[f"llama/ft{i}"]) for i in range(3)]
     text = (
         f"name: ab\nmerge_method: dare_ties\nbase_model: {base}\nmodels:\n"
@@ -87,7 +86,13 @@ def test_write_into_live_model_and_multistage(tiny, tmp_path):
         f"  - {{model: ab, parameters: {{weight: 0.5, density: 0.6}}}}\n"
         f"  - {{model: {ft[2]}, parameters: {{weight: 0.5, density: 0.6}}}}\n"
     )
-    recipes = parse_recipes(text)
+    return base, ft, parse_recipes(text)
+
+
+def test_write_into_live_model_and_multistage(tiny, tmp_path):
+    import transformers
+
+    base, ft, recipes = two_stages(tiny)
     merge(recipes, tmp_path / "disk", seed=3)
     engine = ResidentEngine([base, *ft])
     model = transformers.AutoModelForCausalLM.from_pretrained(base)
