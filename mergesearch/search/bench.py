@@ -181,6 +181,13 @@ class Bench:
             self.engine = None
             self.engine = ResidentEngine(refs, device=self.device, placement=placement)
 
+    def split_fingerprints(self) -> dict[str, str]:
+        """Per native task, a hash of its search examples (`verdicts.split_fingerprint`)."""
+        from .verdicts import split_fingerprint
+
+        prints = {t.name: split_fingerprint(t) for t in self.tasks}
+        return {k: v for k, v in prints.items() if v is not None}
+
     def recipes(self, values: dict[str, Any]) -> list[Recipe]:
         return self.space.recipes(values, self.arch, self.num_layers, self.base_path, self.model_paths)
 

@@ -27,6 +27,7 @@ from .trials import (
     stored,
     write,
 )
+from .verdicts import verdict_strings
 
 State = optuna.trial.TrialState
 
@@ -113,6 +114,7 @@ class Objective:
             scores = {k: v.value for k, v in results.items()}
             n = {k: v.n for k, v in results.items()}
             write(trial, eval_seconds=eval_s, scores=scores, examples=n, fidelity=limit)
+            write(trial, verdicts=verdict_strings(results))  # the study's verdict matrix
             unextracted = {
                 k: v.extra["unextracted"] for k, v in results.items() if v.extra.get("unextracted")
             }
@@ -136,8 +138,7 @@ class Objective:
         if anchors is None:
             results, seconds = b.evaluate("search", b.space.fidelity[-1])
             scores = {k: v.value for k, v in results.items()}
-            verdicts = {k: "".join("1" if x else "0" for x in v.scores) for k, v in results.items()}
-            write(trial, verdicts=verdicts, fitness=REFERENCE_FITNESS)
+            write(trial, verdicts=verdict_strings(results), fitness=REFERENCE_FITNESS)
         else:
             from ..evaluation.anchors import estimate
 

@@ -90,6 +90,8 @@ def run_search(
     record_task_splits(s, bench.task_splits)
     if created:  # what each reference meant here: reports write zoo models by their reference
         s.set_user_attr(StudyAttr.MODEL_FOLDERS, bench.folders)
+        # which search examples the verdicts are on: a later study compares only with the same
+        s.set_user_attr(StudyAttr.SEARCH_SPLITS, bench.split_fingerprints())
     target = _target(s, created, space.trials, trials, worker, set_budget)
     # The first process of a new study uses the space's seed (a study is reproducible); any other
     # process (a resume, a second search, a worker) derives its own, so that it never proposes

@@ -58,7 +58,9 @@ class TrialRecord:
     fidelity: int | None = None  # examples per task at the last rung reached
     stopped_at: int | None = None  # the rung a stopped-early trial ended at
     fitness: str | None = None  # anchor studies: "reference" (whole split) or "anchors"
-    verdicts: dict[str, str] = field(default_factory=dict)  # per task, "0101…" (reference trials)
+    # per task, "0101…": the verdict on each search example scored, by its position in the split's
+    # fixed shuffle (a prefix at a lower rung; every example at the last). `search/verdicts.py`
+    verdicts: dict[str, str] = field(default_factory=dict)
     unextracted: dict[str, int] = field(default_factory=dict)  # outputs with no extracted answer
     error: str | None = None  # a failed trial's message
 
@@ -143,4 +145,5 @@ class StudyAttr:
     ANCHORS = "anchors"  # {task: {indices, weights}}
     ANCHOR_REFERENCE_TRIALS = "anchor_reference_trials"
     BASELINES_ENQUEUED = "baselines_enqueued"
+    SEARCH_SPLITS = "search_splits"  # {task: fingerprint of its search examples}: whose verdicts compare
     MODEL_FOLDERS = "model_folders"  # {reference as the space names it: the folder it resolved to}
