@@ -113,8 +113,15 @@ class Objective:
             eval_s += seconds
             scores = {k: v.value for k, v in results.items()}
             n = {k: v.n for k, v in results.items()}
-            write(trial, eval_seconds=eval_s, scores=scores, examples=n, fidelity=limit)
-            write(trial, verdicts=verdict_strings(results))  # the study's verdict matrix
+            # the scores, and the verdicts behind them: the study's verdict matrix (verdicts.py)
+            write(
+                trial,
+                eval_seconds=eval_s,
+                scores=scores,
+                examples=n,
+                fidelity=limit,
+                verdicts=verdict_strings(results),
+            )
             unextracted = {
                 k: v.extra["unextracted"] for k, v in results.items() if v.extra.get("unextracted")
             }
