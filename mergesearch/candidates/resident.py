@@ -265,6 +265,13 @@ def _fused_linear(task: TensorTask, tensors: list[torch.Tensor], out: torch.Tens
 _KERNELS = {"linear": _fused_linear}
 
 
+# Allocations from this size on are mmapped (and so returned to the OS when freed); smaller ones
+# come from the heap, which `return_freed_memory` trims. At 1 MiB, evaluation's per-batch
+# activations (~1-16 MB) were each mapped and page-faulted afresh: the demo's evaluation ran
+# 1.3x slower than at 32 MiB (benchmarks/RESULTS.md, "The demo").
+MMAP_THRESHOLD = 32 << 20
+
+
 @functools.cache
 def _glibc():
     import ctypes
@@ -276,14 +283,14 @@ def _glibc():
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc
         return None
-    libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: mmap every allocation above 1 MiB
+    libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
     return libc
 
 
 def return_freed_memory() -> None:
     """Give memory freed so far back to the OS (glibc keeps small freed blocks in its heap: after
-    loading a model that is a large part of the model), and mmap every allocation above 1 MiB from the first
-    call on, so freed candidate temporaries go back too. The memory bound is about resident bytes.
+    loading a model that is a large part of the model), and mmap every allocation from
+    MMAP_THRESHOLD on from the first call on, so large freed temporaries go back too. The memory bound is about resident bytes.
     Called after every candidate: the library is opened once."""
     libc = _glibc()
     if libc is not None:
