@@ -22,7 +22,7 @@ def test_teacher_forced_equals_greedy_generation(zoo):
     # The add specialist is right on most add items and wrong on most reverse items.
     examples = task.examples("test", 60) + find_task("reverse").examples("test", 40)
     ev = NativeEvaluator(model, tok, batch_size=16)
-    forced = ev.exact_match(examples)
+    forced, _ = ev.exact_match(examples)
     greedy = []
     for ex in examples:
         ids = torch.tensor([tok(ex.prompt)["input_ids"]])

@@ -212,9 +212,17 @@ class LMEvalBackend:
             raise MergeSearchError(f"lm-eval task {name}: {type(e).__name__}: {e}") from e
         return out["samples"][name]
 
-    def evaluate(self, task: Task, split: str = "search", limit: int | None = None) -> TaskResult:
+    def evaluate(
+        self, task: Task, split: str = "search", limit: int | None = None, indices: list[int] | None = None
+    ) -> TaskResult:
+        """Score a task; `indices` (positions in the search or test subset) only for a task that
+        names an lm-eval task (a screen): one of ours is exported whole or by `limit`."""
         if task.lm_eval is not None:
-            return self._evaluate_lm_eval(task, split, limit)
+            return self._evaluate_lm_eval(task, split, limit, indices)
+        if indices is not None:
+            raise MergeSearchError(
+                f"task {task.name}: exported to lm-eval by its first examples; score chosen examples natively"
+            )
         from lm_eval.tasks import TaskManager
 
         name = self._export(task, split, limit)
@@ -311,15 +319,29 @@ class LMEvalBackend:
         (folder / src.name).write_text(yaml.dump(d, Dumper=_TaggedDumper, sort_keys=False))
         return str(d["task"]), folder
 
-    def _evaluate_lm_eval(self, task: Task, split: str, limit: int | None) -> TaskResult:
+    def _evaluate_lm_eval(
+        self, task: Task, split: str, limit: int | None, indices: list[int] | None = None
+    ) -> TaskResult:
+        """The documents of our split (its first `limit`, or those at `indices`), scored by
+        lm-eval; per document, the metric from lm-eval's own samples (and the gold choice's
+        log-likelihood for a multiple-choice task)."""
         t = self.load(task)
         if split not in ("search", "test"):
             raise MergeSearchError(
                 f"{task.path}: lm-eval tasks have the splits search and test, not {split!r}"
             )
         ids = (t.search if split == "search" else t.test)[: limit if limit is not None else None]
+        if indices is not None:
+            if not all(0 <= i < len(ids) for i in indices):
+                raise MergeSearchError(
+                    f"task {task.name}: example indices out of range for its {split} split of {len(ids)} documents"
+                )
+            ids = [ids[i] for i in indices]
         t0 = time.perf_counter()
-        samples = self._run(t.name, t.manager, samples={t.name: ids})
+        # Sorted: lm-eval iterates the chosen documents in dataset order but labels the k-th with
+        # the k-th id as given (evaluator.py, `indices[doc_id]`; lm-evaluation-harness issue #4084,
+        # open PRs #4085/#4089), so an unsorted list attaches each document's result to another's id.
+        samples = self._run(t.name, t.manager, samples={t.name: sorted(ids)})
         filters = list(dict.fromkeys(s.get("filter", "none") for s in samples))
         want = task.lm_eval.filter or filters[0]
         if want not in filters:
@@ -354,5 +376,18 @@ class LMEvalBackend:
         res.extra["responses"] = [s["resps"][0][0] if s["resps"] and s["resps"][0] else "" for s in rows]
         res.extra["answers"] = [s["filtered_resps"][0] if s["filtered_resps"] else "" for s in rows]
         res.extra["unextracted"] = sum(a == "[invalid]" for a in res.extra["answers"])
+        if metric == "acc":
+            lls = [_gold_loglikelihood(s) for s in rows]
+            if all(x is not None for x in lls):
+                res.extra["loglikelihood"] = lls
         res.seconds = time.perf_counter() - t0
         return res
+
+
+def _gold_loglikelihood(sample: dict) -> float | None:
+    """A multiple-choice sample's gold choice log-likelihood: lm-eval keeps (ll, is_greedy) per
+    choice in `filtered_resps` and the gold index as `target`."""
+    try:
+        return float(sample["filtered_resps"][int(sample["target"])][0])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None

@@ -181,8 +181,10 @@ class NativeEvaluator:
         for i in range(0, len(items), self.batch_size):
             yield items[i : i + self.batch_size]
 
-    def exact_match(self, examples: list[Example]) -> np.ndarray:
-        out = []
+    def exact_match(self, examples: list[Example]) -> tuple[np.ndarray, list[float]]:
+        """Per example: whether greedy decoding under teacher forcing gives the target, and the
+        target's log-likelihood."""
+        out, ll = [], []
         for batch in self._batches(examples):
             seqs, spans = [], []
             for ex in batch:
@@ -191,12 +193,14 @@ class NativeEvaluator:
                 spans.append((len(x.prompt), len(x.answer)))
             lp = self._logprobs(seqs)
             for i, (start, k) in enumerate(spans):
-                pred = lp[i, start - 1 : start - 1 + k].argmax(-1)
+                steps = lp[i, start - 1 : start - 1 + k]
                 gold = torch.tensor(seqs[i][start : start + k])
-                out.append(float(torch.equal(pred, gold)))
-        return np.array(out)
+                out.append(float(torch.equal(steps.argmax(-1), gold)))
+                ll.append(float(steps.gather(-1, gold[:, None]).sum()))
+        return np.array(out), ll
 
-    def multiple_choice(self, examples: list[Example], task: Task) -> tuple[np.ndarray, np.ndarray]:
+    def multiple_choice(self, examples: list[Example], task: Task) -> tuple[np.ndarray, np.ndarray, list[float]]:
+        """Per example: acc, acc_norm (lm-eval's), and the gold choice's log-likelihood."""
         flat = []
         for e, ex in enumerate(examples):
             for c in ex.choices:
@@ -213,14 +217,15 @@ class NativeEvaluator:
             for i, (start, k) in enumerate(spans):
                 gold = torch.tensor(seqs[i][start : start + k])
                 ll.append(float(lp[i, start - 1 : start - 1 + k].gather(-1, gold[:, None]).sum()))
-        acc, acc_norm, j = [], [], 0
+        acc, acc_norm, gold_ll, j = [], [], [], 0
         for ex in examples:
             scores = np.array(ll[j : j + len(ex.choices)])
             lengths = np.array([len((task.choice_prefix + c).encode()) for c in ex.choices])
             j += len(ex.choices)
             acc.append(float(scores.argmax() == ex.label))
             acc_norm.append(float((scores / lengths).argmax() == ex.label))
-        return np.array(acc), np.array(acc_norm)
+            gold_ll.append(float(scores[ex.label]))
+        return np.array(acc), np.array(acc_norm), gold_ll
 
     def perplexity(self, examples: list[Example]) -> tuple[np.ndarray, np.ndarray]:
         nll, counts = [], []
@@ -236,7 +241,7 @@ class NativeEvaluator:
     def evaluate(
         self, task: Task, split: str = "search", limit: int | None = None, indices: list[int] | None = None
     ) -> TaskResult:
-        """Score the split's first `limit` examples, or the examples at `indices` (anchors)."""
+        """Score the split's first `limit` examples, or the examples at `indices` (a screen, anchors)."""
         if task.lm_eval is not None:
             raise MergeSearchError(
                 f"task {task.name}: names an lm-eval task, which lm-eval scores (evaluation.Scorer routes it)"
@@ -245,8 +250,8 @@ class NativeEvaluator:
         if indices is not None:
             if not all(0 <= i < len(examples) for i in indices):
                 raise MergeSearchError(
-                    f"task {task.name}: anchor indices out of range for its {split} split of "
-                    f"{len(examples)} examples (the data changed since the anchors were chosen)"
+                    f"task {task.name}: example indices out of range for its {split} split of "
+                    f"{len(examples)} examples (the data changed since the study recorded them)"
                 )
             examples = [examples[i] for i in indices]
         t0 = time.perf_counter()
@@ -271,10 +276,13 @@ class NativeEvaluator:
             res.split = split
             return res
         if task.metric == "exact_match":
-            return TaskResult(task.name, "exact_match", split, self.exact_match(examples))
+            verdicts, ll = self.exact_match(examples)
+            return TaskResult(task.name, "exact_match", split, verdicts, extra={"loglikelihood": ll})
         if task.metric == "multiple_choice":
-            acc, acc_norm = self.multiple_choice(examples, task)
-            return TaskResult(task.name, "acc", split, acc, extra={"acc_norm": acc_norm})
+            acc, acc_norm, ll = self.multiple_choice(examples, task)
+            return TaskResult(
+                task.name, "acc", split, acc, extra={"acc_norm": acc_norm, "loglikelihood": ll}
+            )
         nll, counts = self.perplexity(examples)
         return TaskResult(task.name, "perplexity", split, nll, weights=counts)
 

@@ -3,7 +3,6 @@ lm-evaluation-harness for a task that names an lm-eval task. Neither backend kno
 
 from __future__ import annotations
 
-from ..errors import MergeSearchError
 from .native import NativeEvaluator
 from .results import TaskResult
 from .tasks import Task
@@ -37,9 +36,7 @@ class Scorer:
     def evaluate(
         self, task: Task, split: str = "search", limit: int | None = None, indices: list[int] | None = None
     ) -> TaskResult:
-        """Score the split's first `limit` examples, or the examples at `indices` (anchors)."""
+        """Score the split's first `limit` examples, or the examples at `indices` (a screen)."""
         if task.lm_eval is None:
             return self.native.evaluate(task, split, limit, indices)
-        if indices is not None:
-            raise MergeSearchError(f"task {task.name}: anchors are not supported for lm-eval tasks")
-        return self.lm_eval().evaluate(task, split, limit)
+        return self.lm_eval().evaluate(task, split, limit, indices)

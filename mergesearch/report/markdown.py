@@ -60,6 +60,19 @@ def verdict(summary: dict) -> list[str]:
     return lines
 
 
+def screening_line(c: dict) -> str:
+    """What screen-then-confirm spent, and how well the screen ranked what it sent on."""
+    rho = c["rank_correlation"]
+    return (
+        f" Screen, then confirm: {c['screened']} candidates screened ({c['screen_examples_per_trial']:.0f} examples "
+        f"each), {c['confirmed']} confirmed on the whole search split ({c['examples_confirmed']} examples, "
+        f"{c['examples_screened_only']} on candidates only screened). Screen estimate vs confirmed score, "
+        f"rank correlation over the {c['confirmed_after_screen']} screened then confirmed: "
+        + ("n/a (fewer than 3)" if rho != rho else f"{rho:+.2f}")
+        + "; only confirmed scores are reported as the best."
+    )
+
+
 def markdown(summary: dict, plots: dict[str, str], best: TrialRecord, bench: Bench) -> str:
     tasks = [t.name for t in bench.tasks]
     lines = [
@@ -114,7 +127,8 @@ def markdown(summary: dict, plots: dict[str, str], best: TrialRecord, bench: Ben
             f"on anchors ({', '.join(f'{k} {v}' for k, v in (c['anchors']['per_task'] or {}).items())} per task)."
             if "anchors" in c
             else ""
-        ),
+        )
+        + (screening_line(c["screening"]) if "screening" in c else ""),
         "",
         "The gap column is search mean minus test mean: how much a candidate's search score overstates "
         "what it does on examples the search never saw.",

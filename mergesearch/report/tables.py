@@ -11,7 +11,17 @@ import pandas as pd
 
 from ..errors import MergeSearchError
 from ..search import open_storage
-from ..search.trials import ANCHOR_FITNESS, REFERENCE_FITNESS, StudyAttr, TrialRecord, records
+from ..search.objective import dominates
+from ..search.screening import spearman
+from ..search.trials import (
+    ANCHOR_FITNESS,
+    CONFIRMED_FITNESS,
+    REFERENCE_FITNESS,
+    SCREENED_FITNESS,
+    StudyAttr,
+    TrialRecord,
+    records,
+)
 
 State = optuna.trial.TrialState
 
@@ -51,10 +61,20 @@ def trials_frame(s: optuna.Study) -> pd.DataFrame:
 
 
 def front(s: optuna.Study) -> list[TrialRecord]:
-    """The Pareto front's feasible trials (several objectives), or the best trial, by number."""
-    if len(s.directions) > 1:
+    """The Pareto front's feasible trials (several objectives), or the best trial, by number.
+    In a screen-then-confirm study only confirmed trials count: a screened value is an estimate."""
+    done = records(s, (State.COMPLETE,))
+    if any(t.fitness == SCREENED_FITNESS for t in done):
+        pool = [t for t in done if t.fitness != SCREENED_FITNESS and t.feasible is not False]
+        if len(s.directions) == 1:
+            sign = 1 if s.direction == optuna.study.StudyDirection.MAXIMIZE else -1
+            trials = [max(pool, key=lambda t: (sign * t.values[0], -t.number))] if pool else []
+        else:
+            dirs = ["maximize" if d == optuna.study.StudyDirection.MAXIMIZE else "minimize" for d in s.directions]
+            trials = [t for t in pool if not any(dominates(list(o.values), list(t.values), dirs) for o in pool)]
+    elif len(s.directions) > 1:
         trials = [r for r in map(TrialRecord.of, s.best_trials) if r.feasible is not False]
-    elif any(t.state == State.COMPLETE for t in s.get_trials(deepcopy=False)):
+    elif done:
         trials = [TrialRecord.of(s.best_trial)]
     else:
         trials = []
@@ -88,7 +108,9 @@ def cost(s: optuna.Study, df: pd.DataFrame) -> dict[str, Any]:
         "wall_hours": hours,
         "trials_per_hour": len(finished) / hours if hours > 0 else float("nan"),
     }
-    if "fitness" in done:
+    if "fitness" in done and (done["fitness"] == SCREENED_FITNESS).any():
+        out["screening"] = screening_summary(records(s, (State.COMPLETE, State.PRUNED)))
+    elif "fitness" in done:
         ref = done[done["fitness"] == REFERENCE_FITNESS]
         anchors = s.user_attrs.get(StudyAttr.ANCHORS)
         out["anchors"] = {
@@ -98,3 +120,23 @@ def cost(s: optuna.Study, df: pd.DataFrame) -> dict[str, Any]:
             "per_task": anchors and {k: len(v["indices"]) for k, v in anchors.items()},
         }
     return out
+
+
+def screening_summary(trials: list[TrialRecord]) -> dict[str, Any]:
+    """What screening spent and how well it ranked: candidates screened and confirmed, examples at
+    each, and Spearman's rank correlation between the screen's estimate and the confirmed score
+    of the candidates that have both (those the screen sent to confirmation)."""
+    confirmed = [t for t in trials if t.fitness == CONFIRMED_FITNESS]
+    screened = [t for t in trials if t.screen]
+    pairs = [(t.screen["value"], t.mean) for t in confirmed if t.screen]
+    return {
+        "screened": len(screened),
+        "confirmed": len(confirmed),
+        "confirmed_after_screen": len(pairs),
+        "screen_examples_per_trial": float(np.mean([sum(t.screen["examples"].values()) for t in screened]))
+        if screened
+        else float("nan"),
+        "examples_screened_only": int(sum(sum(t.examples.values()) for t in trials if t.fitness == SCREENED_FITNESS)),
+        "examples_confirmed": int(sum(sum(t.examples.values()) for t in confirmed)),
+        "rank_correlation": spearman([p[0] for p in pairs], [p[1] for p in pairs]),
+    }

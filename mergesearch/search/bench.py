@@ -138,6 +138,17 @@ class Bench:
                 )
         if space.task_weights and not sum(space.task_weights.get(n, 1.0) for n in names) > 0:
             raise MergeSearchError(f"{where}: task_weights: at least one task needs a weight above 0")
+        no_verdicts = [t.name for t in self.tasks if t.metric == "perplexity"]
+        self.screening = space.screening
+        if space.screening and no_verdicts:
+            if space.screening_asked:
+                raise MergeSearchError(
+                    f"{where}: screening pairs per-example verdicts; task(s) {', '.join(no_verdicts)} "
+                    "(perplexity) have none: remove screening (or give screening: off)"
+                )
+            self.screening = None  # the default gives way: such a study scores fidelity rungs
+            if not self.space.whole:
+                self.space.fidelity = [50, 200]
         if space.anchors:
             bad = [t.name for t in self.tasks if t.lm_eval is not None or t.metric == "perplexity"]
             if bad:
@@ -152,7 +163,7 @@ class Bench:
         merged in memory: architecture, shapes, layer counts, method arity, dtype)."""
         where = self.space.path or self.space.name
         for t in self.tasks:
-            if t.lm_eval is not None:
+            if t.lm_eval is not None or not self.space.fidelity:
                 continue
             n = len(t.examples("search"))
             if self.space.fidelity[-1] > n:
@@ -182,11 +193,19 @@ class Bench:
             self.engine = ResidentEngine(refs, device=self.device, placement=placement)
 
     def split_fingerprints(self) -> dict[str, str]:
-        """Per native task, a hash of its search examples (`verdicts.split_fingerprint`)."""
+        """Per task, a hash of its search examples (`verdicts.split_fingerprint`)."""
         from .verdicts import split_fingerprint
 
-        prints = {t.name: split_fingerprint(t) for t in self.tasks}
-        return {k: v for k, v in prints.items() if v is not None}
+        return {t.name: split_fingerprint(t, self.task_splits.get(t.name)) for t in self.tasks}
+
+    def search_sizes(self) -> dict[str, int]:
+        """Per task, the whole search split a screen-then-confirm study confirms on: the space's
+        last fidelity rung where it gives one, else every search example."""
+        out = {}
+        for t in self.tasks:
+            n = len(self.task_splits[t.name]["search"]) if t.lm_eval is not None else len(t.examples("search"))
+            out[t.name] = min(n, self.space.whole) if self.space.whole else n
+        return out
 
     def recipes(self, values: dict[str, Any]) -> list[Recipe]:
         return self.space.recipes(values, self.arch, self.num_layers, self.base_path, self.model_paths)

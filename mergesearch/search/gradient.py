@@ -152,7 +152,7 @@ def learn_coefficients(
     ]
     t0 = time.perf_counter()
     linear = linear_map(bench, keys)
-    data = {t.name: _examples(bench, t, space.fidelity[-1]) for t in bench.tasks}
+    data = {t.name: _examples(bench, t, space.whole) for t in bench.tasks}
     model = bench.model
     orig_dtype = next(model.parameters()).dtype
     micro = micro_batch(bench, linear, data, batch)  # refuses here, before anything changes

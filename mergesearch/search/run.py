@@ -23,7 +23,7 @@ from .studies import (
     finished,
     record_task_splits,
 )
-from .trials import StudyAttr, TrialRecord, records
+from .trials import SCREENED_FITNESS, StudyAttr, TrialRecord, records
 
 State = optuna.trial.TrialState
 
@@ -119,7 +119,9 @@ def run_search(
         todo,
         timeout or space.timeout,
         progress,
-        best=max((t.mean for t in records(s, (State.COMPLETE,))), default=-math.inf),
+        best=max(
+            (t.mean for t in records(s, (State.COMPLETE,)) if t.fitness != SCREENED_FITNESS), default=-math.inf
+        ),
     )
     _optimize(
         s,
@@ -230,12 +232,14 @@ class Progress:
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         t = TrialRecord.of(trial)
-        if t.complete:
+        if t.complete and t.fitness != SCREENED_FITNESS:  # an estimate is never the best
             self.best = max(self.best, t.mean)
         post = {"best mean": f"{self.best:.3f}" if self.best > -math.inf else "-"}
         if t.merge_seconds is not None:  # the last trial's cost: what a user tunes fidelity against
             n = sum(t.examples.values())
-            post["last"] = f"merge {t.merge_seconds:.1f}s eval {t.eval_seconds or 0:.1f}s {n} ex"
+            post["last"] = f"merge {t.merge_seconds:.1f}s eval {t.eval_seconds or 0:.1f}s {n} ex" + (
+                f" {t.fitness}" if t.fitness else ""
+            )
         if self.timeout:
             post["time left"] = f"{max(0, self.timeout - (time.perf_counter() - self.t0)):.0f}s"
         self.bar.set_postfix(post)

@@ -70,6 +70,11 @@ class SearchSpace:
     # Few-example fitness (evaluation/anchors.py): {per_task: A, reference: R}. The first R trials
     # are scored on the whole search split; later ones on A anchors per task chosen from them.
     anchors: dict[str, int] | None = None
+    # Screen, then confirm (screening.py): {examples: m} per task; a space file gets it by default
+    # unless it names anchors or several fidelity rungs. Then `fidelity` is [N], the whole split it
+    # confirms on, or empty: every search example.
+    screening: dict[str, int] | None = None
+    screening_asked: bool = False  # written in the space (an error where it cannot work), not defaulted
     baselines: bool = True
     seed: int = 0
     dtype: str | None = None
@@ -106,11 +111,19 @@ class SearchSpace:
             "raw",
             "gradient_steps",
             "placement",
+            "screening_asked",
         ):
             d.pop(k)
+        if d["screening"] is None:  # studies made before the key existed keep their print
+            d.pop("screening")
         if d["search_order"]:  # the default: studies made before the key existed keep their print
             d.pop("search_order")
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    @property
+    def whole(self) -> int | None:
+        """Examples per task of a whole-split score: the last fidelity rung (None: all of them)."""
+        return self.fidelity[-1] if self.fidelity else None
 
     @property
     def stages(self) -> int:

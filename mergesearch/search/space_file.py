@@ -32,6 +32,7 @@ KEYS = {
     "timeout",
     "fidelity",
     "anchors",
+    "screening",
     "baselines",
     "seed",
     "dtype",
@@ -67,6 +68,37 @@ def _range(v: Any, where: str) -> Range:
     if r.log and r.low <= 0:
         raise MergeSearchError(f"{where}: a log range needs low > 0, not {r.low}")
     return r
+
+
+def _screening(d: dict, fid: list[int], where: str) -> dict[str, int] | None:
+    """screening: off, on, or {examples: m}; absent, it is on unless the space spends examples
+    another way (anchors, or several fidelity rungs)."""
+    from .screening import CONFIRM_SIGMAS, SCREEN_EXAMPLES
+
+    v = d.get("screening", "default")
+    if v == "default":
+        return (
+            None
+            if d.get("anchors") is not None or len(fid) > 1
+            else {"examples": SCREEN_EXAMPLES, "confirm_sigmas": CONFIRM_SIGMAS}
+        )
+    if v is False or v == "off":  # YAML reads a bare `off` as false
+        return None
+    if v is True or v == "on":
+        v = {}
+    if not isinstance(v, dict) or set(v) - {"examples", "confirm_sigmas"}:
+        raise MergeSearchError(
+            f"{where}: screening: off, on, or {{examples: M, confirm_sigmas: Z}} (M examples per task "
+            "screen each candidate; it is confirmed when its estimate beats the incumbent by Z standard errors)"
+        )
+    m = number(v.get("examples", SCREEN_EXAMPLES), f"{where}: screening.examples", whole=True, minimum=1)
+    z = number(v.get("confirm_sigmas", CONFIRM_SIGMAS), f"{where}: screening.confirm_sigmas", minimum=0)
+    if d.get("anchors") is not None or len(fid) > 1:
+        raise MergeSearchError(
+            f"{where}: screening, anchors and several fidelity rungs are ways to spend fewer examples; "
+            "use one (with screening, fidelity: [N] is the whole split a candidate is confirmed on)"
+        )
+    return {"examples": int(m), "confirm_sigmas": float(z)}
 
 
 def load_space(path: str | Path) -> SearchSpace:
@@ -156,10 +188,10 @@ def space_from_dict(d: dict, p: Path | None = None) -> SearchSpace:
     if not isinstance(search_order, bool):
         raise MergeSearchError(f"{where}: search_order: true or false, not {search_order!r}")
     trials = number(d.get("trials", 100), f"{where}: trials", whole=True, minimum=1)
-    fid = d.get("fidelity", [50, 200])
+    fid = d.get("fidelity", [])
     fid = fid if isinstance(fid, list) else [fid]
     fid = [number(x, f"{where}: fidelity", whole=True, minimum=1) for x in fid]
-    if not fid or fid != sorted(fid) or len(set(fid)) != len(fid):
+    if ("fidelity" in d and not fid) or fid != sorted(fid) or len(set(fid)) != len(fid):
         raise MergeSearchError(
             f"{where}: fidelity: an increasing list of example counts per task, e.g. [50, 200]"
         )
@@ -201,6 +233,9 @@ def space_from_dict(d: dict, p: Path | None = None) -> SearchSpace:
                 f"{where}: anchors and several fidelity rungs are two ways to spend fewer examples; "
                 "use one (with anchors, give fidelity: [N], the search examples per task of the reference trials)"
             )
+    screening = _screening(d, fid, where)
+    if screening is None and not fid:
+        fid = [50, 200]  # rungs, as before screening was the default
     constraints = d.get("constraints") or {}
     if not isinstance(constraints, dict):
         raise MergeSearchError(f"{where}: constraints: a mapping, e.g. {{weight_sum_max: 1.5}}")
@@ -231,6 +266,8 @@ def space_from_dict(d: dict, p: Path | None = None) -> SearchSpace:
         timeout=timeout,
         fidelity=fid,
         anchors=dict(anchors) if anchors else None,
+        screening=screening,
+        screening_asked="screening" in d,
         baselines=bool(d.get("baselines", True)),
         seed=seed,
         dtype=dtype,

@@ -23,6 +23,8 @@ SEARCHED = "searched"
 GRADIENT_KIND = "gradient-learned (warm start)"
 GRADIENT = "gradient"  # the warm_start field of a gradient-learned trial
 REFERENCE_FITNESS, ANCHOR_FITNESS = "reference", "anchors"  # few-example fitness (anchors.py)
+# screen-then-confirm (screening.py): scored on the whole search split, or estimated from a screen
+CONFIRMED_FITNESS, SCREENED_FITNESS = "confirmed", "screened"
 
 
 def known_kind(baseline: str) -> str:
@@ -57,10 +59,18 @@ class TrialRecord:
     examples: dict[str, int] = field(default_factory=dict)  # per task, examples scored
     fidelity: int | None = None  # examples per task at the last rung reached
     stopped_at: int | None = None  # the rung a stopped-early trial ended at
-    fitness: str | None = None  # anchor studies: "reference" (whole split) or "anchors"
-    # per task, "0101…": the verdict on each search example scored, by its position in the split's
-    # fixed shuffle (a prefix at a lower rung; every example at the last). `search/verdicts.py`
+    # how the scores were obtained: "reference"/"anchors" (anchor studies), "confirmed"/"screened"
+    # (screen-then-confirm studies); None for fidelity rungs
+    fitness: str | None = None
+    # per task, "01.1…": the verdict on each search example, by its position in the split's fixed
+    # shuffle; '.' where not scored (a prefix at a lower rung). `search/verdicts.py`
     verdicts: dict[str, str] = field(default_factory=dict)
+    # per task, the gold answer's log-likelihood on each example (None where not scored), for
+    # tasks scored by log-likelihood (multiple choice, teacher-forced exact match)
+    loglikelihoods: dict[str, list] = field(default_factory=dict)
+    # screen-then-confirm: the screen's per-task estimates and standard errors, the objective's
+    # estimate (`value`), examples per task, and the reference each task was paired with
+    screen: dict[str, Any] = field(default_factory=dict)
     unextracted: dict[str, int] = field(default_factory=dict)  # outputs with no extracted answer
     error: str | None = None  # a failed trial's message
 
@@ -94,6 +104,11 @@ class TrialRecord:
     @property
     def anchor_estimate(self) -> bool:
         return self.fitness == ANCHOR_FITNESS
+
+    @property
+    def estimated(self) -> bool:
+        """Whether its values are an estimate from a few examples, not whole-split scores."""
+        return self.fitness in (ANCHOR_FITNESS, SCREENED_FITNESS)
 
 
 _OPTUNA = {"number", "state", "values", "params", "datetime_start", "datetime_complete"}

@@ -1,11 +1,12 @@
 """The per-example verdict matrix: for every scored candidate of a study, right or wrong on each
-search example, keyed by the example's position in the search split's fixed shuffle.
+search example (and the gold answer's log-likelihood where the task has one), keyed by the
+example's position in the search split's fixed shuffle.
 
 It is stored in the study itself (each trial's `verdicts`, `trials.py`), so it survives resumes
 and every worker on the storage adds its rows. A study records a fingerprint of each task's search
 examples (`StudyAttr.SEARCH_SPLITS`), so a later study on the same tasks and models finds every
 row it can compare with (`shared_matrix`), in any study of the same storage. What estimates a
-candidate's score from few examples (anchors, item response theory, paired tests) fits on this.
+candidate's score from few examples (screening.py, anchors) fits on this.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import optuna
 
 from ..evaluation.results import TaskResult
 from ..evaluation.tasks import Task
+from .screening import as_array
 from .trials import StudyAttr, records
 
 VERDICT_METRICS = ("exact_match", "acc")  # 0/1 per example; perplexity has no verdict
@@ -33,12 +35,18 @@ def verdict_strings(results: dict[str, TaskResult]) -> dict[str, str]:
     }
 
 
-def split_fingerprint(task: Task) -> str | None:
-    """A hash of a native task's search examples as the model sees them, in order (None for an
-    lm-eval task: its document split is recorded apart, `StudyAttr.TASK_SPLITS`)."""
+def loglikelihoods(results: dict[str, TaskResult]) -> dict[str, list[float]]:
+    """Per task scored by log-likelihood, the gold answer's log-likelihood on each example."""
+    return {n: [round(x, 4) for x in r.extra["loglikelihood"]] for n, r in results.items() if "loglikelihood" in r.extra}
+
+
+def split_fingerprint(task: Task, lm_eval_split: dict | None = None) -> str:
+    """A hash of a task's search examples in order: a native task's as the model sees them, an
+    lm-eval task's by its recorded document split (`LMEvalTask.record`)."""
     if task.lm_eval is not None:
-        return None
-    rows = [[ex.prompt, ex.messages, ex.target, ex.choices, ex.label] for ex in task.examples("search")]
+        rows = [lm_eval_split[k] for k in ("lm_eval_task", "documents", "split_seed", "search")]
+    else:
+        rows = [[ex.prompt, ex.messages, ex.target, ex.choices, ex.label] for ex in task.examples("search")]
     return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -74,8 +82,25 @@ def matrix(studies: list[optuna.Study], task: str) -> VerdictMatrix:
     width = max((len(v) for v in strings), default=0)
     values = np.full((len(strings), width), np.nan)
     for i, v in enumerate(strings):
-        values[i, : len(v)] = [c == "1" for c in v]
+        values[i, : len(v)] = as_array(v)
     return VerdictMatrix(task, rows, values)
+
+
+def comparable_rows(
+    study: optuna.Study, fingerprints: dict[str, str], folders: set[str]
+) -> list[tuple[str, dict[str, str]]]:
+    """("STUDY:N", verdicts) of every finished trial of the other studies in this study's storage
+    whose search examples (every task's) and model folders are this one's."""
+    storage = study._storage
+    out = []
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        if summary.study_name == study.study_name:
+            continue
+        other = optuna.load_study(study_name=summary.study_name, storage=storage)
+        if all(comparable(other, t, f, folders) for t, f in fingerprints.items()):
+            states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+            out += [(f"{other.study_name}:{t.number}", t.verdicts) for t in records(other, states) if t.verdicts]
+    return out
 
 
 def comparable(study: optuna.Study, task: str, fingerprint: str, folders: set[str]) -> bool:
