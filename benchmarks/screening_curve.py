@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--study", action="append", required=True, help="NAME=PATH/TO/study.db (first: full fidelity)")
     ap.add_argument("--out", type=Path, required=True, help="folder for curve.csv, curve.png, summary.json")
     ap.add_argument("--audit", type=int, default=0, help="screened-only candidates to score on the whole search split")
+    ap.add_argument("--fractions", type=int, nargs="*", default=[20, 50],
+                    help="also compare the incumbent each study had after 1/k of the full study's examples")  # fmt: skip
     args = ap.parse_args()
     studies = {}
     for spec in args.study:
@@ -108,6 +110,19 @@ def main() -> None:
         d = summary["studies"][name]
         d["full_minus_this"] = {"gain": gain, "ci95": [lo, hi], "within_ci": lo <= 0 <= hi}
         d["examples_ratio"] = summary["studies"][full_name]["examples"] / d["examples"]
+        # Anytime: the incumbent the study had when it had spent 1/k of the full study's examples
+        # (what a study with that example budget would have reported), against the full final.
+        full_total = summary["studies"][full_name]["examples"]
+        steps, _ = incumbents(studies[name])
+        for k in args.fractions:
+            before = [st for st in steps if st[0] <= full_total / k]
+            if not before:
+                continue
+            spent, number, t = before[-1]
+            gain, lo, hi = paired_gain(finals[full_name], test_of(name, t))
+            d[f"at_1/{k}"] = {"budget": full_total / k, "trial": number, "examples_at_incumbent": spent,
+                              "test": test_of(name, t).test_mean, "full_minus_this": gain, "ci95": [lo, hi],
+                              "within_ci": lo <= 0 <= hi}  # fmt: skip
         if args.audit:
             s = studies[name]
             only = [t for t in records(s) if t.fitness == SCREENED_FITNESS and t.values is not None]
@@ -146,6 +161,10 @@ def main() -> None:
         ys = list(g["test"]) + [g["test"].iloc[-1]]
         ax.step(xs, ys, where="post", label=f"{name} ({total} examples)")
         ax.plot(g["examples"], g["test"], "o", ms=3, color=ax.lines[-1].get_color())
+    full_total = summary["studies"][full_name]["examples"]
+    for k in args.fractions:
+        ax.axvline(full_total / k, ls=":", c="#999")
+        ax.text(full_total / k, ax.get_ylim()[0], f" 1/{k}", fontsize=7, color="#666", va="bottom")
     ax.set_xscale("log")
     ax.set_xlabel("examples scored so far (log)")
     ax.set_ylabel("incumbent's test mean")

@@ -182,6 +182,10 @@ def _print_study(study, name: str, storage: str | None) -> None:
     from ..report import front
 
     best = max(front(study), key=lambda t: t.mean, default=None)  # as the report picks it
+    if best is None and finished:
+        from ..report.tables import no_best
+
+        print(no_best(study))
     if best is not None:
         scores = ", ".join(f"{k} {v:.3f}" for k, v in best.scores.items())
         tag = f" ({best.baseline})" if best.baseline else ""

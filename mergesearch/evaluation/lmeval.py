@@ -245,7 +245,10 @@ class LMEvalBackend:
                 "acc",
                 split,
                 np.array([float(s["acc"]) for s in samples]),
-                extra={"acc_norm": np.array([float(s["acc_norm"]) for s in samples])},
+                extra={
+                    "acc_norm": np.array([float(s["acc_norm"]) for s in samples]),
+                    "loglikelihood": [_gold_loglikelihood(s) for s in samples],
+                },
             )
         res.seconds = time.perf_counter() - t0
         return res

@@ -11,7 +11,7 @@ import optuna
 import pandas as pd
 
 from ..search import Bench
-from ..search.trials import TrialRecord, records
+from ..search.trials import SCREENED_FITNESS, TrialRecord, records
 from .files import atomic
 from .scoring import Scored
 from .tables import objective_names
@@ -101,7 +101,18 @@ def plots(
 
     fig, ax = plt.subplots(figsize=(8, 4))
     means = [t.mean for t in done]
-    ax.scatter([t.number for t in done], means, s=10, c="#777", label="complete (mean of objectives)")
+    screened = [t.fitness == SCREENED_FITNESS for t in done]
+    if any(screened):  # screen-then-confirm: estimates apart from whole-split scores
+        est = [(t.number, m) for t, m, e in zip(done, means, screened) if e]
+        ax.scatter(*zip(*est), s=8, c="#bbb", label="screened (estimate from a few examples)")
+    whole = [(t.number, m) for t, m, e in zip(done, means, screened) if not e]
+    if whole:
+        ax.scatter(
+            *zip(*whole),
+            s=12,
+            c="#444" if any(screened) else "#777",
+            label="confirmed (whole search split)" if any(screened) else "complete (mean of objectives)",
+        )
     known = [(t.number, m) for t, m in zip(done, means) if t.baseline]
     if known:
         ax.scatter(
@@ -127,9 +138,10 @@ def plots(
     failed = [t.number for t in trials if t.state == State.FAIL]
     if failed:
         ax.scatter(failed, [0.0] * len(failed), s=14, marker="v", c="C3", label="failed")
-    ax.plot(
-        [t.number for t in done], np.maximum.accumulate(means) if means else [], c="C3", label="best so far"
-    )
+    if whole:  # an estimate is never the best: the running best is over whole-split scores
+        xs, ys = zip(*whole)
+        ax.step(list(xs) + [done[-1].number], list(np.maximum.accumulate(ys)) + [max(ys)], where="post",
+                c="C3", label="best so far")  # fmt: skip
     ax.set_xlabel("trial")
     ax.set_ylabel("mean search score")
     ax.legend(fontsize=7)

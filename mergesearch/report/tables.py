@@ -84,8 +84,22 @@ def front(s: optuna.Study) -> list[TrialRecord]:
 def best_trial(s: optuna.Study) -> TrialRecord:
     f = front(s)
     if not f:
-        raise MergeSearchError(f"study {s.study_name!r} has no completed trial yet; run more trials")
+        raise MergeSearchError(no_best(s))
     return max(f, key=lambda t: t.mean)
+
+
+def no_best(s: optuna.Study) -> str:
+    """Why a study has no best trial: nothing finished, or (screening) nothing confirmed."""
+    refs = sorted(
+        {r for t in records(s, (State.COMPLETE,)) if t.screen for r in t.screen["reference"].values()}
+    )
+    if refs:
+        return (
+            f"study {s.study_name!r} has no confirmed trial: its candidates were screened against "
+            f"{', '.join(refs)} (confirmed in another study on this storage) and none beat it; that "
+            "trial stays the best: report its study, or run more trials here"
+        )
+    return f"study {s.study_name!r} has no completed trial yet; run more trials"
 
 
 def cost(s: optuna.Study, df: pd.DataFrame) -> dict[str, Any]:
