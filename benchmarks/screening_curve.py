@@ -127,13 +127,16 @@ def main() -> None:
             s = studies[name]
             only = [t for t in records(s) if t.fitness == SCREENED_FITNESS and t.values is not None]
             pick = np.random.default_rng(0).choice(len(only), size=min(args.audit, len(only)), replace=False)
-            est, own, truth = [], [], []
+            by_number = {t.number: t for t in records(s)}
+            est, own, truth, beat = [], [], [], 0
             for i in sorted(pick):
                 t = only[i]
+                ref = by_number[int(next(iter(t.screen["reference"].values())).split()[-1])]
                 res, _ = bench.score(parse_recipes(t.recipe), "search", bench.space.whole)
                 truth.append(float(bench.objective_value({k: v.value for k, v in res.items()})))
                 est.append(t.values[0])
                 own.append(float(bench.objective_value(t.screen["unpaired"])))
+                beat += truth[-1] > ref.values[0]  # an improvement the screen did not send on
                 print(f"audit {name} trial {t.number}: paired {est[-1]:.3f} unpaired {own[-1]:.3f} "
                       f"whole split {truth[-1]:.3f}", flush=True)  # fmt: skip
 
@@ -142,7 +145,8 @@ def main() -> None:
                 return {"mean_error": float(err.mean()), "rmse": float(np.sqrt((err**2).mean())),
                         "rank_correlation": spearman(x, truth)}  # fmt: skip
 
-            d["audit"] = {"candidates": len(est), "paired": quality(est), "unpaired": quality(own)}
+            d["audit"] = {"candidates": len(est), "paired": quality(est), "unpaired": quality(own),
+                          "beat_their_incumbent": beat}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     import pandas as pd
 

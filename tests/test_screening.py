@@ -226,3 +226,19 @@ def test_confirmation_chunks_double_and_cover_the_rest_once():
     assert [len(p) for p in parts] == [8, 16, 32, 56]
     assert sum(parts, []) == rest
     assert sc.chunks([], 8) == []
+
+
+def test_population_sets_the_samplers_generation(tmp_path):
+    from mergesearch.errors import MergeSearchError
+    from mergesearch.search.samplers import make_sampler
+
+    p = write_space(tmp_path, method="task_arithmetic", parameters={"weight": [0, 1]}, population=28)
+    space = load_space(p)
+    assert space.population == 28
+    assert make_sampler(space, "cmaes", 0, False, 100)._popsize == 28
+    assert make_sampler(space, "nsga2", 0, True, 100)._population_size == 28
+    base = load_space(write_space(tmp_path, method="task_arithmetic", parameters={"weight": [0, 1]}))
+    assert make_sampler(base, "cmaes", 0, False, 100)._popsize is None  # CMA-ES's own default
+    assert base.fingerprint() != space.fingerprint()
+    with pytest.raises(MergeSearchError, match="population"):
+        load_space(write_space(tmp_path, population=1))

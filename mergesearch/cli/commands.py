@@ -112,10 +112,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         placement=args.placement,
         set_budget=args.set_budget,
         gradient_seconds=args.gradient,
+        patience=args.patience,
         resolve=resolve_model,
         log=_log(args),
     )
-    _print_study(study, name, args.storage)
+    _print_study(study, name, args.storage, space, args.patience)
     if args.storage is None:
         print(f"storage: {study_dir(name) / 'study.db'}")
     return 0
@@ -140,7 +141,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         resolve=resolve_model,
         log=_log(args),
     )
-    _print_study(study, args.study, args.storage)
+    _print_study(study, args.study, args.storage, space)
     return 0
 
 
@@ -153,10 +154,11 @@ def _log(args: argparse.Namespace):
     return (lambda m: None) if args.quiet else (lambda m: print(m, flush=True))
 
 
-def _print_study(study, name: str, storage: str | None) -> None:
-    """What the search did and what to run next."""
+def _print_study(study, name: str, storage: str | None, space=None, patience: int | None = None) -> None:
+    """What the search did, whether it converged, and what to run next."""
     import optuna
 
+    from ..search.convergence import convergence
     from ..search.trials import StudyAttr, records
 
     trials = records(study)
@@ -175,7 +177,12 @@ def _print_study(study, name: str, storage: str | None) -> None:
     )
     budget = study.user_attrs.get(StudyAttr.BUDGET)
     finished = sum(s.is_finished() for s in states)
-    if budget and finished < budget:
+    patience = (space.patience if space is not None else 0) if patience is None else patience
+    weights = dict(space.task_weights) if space is not None and space.objective == "mean" else None
+    conv = convergence(trials, patience, weights)
+    if conv.converged:
+        print(conv.line())
+    elif budget and finished < budget:
         print(
             f"stopped before the budget ({finished} of {budget} trials finished): run the same command to go on"
         )

@@ -213,6 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     se.add_argument("--timeout", type=seconds, default=None, help="stop after this many seconds")
     se.add_argument(
+        "--patience",
+        type=whole(0),
+        default=None,
+        help="stop once the study has converged: no gain of its best whole-split score beyond the "
+        "noise (the score's standard error) in this many finished trials; the budget and --timeout still "
+        "stop it first. 0 runs to the budget (a converged study goes on) (default: the space's patience, "
+        "else 0)",
+    )
+    se.add_argument(
         "--gradient",
         type=seconds,
         default=None,

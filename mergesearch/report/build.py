@@ -15,6 +15,7 @@ from typing import Any
 from ..evaluation import weighted_mean
 from ..search import MERGE_SEED, Bench, resolve_folder, space_of, study_dir
 from ..search.bench import Resolver
+from ..search.convergence import REPORT_PATIENCE, convergence
 from ..search.known_recipes import BASELINES, baseline_recipe
 from ..search.trials import records
 from .export import trial_recipes
@@ -80,6 +81,7 @@ def report(
     tuned = rescore.tuned_scalar(space.dtype)
     ceiling = rescore.ceiling()
 
+    conv = convergence(trials, space.patience or REPORT_PATIENCE, weights)
     summary: dict[str, Any] = {
         "study": study,
         "trials": len(trials),
@@ -92,6 +94,17 @@ def report(
         "merge_seed": MERGE_SEED,
         "specialist_ceiling": ceiling,
         "cost": cost(s, df),
+        "convergence": {
+            "converged": conv.converged,
+            "patience": conv.patience,
+            "patience_from": "space" if space.patience else "report default",
+            "last_gain_trial": conv.best_trial,
+            "trials_since": conv.since,
+            "noise": conv.noise,
+            "gain_recent": conv.gain_recent,
+            "gain_second_half": conv.gain_second_half,
+            "line": conv.line(),
+        },
         **({"task_weights": weights} if weights else {}),
         **({"merge_orders": orders} if orders else {}),
         "candidates": [],

@@ -60,16 +60,34 @@ def verdict(summary: dict) -> list[str]:
     return lines
 
 
+def convergence_lines(c: dict | None) -> list[str]:
+    """Whether the study converged or stopped on its budget, and what more trials bought lately."""
+    if not c:
+        return []
+    rule = (
+        f"patience {c['patience']}" + ("" if c["patience_from"] == "space" else ", the report's default: the space sets none")
+    )
+    more = (
+        "more trials would likely buy less than the noise"
+        if c["converged"]
+        else "it stopped on its budget, not converged: more trials may still pay"
+    )
+    return [f"Convergence ({rule}): {c['line']}; {more}.", ""]
+
+
 def screening_line(c: dict) -> str:
     """What screen-then-confirm spent, and how well the screen ranked what it sent on."""
-    rho = c["rank_correlation"]
+    def rho(x: float) -> str:
+        return "n/a (fewer than 3)" if x != x else f"{x:+.2f}"
+
     return (
         f" Screen, then confirm: {c['screened']} candidates screened ({c['screen_examples_per_trial']:.0f} examples "
         f"each), {c['confirmed']} confirmed on the whole search split ({c['examples_confirmed']} examples, "
         f"{c['examples_screened_only']} on candidates only screened). Screen estimate vs confirmed score, "
         f"rank correlation over the {c['confirmed_after_screen']} screened then confirmed: "
-        + ("n/a (fewer than 3)" if rho != rho else f"{rho:+.2f}")
-        + "; only confirmed scores are reported as the best."
+        f"{rho(c['rank_correlation'])}; over the {c.get('raced', 0)} the screen sent on (confirmed, or stopped "
+        f"on the way on more examples): {rho(c.get('rank_correlation_raced', float('nan')))}. "
+        "Only confirmed scores are reported as the best."
     )
 
 
@@ -130,6 +148,7 @@ def markdown(summary: dict, plots: dict[str, str], best: TrialRecord, bench: Ben
         )
         + (screening_line(c["screening"]) if "screening" in c else ""),
         "",
+        *convergence_lines(summary.get("convergence")),
         "The gap column is search mean minus test mean: how much a candidate's search score overstates "
         "what it does on examples the search never saw.",
         "",

@@ -143,6 +143,9 @@ def screening_summary(trials: list[TrialRecord]) -> dict[str, Any]:
     confirmed = [t for t in trials if t.fitness == CONFIRMED_FITNESS]
     screened = [t for t in trials if t.screen]
     pairs = [(t.screen["value"], t.mean) for t in confirmed if t.screen]
+    # sent on by the screen, confirmed or stopped on the way: the screen's estimate against the
+    # value on more examples (the whole split, or the race's refined estimate)
+    raced = [(t.screen["value"], t.mean) for t in screened if sum(t.examples.values()) > sum(t.screen["examples"].values())]
     return {
         "screened": len(screened),
         "confirmed": len(confirmed),
@@ -153,4 +156,6 @@ def screening_summary(trials: list[TrialRecord]) -> dict[str, Any]:
         "examples_screened_only": int(sum(sum(t.examples.values()) for t in trials if t.fitness == SCREENED_FITNESS)),
         "examples_confirmed": int(sum(sum(t.examples.values()) for t in confirmed)),
         "rank_correlation": spearman([p[0] for p in pairs], [p[1] for p in pairs]),
+        "raced": len(raced),
+        "rank_correlation_raced": spearman([p[0] for p in raced], [p[1] for p in raced]),
     }

@@ -12,6 +12,7 @@ from ..errors import MergeSearchError
 from . import interrupts
 from .bench import Bench, Resolver, resolve_folder
 from .objective import Objective
+from .convergence import convergence
 from .samplers import NoRepeats, make_sampler, process_seed, worker_id
 from .space import SearchSpace
 from .storage import artifact_store, os_error_within, study_dir
@@ -46,6 +47,7 @@ def run_search(
     worker: bool = False,
     set_budget: bool = False,
     gradient_seconds: float | None = None,
+    patience: int | None = None,
     log=lambda msg: None,
 ) -> optuna.Study:
     """Create or resume a study and run trials until its budget is used. `log` receives a line
@@ -61,6 +63,9 @@ def run_search(
     (folders only by default; the CLI and the demo pass `sources.resolve_model`, which knows the zoos).
     `placement`: where the inputs live (`candidates/placement.py`), over the space's key; `auto`
     chooses from free memory, and the choice is logged and recorded on every trial.
+    `patience` (over the space's; 0 = off): stop once the study has converged (`convergence.py`):
+    no gain beyond the noise in that many finished trials, whichever comes first of it, the budget
+    and the timeout.
     """
     study_name = study or space.name
     study_dir(study_name)  # a bad name fails before anything is loaded
@@ -115,10 +120,18 @@ def run_search(
     )
     if todo <= 0:
         return s
+    patience = space.patience if patience is None else patience
+    weights = dict(space.task_weights) if space.objective == "mean" else None
+    if patience and convergence(records(s), patience, weights).converged:
+        log(f"study {study_name}: {convergence(records(s), patience, weights).line()}; nothing to run "
+            "(--patience 0 runs it on to its budget)")  # fmt: skip
+        return s
     bar = Progress(
         todo,
         timeout or space.timeout,
         progress,
+        patience=patience,
+        weights=weights,
         best=max(
             (t.mean for t in records(s, (State.COMPLETE,)) if t.fitness != SCREENED_FITNESS), default=-math.inf
         ),
@@ -166,7 +179,7 @@ def _optimize(
 
     def stop_at_budget(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         fail_dead_trials(study)  # a killed worker's trial is released within one trial's time
-        if finished(study) >= target:
+        if finished(study) >= target or bar.converged:
             study.stop()
 
     # Failed trials are reported by Failures, not by Optuna's warning with a traceback per trial.
@@ -220,11 +233,21 @@ class Failures:
 
 
 class Progress:
-    """A progress bar over trials with the best mean score so far and the time left."""
+    """A progress bar over trials with the best mean score so far, the trials since the last gain
+    beyond the noise (with a patience) and the time left; it also says when the study converged."""
 
-    def __init__(self, total: int, timeout: float | None, enabled: bool, best: float = -math.inf) -> None:
+    def __init__(
+        self,
+        total: int,
+        timeout: float | None,
+        enabled: bool,
+        best: float = -math.inf,
+        patience: int = 0,
+        weights: dict[str, float] | None = None,
+    ) -> None:
         from tqdm.auto import tqdm
 
+        self.patience, self.weights, self.converged = patience, weights, False
         self.bar = tqdm(total=total, desc="trials", unit="trial", disable=not enabled)
         self.best = best  # over the whole study: a resume starts from the trials already run
         self.t0 = time.perf_counter()
@@ -240,6 +263,10 @@ class Progress:
             post["last"] = f"merge {t.merge_seconds:.1f}s eval {t.eval_seconds or 0:.1f}s {n} ex" + (
                 f" {t.fitness}" if t.fitness else ""
             )
+        if self.patience:  # how close the study is to converging (convergence.py)
+            c = convergence(records(study), self.patience, self.weights)
+            self.converged = c.converged
+            post["no gain"] = f"{min(c.since, self.patience)}/{self.patience}"
         if self.timeout:
             post["time left"] = f"{max(0, self.timeout - (time.perf_counter() - self.t0)):.0f}s"
         self.bar.set_postfix(post)

@@ -39,9 +39,13 @@ def make_sampler(
         why = cmaes_cannot_search(space)
         if why:
             raise MergeSearchError(f"{why}; use --sampler tpe")
-        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=len(BASELINES) + 1)
+        return optuna.samplers.CmaEsSampler(
+            seed=seed, n_startup_trials=len(BASELINES) + 1, popsize=space.population
+        )
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(8, min(50, trials // 8)))
+        return optuna.samplers.NSGAIISampler(
+            seed=seed, population_size=space.population or max(8, min(50, trials // 8))
+        )
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=10)
     if name == "gp":

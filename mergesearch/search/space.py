@@ -74,6 +74,11 @@ class SearchSpace:
     # unless it names anchors or several fidelity rungs. Then `fidelity` is [N], the whole split it
     # confirms on, or empty: every search example.
     screening: dict[str, int] | None = None
+    # stop once converged: no gain beyond the noise in this many finished trials (convergence.py);
+    # 0: run to the trial budget. Not part of the fingerprint, like the budget
+    patience: int = 0
+    # CMA-ES's popsize or NSGA-II's population_size; None: theirs (CMA-ES 4 + 3 ln d) or trials/8
+    population: int | None = None
     screening_asked: bool = False  # written in the space (an error where it cannot work), not defaulted
     baselines: bool = True
     seed: int = 0
@@ -112,10 +117,12 @@ class SearchSpace:
             "gradient_steps",
             "placement",
             "screening_asked",
+            "patience",
         ):
             d.pop(k)
-        if d["screening"] is None:  # studies made before the key existed keep their print
-            d.pop("screening")
+        for k in ("screening", "population"):  # studies made before the keys existed keep their print
+            if d[k] is None:
+                d.pop(k)
         if d["search_order"]:  # the default: studies made before the key existed keep their print
             d.pop("search_order")
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

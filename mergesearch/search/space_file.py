@@ -33,6 +33,8 @@ KEYS = {
     "fidelity",
     "anchors",
     "screening",
+    "population",
+    "patience",
     "baselines",
     "seed",
     "dtype",
@@ -233,6 +235,10 @@ def space_from_dict(d: dict, p: Path | None = None) -> SearchSpace:
                 f"{where}: anchors and several fidelity rungs are two ways to spend fewer examples; "
                 "use one (with anchors, give fidelity: [N], the search examples per task of the reference trials)"
             )
+    patience = int(number(d.get("patience", 0), f"{where}: patience", whole=True, minimum=0))
+    population = d.get("population")
+    if population is not None:
+        population = int(number(population, f"{where}: population", whole=True, minimum=2))
     screening = _screening(d, fid, where)
     if screening is None and not fid:
         fid = [50, 200]  # rungs, as before screening was the default
@@ -268,6 +274,8 @@ def space_from_dict(d: dict, p: Path | None = None) -> SearchSpace:
         anchors=dict(anchors) if anchors else None,
         screening=screening,
         screening_asked="screening" in d,
+        population=population,
+        patience=patience,
         baselines=bool(d.get("baselines", True)),
         seed=seed,
         dtype=dtype,
