@@ -54,9 +54,13 @@ def main() -> None:
     from mergesearch.sources import resolve_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--study", action="append", required=True, help="NAME=PATH/TO/study.db (first: full fidelity)")
+    ap.add_argument(
+        "--study", action="append", required=True, help="NAME=PATH/TO/study.db (first: full fidelity)"
+    )
     ap.add_argument("--out", type=Path, required=True, help="folder for curve.csv, curve.png, summary.json")
-    ap.add_argument("--audit", type=int, default=0, help="screened-only candidates to score on the whole search split")
+    ap.add_argument(
+        "--audit", type=int, default=0, help="screened-only candidates to score on the whole search split"
+    )
     ap.add_argument("--fractions", type=int, nargs="*", default=[20, 50],
                     help="also compare the incumbent each study had after 1/k of the full study's examples")  # fmt: skip
     args = ap.parse_args()
@@ -95,7 +99,9 @@ def main() -> None:
             "final_test": finals[name].test_mean,
             "incumbents": len(steps),
             "confirmed": len([t for t in done if t.fitness == "confirmed"]),
-            "screen_examples_per_trial": float(np.mean([sum(t.screen["examples"].values()) for t in screened]))
+            "screen_examples_per_trial": float(
+                np.mean([sum(t.screen["examples"].values()) for t in screened])
+            )
             if screened
             else None,
             "confirmation_examples_per_confirmed": float(
@@ -140,7 +146,7 @@ def main() -> None:
                 print(f"audit {name} trial {t.number}: paired {est[-1]:.3f} unpaired {own[-1]:.3f} "
                       f"whole split {truth[-1]:.3f}", flush=True)  # fmt: skip
 
-            def quality(x):
+            def quality(x, truth=truth):
                 err = np.array(x) - np.array(truth)
                 return {"mean_error": float(err.mean()), "rmse": float(np.sqrt((err**2).mean())),
                         "rank_correlation": spearman(x, truth)}  # fmt: skip

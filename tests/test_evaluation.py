@@ -157,7 +157,9 @@ def test_native_matches_lm_eval_example_by_example(zoo):
     assert mc_lm.scores.tolist() == mc_native.scores.tolist()
     assert mc_lm.extra["acc_norm"].tolist() == mc_native.extra["acc_norm"].tolist()
     # the gold choice's log-likelihood, which the verdict matrix keeps beside the verdict
-    np.testing.assert_allclose(mc_native.extra["loglikelihood"], mc_lm.extra["loglikelihood"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        mc_native.extra["loglikelihood"], mc_lm.extra["loglikelihood"], rtol=1e-4, atol=1e-4
+    )
 
 
 def test_a_record_with_an_empty_field_is_refused_not_rendered_as_none(tmp_path):

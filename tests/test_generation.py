@@ -352,6 +352,23 @@ def test_lm_eval_task_splits_are_disjoint_seeded_and_limits_are_prefixes(zoo, tm
     assert test.n == 12 and 0 < full.value and 0 < test.value  # the add specialist solves these
 
 
+def lm_eval_space(zoo, task, **over) -> dict:
+    """A small task-arithmetic space on the demo zoo whose fitness is the lm-eval task `task`."""
+    return {
+        "base": str(zoo.models["base"]),
+        "models": [str(zoo.models["add"]), str(zoo.models["reverse"])],
+        "method": "task_arithmetic",
+        "granularity": "model",
+        "parameters": {"weight": [0.0, 1.5]},
+        "tasks": [str(task)],
+        "objective": "mean",
+        "trials": 4,
+        "baselines": False,
+        "sampler": "random",
+        **over,
+    }
+
+
 @pytest.mark.e2e
 def test_search_and_report_with_an_lm_eval_task(zoo, tmp_path):
     """lm-eval as the fitness of a real study: the split recorded, rungs as sample limits, the
@@ -360,20 +377,7 @@ def test_search_and_report_with_an_lm_eval_task(zoo, tmp_path):
     import yaml
 
     task = _add_lm_eval_task(tmp_path, 24)
-    space = {
-        "name": "lmfit",
-        "base": str(zoo.models["base"]),
-        "models": [str(zoo.models["add"]), str(zoo.models["reverse"])],
-        "method": "task_arithmetic",
-        "granularity": "model",
-        "parameters": {"weight": [0.0, 1.5]},
-        "tasks": [str(task)],
-        "objective": "mean",
-        "fidelity": [4, 12],
-        "trials": 4,
-        "baselines": False,
-        "sampler": "random",
-    }
+    space = lm_eval_space(zoo, task, name="lmfit", fidelity=[4, 12])
     (tmp_path / "lmfit.yaml").write_text(yaml.safe_dump(space))
     r = _cli(tmp_path, "search", "lmfit.yaml", "-q")
     assert r.returncode == 0, r.stderr[-3000:]

@@ -73,7 +73,9 @@ def test_the_paired_estimate_is_unbiased_and_exact_once_everything_is_scored():
     part = []
     for s in range(2000):
         chunk = np.random.default_rng(s).permutation(rest)[:20].tolist()
-        part.append(sc.estimate({j: cand[j] for j in screen + chunk}, ref, ref_score, screen, pi, chunk).value)
+        part.append(
+            sc.estimate({j: cand[j] for j in screen + chunk}, ref, ref_score, screen, pi, chunk).value
+        )
     assert np.mean(part) == pytest.approx(truth, abs=4 * np.std(part) / np.sqrt(len(part)))
 
 
@@ -186,23 +188,10 @@ def test_an_lm_eval_task_is_screened_by_lm_evals_own_documents(zoo, tmp_path, re
     """Screening with an lm-eval task as the fitness: the screened documents' verdicts are those
     lm-eval gives the same documents when it scores the whole search split."""
     from mergesearch.recipe import parse_recipes
-    from tests.test_generation import _add_lm_eval_task
+    from tests.test_generation import _add_lm_eval_task, lm_eval_space
 
     task = _add_lm_eval_task(tmp_path, 24)
-    space = {
-        "name": "lmscr",
-        "base": str(zoo.models["base"]),
-        "models": [str(zoo.models["add"]), str(zoo.models["reverse"])],
-        "method": "task_arithmetic",
-        "granularity": "model",
-        "parameters": {"weight": [0.0, 1.5]},
-        "tasks": [str(task)],
-        "objective": "mean",
-        "screening": {"examples": 4},
-        "trials": 4,
-        "baselines": False,
-        "sampler": "random",
-    }
+    space = lm_eval_space(zoo, task, name="lmscr", screening={"examples": 4})
     (tmp_path / "lmscr.yaml").write_text(yaml.safe_dump(space))
     sp = load_space(tmp_path / "lmscr.yaml")
     s = search(sp, study="lmscr", storage=f"sqlite:///{tmp_path / 'l.db'}", progress=False)

@@ -199,7 +199,9 @@ class NativeEvaluator:
                 ll.append(float(steps.gather(-1, gold[:, None]).sum()))
         return np.array(out), ll
 
-    def multiple_choice(self, examples: list[Example], task: Task) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    def multiple_choice(
+        self, examples: list[Example], task: Task
+    ) -> tuple[np.ndarray, np.ndarray, list[float]]:
         """Per example: acc, acc_norm (lm-eval's), and the gold choice's log-likelihood."""
         flat = []
         for e, ex in enumerate(examples):
@@ -280,9 +282,7 @@ class NativeEvaluator:
             return TaskResult(task.name, "exact_match", split, verdicts, extra={"loglikelihood": ll})
         if task.metric == "multiple_choice":
             acc, acc_norm, ll = self.multiple_choice(examples, task)
-            return TaskResult(
-                task.name, "acc", split, acc, extra={"acc_norm": acc_norm, "loglikelihood": ll}
-            )
+            return TaskResult(task.name, "acc", split, acc, extra={"acc_norm": acc_norm, "loglikelihood": ll})
         nll, counts = self.perplexity(examples)
         return TaskResult(task.name, "perplexity", split, nll, weights=counts)
 

@@ -64,8 +64,8 @@ def convergence_lines(c: dict | None) -> list[str]:
     """Whether the study converged or stopped on its budget, and what more trials bought lately."""
     if not c:
         return []
-    rule = (
-        f"patience {c['patience']}" + ("" if c["patience_from"] == "space" else ", the report's default: the space sets none")
+    rule = f"patience {c['patience']}" + (
+        "" if c["patience_from"] == "space" else ", the report's default: the space sets none"
     )
     more = (
         "more trials would likely buy less than the noise"
@@ -77,6 +77,7 @@ def convergence_lines(c: dict | None) -> list[str]:
 
 def screening_line(c: dict) -> str:
     """What screen-then-confirm spent, and how well the screen ranked what it sent on."""
+
     def rho(x: float) -> str:
         return "n/a (fewer than 3)" if x != x else f"{x:+.2f}"
 

@@ -70,8 +70,12 @@ def front(s: optuna.Study) -> list[TrialRecord]:
             sign = 1 if s.direction == optuna.study.StudyDirection.MAXIMIZE else -1
             trials = [max(pool, key=lambda t: (sign * t.values[0], -t.number))] if pool else []
         else:
-            dirs = ["maximize" if d == optuna.study.StudyDirection.MAXIMIZE else "minimize" for d in s.directions]
-            trials = [t for t in pool if not any(dominates(list(o.values), list(t.values), dirs) for o in pool)]
+            dirs = [
+                "maximize" if d == optuna.study.StudyDirection.MAXIMIZE else "minimize" for d in s.directions
+            ]
+            trials = [
+                t for t in pool if not any(dominates(list(o.values), list(t.values), dirs) for o in pool)
+            ]
     elif len(s.directions) > 1:
         trials = [r for r in map(TrialRecord.of, s.best_trials) if r.feasible is not False]
     elif done:
@@ -145,7 +149,11 @@ def screening_summary(trials: list[TrialRecord]) -> dict[str, Any]:
     pairs = [(t.screen["value"], t.mean) for t in confirmed if t.screen]
     # sent on by the screen, confirmed or stopped on the way: the screen's estimate against the
     # value on more examples (the whole split, or the race's refined estimate)
-    raced = [(t.screen["value"], t.mean) for t in screened if sum(t.examples.values()) > sum(t.screen["examples"].values())]
+    raced = [
+        (t.screen["value"], t.mean)
+        for t in screened
+        if sum(t.examples.values()) > sum(t.screen["examples"].values())
+    ]
     return {
         "screened": len(screened),
         "confirmed": len(confirmed),
@@ -153,7 +161,9 @@ def screening_summary(trials: list[TrialRecord]) -> dict[str, Any]:
         "screen_examples_per_trial": float(np.mean([sum(t.screen["examples"].values()) for t in screened]))
         if screened
         else float("nan"),
-        "examples_screened_only": int(sum(sum(t.examples.values()) for t in trials if t.fitness == SCREENED_FITNESS)),
+        "examples_screened_only": int(
+            sum(sum(t.examples.values()) for t in trials if t.fitness == SCREENED_FITNESS)
+        ),
         "examples_confirmed": int(sum(sum(t.examples.values()) for t in confirmed)),
         "rank_correlation": spearman([p[0] for p in pairs], [p[1] for p in pairs]),
         "raced": len(raced),

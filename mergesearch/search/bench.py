@@ -203,7 +203,11 @@ class Bench:
         last fidelity rung where it gives one, else every search example."""
         out = {}
         for t in self.tasks:
-            n = len(self.task_splits[t.name]["search"]) if t.lm_eval is not None else len(t.examples("search"))
+            n = (
+                len(self.task_splits[t.name]["search"])
+                if t.lm_eval is not None
+                else len(t.examples("search"))
+            )
             out[t.name] = min(n, self.space.whole) if self.space.whole else n
         return out
 
@@ -219,12 +223,13 @@ class Bench:
     def evaluate(
         self, split: str = "search", limit: int | None = None, indices: dict[str, list[int]] | None = None
     ) -> tuple[dict[str, TaskResult], float]:
-        """Score the live model on every task (the first `limit` examples, or each task's
-        `indices`); returns per-task results and the seconds it took."""
+        """Score the live model on every task (the first `limit` examples), or on each task's
+        `indices` (a task given none is left out); returns per-task results and the seconds it took."""
         t0 = time.perf_counter()
         results = {
-            t.name: self.evaluator.evaluate(t, split, limit, indices[t.name] if indices else None)
+            t.name: self.evaluator.evaluate(t, split, limit, indices[t.name] if indices is not None else None)
             for t in self.tasks
+            if indices is None or indices.get(t.name)
         }
         return results, time.perf_counter() - t0
 

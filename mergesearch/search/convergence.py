@@ -71,11 +71,11 @@ class Convergence:
         )
 
 
-def convergence(trials: list[TrialRecord], patience: int, weights: dict[str, float] | None = None) -> Convergence:
+def convergence(
+    trials: list[TrialRecord], patience: int, weights: dict[str, float] | None = None
+) -> Convergence:
     """The criterion above over a study's trials (any order; in trial-number order here)."""
-    done = sorted(
-        (t for t in trials if t.state in (State.COMPLETE, State.PRUNED)), key=lambda t: t.number
-    )
+    done = sorted((t for t in trials if t.state in (State.COMPLETE, State.PRUNED)), key=lambda t: t.number)
     best, best_t, best_at, last_gain_at = -math.inf, None, [], -1
     delta = 0.0
     for i, t in enumerate(done):

@@ -13,7 +13,7 @@ import optuna
 from ..errors import MergeSearchError
 from ..evaluation import task_weight
 from ..recipe import dump_recipes
-from . import interrupts
+from . import interrupts, screening
 from .bench import Bench
 from .samplers import worker_id
 from .trials import (
@@ -30,7 +30,6 @@ from .trials import (
     stored,
     write,
 )
-from . import screening
 from .verdicts import loglikelihoods, verdict_strings
 
 State = optuna.trial.TrialState
@@ -157,7 +156,11 @@ class Objective:
             screening.reference_of(f"trial {t.number}", t.verdicts, sizes)
             for t in done
             if t.complete and t.fitness == CONFIRMED_FITNESS and screening.whole(t.verdicts, sizes)
-        ] or [screening.reference_of(label, v, sizes) for label, v in self._shared_rows(sizes) if screening.whole(v, sizes)]
+        ] or [
+            screening.reference_of(label, v, sizes)
+            for label, v in self._shared_rows(sizes)
+            if screening.whole(v, sizes)
+        ]
         scored: dict[str, dict[int, float]] = {t: {} for t in sizes}
         lls: dict[str, dict[int, float]] = {t: {} for t in sizes}
         eval_s = 0.0
@@ -176,10 +179,12 @@ class Objective:
             score({t: list(range(n)) for t, n in sizes.items()})
         else:
             per_task = self._reference_per_task(refs)
-            epoch = screening.seed_of(b.space.seed, per_task[b.tasks[0].name].label, len(done) // screening.REFRESH)
+            epoch = screening.seed_of(
+                b.space.seed, per_task[b.tasks[0].name].label, len(done) // screening.REFRESH
+            )
             rates = screening.population(rows, sizes)
             pis, screens = {}, {}
-            for t, n in sizes.items():
+            for t in sizes:
                 ref = per_task[t]
                 pis[t] = screening.inclusion_probabilities(
                     screening.example_rates(rates[t]), ref.verdicts[t], m
@@ -202,7 +207,10 @@ class Objective:
             if self._beats(est, refs, float(b.screening.get("confirm_sigmas", 0.0))):
                 # confirmation: the rest in random chunks, stopped once the estimate stops beating
                 rng = np.random.default_rng(screening.seed_of(b.space.seed, "confirm", trial.number))
-                rest = {t: [j for j in rng.permutation(n).tolist() if j not in screens[t]] for t, n in sizes.items()}
+                rest = {
+                    t: [j for j in rng.permutation(n).tolist() if j not in screens[t]]
+                    for t, n in sizes.items()
+                }
                 parts = {t: screening.chunks(r, m) for t, r in rest.items()}
                 steps = max(len(p) for p in parts.values())
                 chunks: dict[str, list[int]] = {t: [] for t in sizes}
@@ -231,7 +239,10 @@ class Objective:
             fitness=CONFIRMED_FITNESS if complete else SCREENED_FITNESS,
         )
         if any(lls.values()):
-            write(trial, loglikelihoods={t: [lls[t].get(j) for j in range(n)] for t, n in sizes.items() if lls[t]})
+            write(
+                trial,
+                loglikelihoods={t: [lls[t].get(j) for j in range(n)] for t, n in sizes.items() if lls[t]},
+            )
         if screen_info is not None:
             write(trial, screen=screen_info)
         return self._result(scores)
@@ -257,7 +268,9 @@ class Objective:
             for t, ref in per_task.items()
         }
 
-    def _beats(self, est: dict[str, screening.TaskEstimate], refs: list[screening.Reference], z: float = 0.0) -> bool:
+    def _beats(
+        self, est: dict[str, screening.TaskEstimate], refs: list[screening.Reference], z: float = 0.0
+    ) -> bool:
         """Whether the estimate, less z standard errors, would make a new incumbent (one
         objective: the weighted mean's standard error) or a new Pareto point (not dominated by any
         confirmed candidate; each task's own)."""

@@ -11,8 +11,8 @@ import optuna
 from ..errors import MergeSearchError
 from . import interrupts
 from .bench import Bench, Resolver, resolve_folder
-from .objective import Objective
 from .convergence import convergence
+from .objective import Objective
 from .samplers import NoRepeats, make_sampler, process_seed, worker_id
 from .space import SearchSpace
 from .storage import artifact_store, os_error_within, study_dir
@@ -133,7 +133,8 @@ def run_search(
         patience=patience,
         weights=weights,
         best=max(
-            (t.mean for t in records(s, (State.COMPLETE,)) if t.fitness != SCREENED_FITNESS), default=-math.inf
+            (t.mean for t in records(s, (State.COMPLETE,)) if t.fitness != SCREENED_FITNESS),
+            default=-math.inf,
         ),
     )
     _optimize(

@@ -34,7 +34,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SCREEN_EXAMPLES = 3  # per task, the default screen (3 vs 2 and 8: benchmarks/RESULTS.md, "Screen, then confirm")
+SCREEN_EXAMPLES = (
+    3  # per task, the default screen (3 vs 2 and 8: benchmarks/RESULTS.md, "Screen, then confirm")
+)
 CONFIRM_SIGMAS = 0.0  # confirm when the estimate beats the incumbent by this many standard errors
 REFRESH = 10  # the screen's examples are drawn again every this many finished trials
 DEFENSIVE = 0.5  # the uniform share of the screen's inclusion probabilities

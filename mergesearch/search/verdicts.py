@@ -37,7 +37,11 @@ def verdict_strings(results: dict[str, TaskResult]) -> dict[str, str]:
 
 def loglikelihoods(results: dict[str, TaskResult]) -> dict[str, list[float]]:
     """Per task scored by log-likelihood, the gold answer's log-likelihood on each example."""
-    return {n: [round(x, 4) for x in r.extra["loglikelihood"]] for n, r in results.items() if "loglikelihood" in r.extra}
+    return {
+        n: [round(x, 4) for x in r.extra["loglikelihood"]]
+        for n, r in results.items()
+        if "loglikelihood" in r.extra
+    }
 
 
 def split_fingerprint(task: Task, lm_eval_split: dict | None = None) -> str:
@@ -99,7 +103,9 @@ def comparable_rows(
         other = optuna.load_study(study_name=summary.study_name, storage=storage)
         if all(comparable(other, t, f, folders) for t, f in fingerprints.items()):
             states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-            out += [(f"{other.study_name}:{t.number}", t.verdicts) for t in records(other, states) if t.verdicts]
+            out += [
+                (f"{other.study_name}:{t.number}", t.verdicts) for t in records(other, states) if t.verdicts
+            ]
     return out
 
 
