@@ -68,7 +68,8 @@ def convergence_lines(c: dict | None) -> list[str]:
         "" if c["patience_from"] == "space" else ", the report's default: the space sets none"
     )
     more = (
-        "more trials would likely buy less than the noise"
+        "by this rule more trials are not expected to pay, but a patience of a few sampler generations "
+        "can be premature (docs/reports.md)"
         if c["converged"]
         else "it stopped on its budget, not converged: more trials may still pay"
     )

@@ -20,11 +20,13 @@ disagree. As the study moves, p_j and the reference move with it: a candidate be
 earlier trials is still scored against the best one, on the examples where it can differ.
 
 A candidate whose estimate beats the incumbent is *confirmed*: the rest of the whole split is
-scored in random chunks of m, 2m, 4m, ... examples per task, and confirmation stops early when the
-estimate (exact on every example scored, extrapolated on the rest) no longer beats the incumbent. Only a candidate
-scored on every example can become the incumbent, so the study's best is always a confirmed score.
-The sampler is told the estimate (refined by any confirmation chunks): a paired estimate, far less
-noisy than the candidate's own mean on the screened examples (see benchmarks/RESULTS.md).
+scored in random chunks of m, 2m, 4m, ... examples per task, and confirmation stops early when
+the estimate (exact on every example scored, extrapolated on the rest) no longer beats the
+incumbent. Only a candidate scored on every example can become the incumbent, so the study's best
+is always a confirmed score. The sampler is told the estimate (refined by any confirmation
+chunks): paired, it has about a third of the error of the candidate's own mean on the same
+examples. Its known weakness: a screen that sees no difference is told the incumbent's value,
+though such candidates are usually worse (benchmarks/RESULTS.md, "Screen, then confirm").
 """
 
 from __future__ import annotations
@@ -34,9 +36,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SCREEN_EXAMPLES = (
-    3  # per task, the default screen (3 vs 2 and 8: benchmarks/RESULTS.md, "Screen, then confirm")
-)
+# per task, the default screen (3 against 2 and 8: benchmarks/RESULTS.md, "Screen, then confirm")
+SCREEN_EXAMPLES = 3
 CONFIRM_SIGMAS = 0.0  # confirm when the estimate beats the incumbent by this many standard errors
 REFRESH = 10  # the screen's examples are drawn again every this many finished trials
 DEFENSIVE = 0.5  # the uniform share of the screen's inclusion probabilities
