@@ -11,7 +11,7 @@ import optuna
 from ..errors import MergeSearchError
 from . import interrupts
 from .bench import Bench, Resolver, resolve_folder
-from .convergence import convergence
+from .convergence import Convergence, convergence
 from .objective import Objective
 from .samplers import NoRepeats, make_sampler, process_seed, worker_id
 from .space import SearchSpace
@@ -120,18 +120,18 @@ def run_search(
     )
     if todo <= 0:
         return s
-    patience = space.patience if patience is None else patience
-    weights = dict(space.task_weights) if space.objective == "mean" else None
-    if patience and convergence(records(s), patience, weights).converged:
-        log(f"study {study_name}: {convergence(records(s), patience, weights).line()}; nothing to run "
-            "(--patience 0 runs it on to its budget)")  # fmt: skip
+    watch = Watch(space.patience if patience is None else patience, space)
+    watch(s)
+    if watch.converged:
+        log(
+            f"study {study_name}: {watch.state.line()}; nothing to run (--patience 0 runs it on to its budget)"
+        )
         return s
     bar = Progress(
         todo,
         timeout or space.timeout,
         progress,
-        patience=patience,
-        weights=weights,
+        watch=watch,
         best=max(
             (t.mean for t in records(s, (State.COMPLETE,)) if t.fitness != SCREENED_FITNESS),
             default=-math.inf,
@@ -144,6 +144,7 @@ def run_search(
         target,
         timeout or space.timeout,
         bar,
+        watch,
         storage or str(study_dir(study_name) / "study.db"),
     )
     return s
@@ -171,7 +172,14 @@ def _target(
 
 
 def _optimize(
-    s: optuna.Study, objective: Objective, todo: int, target: int, timeout, bar: Progress, where: str
+    s: optuna.Study,
+    objective: Objective,
+    todo: int,
+    target: int,
+    timeout,
+    bar: Progress,
+    watch: Watch,
+    where: str,
 ) -> None:
     """Optuna's loop with our callbacks: progress, a stop after repeated failures, a stop at the
     budget (shared by every worker), Ctrl-C between storage writes. `where` names the storage in
@@ -180,7 +188,7 @@ def _optimize(
 
     def stop_at_budget(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         fail_dead_trials(study)  # a killed worker's trial is released within one trial's time
-        if finished(study) >= target or bar.converged:
+        if finished(study) >= target or watch.converged:
             study.stop()
 
     # Failed trials are reported by Failures, not by Optuna's warning with a traceback per trial.
@@ -191,7 +199,7 @@ def _optimize(
                 objective,
                 n_trials=todo,
                 timeout=timeout,
-                callbacks=[bar, failures, stop_at_budget, interrupts.check],
+                callbacks=[watch, bar, failures, stop_at_budget, interrupts.check],
                 catch=(MergeSearchError,),
                 gc_after_trial=False,
             )
@@ -233,9 +241,26 @@ class Failures:
             study.stop()
 
 
+class Watch:
+    """After each trial, whether the study has converged (`convergence.py`; nothing with patience 0)."""
+
+    def __init__(self, patience: int, space: SearchSpace) -> None:
+        self.patience = patience
+        self.weights = dict(space.task_weights) if space.objective == "mean" else None
+        self.state: Convergence | None = None
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial | None = None) -> None:
+        if self.patience:
+            self.state = convergence(records(study), self.patience, self.weights)
+
+    @property
+    def converged(self) -> bool:
+        return self.state is not None and self.state.converged
+
+
 class Progress:
     """A progress bar over trials with the best mean score so far, the trials since the last gain
-    beyond the noise (with a patience) and the time left; it also says when the study converged."""
+    beyond the noise (with a patience, from `watch`) and the time left."""
 
     def __init__(
         self,
@@ -243,12 +268,11 @@ class Progress:
         timeout: float | None,
         enabled: bool,
         best: float = -math.inf,
-        patience: int = 0,
-        weights: dict[str, float] | None = None,
+        watch: Watch | None = None,
     ) -> None:
         from tqdm.auto import tqdm
 
-        self.patience, self.weights, self.converged = patience, weights, False
+        self.watch = watch
         self.bar = tqdm(total=total, desc="trials", unit="trial", disable=not enabled)
         self.best = best  # over the whole study: a resume starts from the trials already run
         self.t0 = time.perf_counter()
@@ -264,10 +288,8 @@ class Progress:
             post["last"] = f"merge {t.merge_seconds:.1f}s eval {t.eval_seconds or 0:.1f}s {n} ex" + (
                 f" {t.fitness}" if t.fitness else ""
             )
-        if self.patience:  # how close the study is to converging (convergence.py)
-            c = convergence(records(study), self.patience, self.weights)
-            self.converged = c.converged
-            post["no gain"] = f"{min(c.since, self.patience)}/{self.patience}"
+        if self.watch is not None and self.watch.state is not None:  # how close to converging
+            post["no gain"] = f"{min(self.watch.state.since, self.watch.patience)}/{self.watch.patience}"
         if self.timeout:
             post["time left"] = f"{max(0, self.timeout - (time.perf_counter() - self.t0)):.0f}s"
         self.bar.set_postfix(post)
