@@ -108,8 +108,6 @@ def seed_of(*parts) -> int:
 class TaskEstimate:
     """A task's paired estimate of a candidate's whole-split score, from the examples scored so far."""
 
-    n: int  # the task's whole search split
-    reference_score: float
     value: float  # the estimated whole-split score
     se: float  # its standard error (0 once every example is scored)
 
@@ -147,7 +145,7 @@ def estimate(
         m = len(screen)
         se = float(np.sqrt(m / (m - 1) * ((w - total / m) ** 2).sum())) if m > 1 else 0.0
     value = float(np.clip(reference_score + total / n, 0.0, 1.0))
-    return TaskEstimate(n, reference_score, value, float(se) / n)
+    return TaskEstimate(value, float(se) / n)
 
 
 def spearman(a, b) -> float:
