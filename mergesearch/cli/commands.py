@@ -226,9 +226,40 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rounds(args: argparse.Namespace) -> int:
+    from ..search import load_space
+    from ..search.rounds import run_rounds
+    from ..sources import resolve_model
+
+    space = load_space(args.space)
+    names = run_rounds(
+        space,
+        rounds=args.rounds,
+        elites=args.elites,
+        trials=args.trials,
+        timeout=args.timeout,
+        study=args.study,
+        device=args.device,
+        placement=args.placement,
+        progress=not args.quiet,
+        resolve=resolve_model,
+        log=_log(args),
+    )
+    print(f"rounds: {', '.join(names)}")
+    print(f"next: mergesearch report {names[-1]}")
+    print(f"      mergesearch export {names[-1]} --chain CHAIN   # the YAML files mergekit builds in order")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from ..report import export
+    from ..report.export import export_chain
 
+    if args.chain:
+        files = export_chain(args.study, args.chain, args.storage, trial=args.trial)
+        print(f"wrote {len(files)} recipes and build.sh into {args.chain}")
+        print(f"next: bash {args.chain}/build.sh   # mergekit-yaml on each, in order")
+        return 0
     path = export(args.study, args.storage, trial=args.trial, out=args.output, references=args.references)
     print(f"wrote {path}")
     if args.references == "space":  # zoo references: mergekit-yaml needs folders

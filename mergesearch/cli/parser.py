@@ -251,6 +251,35 @@ def build_parser() -> argparse.ArgumentParser:
     run_flags(se)
     se.set_defaults(func=c.cmd_search)
 
+    ro = sub.add_parser(
+        "rounds",
+        help="search in rounds: each round's best recipes are merged and join the next round's inputs",
+        description="Run the space as round 1 (study <name>-round1), merge its --elites best recipes "
+        "(mergekit's merge) into results/<name>-round1/elites/, and search the same space over the models "
+        "and those elites as round 2, starting from the best elite alone; and so on for --rounds. "
+        "Running the same command again resumes. Then `mergesearch report <name>-roundR`, and "
+        "`mergesearch export <name>-roundR --chain DIR` writes the YAML files mergekit builds in order.",
+    )
+    ro.add_argument("space", help="search space YAML (see search_spaces/README.md)")
+    ro.add_argument("--rounds", type=whole(1), default=2, help="number of rounds (default: 2)")
+    ro.add_argument(
+        "--elites", type=whole(1), default=2, help="best recipes of a round that join the next (default: 2)"
+    )
+    ro.add_argument(
+        "--trials", type=whole(1), default=None, help="each round's budget of trials (default: the space's)"
+    )
+    ro.add_argument(
+        "--timeout",
+        type=seconds,
+        default=None,
+        help="seconds for all rounds, shared equally by the rounds left (default: none)",
+    )
+    ro.add_argument(
+        "--study", default=None, help="the rounds' name (default: the space's); studies <name>-roundN"
+    )
+    run_flags(ro)
+    ro.set_defaults(func=c.cmd_rounds)
+
     w = sub.add_parser(
         "worker",
         help="join a running study from another process or machine",
@@ -301,6 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="how models are named: folders (this machine's paths, what mergekit-yaml runs) or space "
         "(a zoo model by its reference, e.g. smollm2:largest, as the space names it: a file to share; "
         "mergesearch merge resolves it) (default: folders)",
+    )
+    x.add_argument(
+        "--chain",
+        default=None,
+        metavar="DIR",
+        help="for a recipe that merges round elites (mergesearch rounds): write into DIR the YAML files "
+        "mergekit builds in order, the elites first, and build.sh, which runs them",
     )
     storage_flags(x, False)
     x.set_defaults(func=c.cmd_export)

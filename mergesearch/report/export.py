@@ -11,6 +11,7 @@ import optuna
 from ..errors import MergeSearchError
 from ..recipe import ZOO_REFERENCE, Recipe, dump_recipes, parse_recipes, renamed, rounded
 from ..search import MERGE_SEED, study_dir
+from ..search.rounds import elite_info, is_elite
 from ..search.trials import StudyAttr, TrialRecord, record
 from .files import atomic_text
 from .tables import best_trial, load
@@ -122,3 +123,63 @@ def export(
     path = Path(out) if out else study_dir(study) / f"trial_{t.number}.yaml"
     atomic_text(path, text)
     return path
+
+
+def export_chain(
+    study: str, out: str | Path, storage: str | None = None, *, trial: int | None = None
+) -> list[Path]:
+    """A trial's recipe (default: the best) whose models include round elites (`search/rounds.py`)
+    as the chain of mergekit YAML files that rebuilds it: one file per elite it needs, earlier
+    rounds first, each naming the elites it merges by the folder the chain builds them in, then the
+    final recipe, and `build.sh`, which runs mergekit-yaml on each in order from `out`. Returns
+    the YAML files in build order."""
+    s = load(study, storage)
+    t = best_trial(s) if trial is None else record(s, trial)
+    if t is None or t.recipe is None:
+        raise MergeSearchError(
+            f"study {study!r} has no {'best ' if trial is None else ''}trial with a recipe"
+        )
+    steps: list[tuple[str, list[Recipe], str]] = []  # (name, recipes, what made it)
+    names: dict[str, str] = {}  # an elite's folder, as recipes refer to it → its name in the chain
+
+    def visit(recipes: list[Recipe]) -> None:
+        for ref in dict.fromkeys(m for r in recipes for m in r.referenced_models()):
+            if ref in names or not is_elite(ref):
+                continue
+            info = elite_info(ref)
+            visit(parse_recipes(info["recipe"]))
+            name = info["name"]
+            if f"./{name}" in names.values():  # elites of two rounds studies with one name
+                name = f"{info['study']}-{name}"
+            names[ref] = f"./{name}"  # a path: mergekit reads a bare name as a Hub repository
+            steps.append(
+                (name, parse_recipes(info["recipe"]), f"study {info['study']}, trial {info['trial']}")
+            )
+
+    final = trial_recipes(t)
+    visit(final)
+    if not steps:
+        raise MergeSearchError(
+            f"study {study!r} trial {t.number} merges no round elites: mergesearch export writes its one file"
+        )
+    steps.append(("merged", final, f"study {study}, trial {t.number}"))
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise MergeSearchError(f"{out}: exists and is not empty; give a new folder for the chain")
+    out.mkdir(parents=True, exist_ok=True)
+    files, lines = [], []
+    for i, (name, recipes, made) in enumerate(steps, 1):
+        path = out / f"{i:02d}_{name}.yaml"
+        header = f"# mergesearch chain step {i} of {len(steps)}: {made}; builds ./{name}\n"
+        atomic_text(path, header + dump_recipes(renamed(recipes, names)))
+        files.append(path)
+        lines.append(f"mergekit-yaml {path.name} {name} --random-seed {MERGE_SEED}")
+    atomic_text(
+        out / "build.sh",
+        "#!/usr/bin/env bash\n"
+        f"# Rebuilds study {study} trial {t.number}: each step's folder is a model of the later steps.\n"
+        "set -euo pipefail\n"
+        'cd "$(dirname "$0")"\n' + "\n".join(lines) + "\n",
+    )
+    (out / "build.sh").chmod(0o755)
+    return files

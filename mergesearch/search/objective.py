@@ -19,6 +19,8 @@ from .samplers import worker_id
 from .trials import (
     ANCHOR_FITNESS,
     CONFIRMED_FITNESS,
+    ELITE,
+    ELITE_KIND,
     GRADIENT,
     GRADIENT_KIND,
     REFERENCE_FITNESS,
@@ -100,6 +102,8 @@ class Objective:
         kind = known_kind(baseline) if baseline else SEARCHED
         if stored(trial, "warm_start") == GRADIENT:
             kind = GRADIENT_KIND
+        elif stored(trial, "warm_start") == ELITE:
+            kind = ELITE_KIND
         write(trial, kind=kind)
         if baseline:
             from optuna_dashboard import save_note

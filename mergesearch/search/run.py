@@ -24,7 +24,7 @@ from .studies import (
     finished,
     record_task_splits,
 )
-from .trials import SCREENED_FITNESS, StudyAttr, TrialRecord, records
+from .trials import ELITE, SCREENED_FITNESS, StudyAttr, TrialRecord, enqueued, records
 
 State = optuna.trial.TrialState
 
@@ -48,6 +48,7 @@ def run_search(
     set_budget: bool = False,
     gradient_seconds: float | None = None,
     patience: int | None = None,
+    warm_starts: list[dict] | None = None,
     log=lambda msg: None,
 ) -> optuna.Study:
     """Create or resume a study and run trials until its budget is used. `log` receives a line
@@ -65,7 +66,8 @@ def run_search(
     chooses from free memory, and the choice is logged and recorded on every trial.
     `patience` (over the space's; 0 = off): stop once the study has converged (`convergence.py`):
     no gain beyond the noise in that many finished trials, whichever comes first of it, the budget
-    and the timeout.
+    and the timeout. `warm_starts`: points a new study runs first, after the known recipes (the
+    previous round's best elite, `rounds.py`).
     """
     study_name = study or space.name
     study_dir(study_name)  # a bad name fails before anything is loaded
@@ -109,6 +111,8 @@ def run_search(
     fail_dead_trials(s)
     if created and space.baselines:
         enqueue_known_recipes(s, bench)
+    for values in warm_starts or [] if created else []:
+        s.enqueue_trial(values, user_attrs=enqueued(warm_start=ELITE))
     if created and (gradient_seconds or space.gradient_steps):
         enqueue_gradient(s, bench, gradient_seconds, space.gradient_steps or None, log)
     objective = Objective(bench, s, multi, artifact_store(study_name), seed)

@@ -4,8 +4,10 @@ a study from running one another's candidates again."""
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import socket
+import warnings
 from typing import Any
 
 import optuna
@@ -13,9 +15,10 @@ import optuna
 from ..errors import MergeSearchError
 from .known_recipes import BASELINES
 from .space import SearchSpace
-from .trials import stored
+from .trials import SCREENED_FITNESS, TrialRecord, stored
 
 SAMPLERS = ("auto", "cmaes", "nsga2", "tpe", "gp", "random")
+CENTRES = ("middle", "best")
 
 
 def cmaes_cannot_search(space: SearchSpace) -> str | None:
@@ -39,8 +42,12 @@ def make_sampler(
         why = cmaes_cannot_search(space)
         if why:
             raise MergeSearchError(f"{why}; use --sampler tpe")
-        return optuna.samplers.CmaEsSampler(
-            seed=seed, n_startup_trials=len(BASELINES) + 1, popsize=space.population
+        return CentredCmaEs(
+            centre=space.centre,
+            trust=space.trust,
+            seed=seed,
+            n_startup_trials=len(BASELINES) + 1,
+            popsize=space.population,
         )
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(
@@ -53,6 +60,42 @@ def make_sampler(
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise MergeSearchError(f"--sampler {name!r}: use cmaes, nsga2, tpe, gp or random")
+
+
+class CentredCmaEs(optuna.samplers.CmaEsSampler):
+    """Optuna's CMA-ES, started where the space says (`centre`, `trust`).
+
+    `centre: best` puts the initial mean at the best trial scored before CMA-ES samples (the
+    known recipes and the gradient's warm start are enqueued first): refinement around the best
+    point known, and never around a gradient point worse than a known recipe. `trust` is the
+    initial step σ0 as a fraction of each range (Optuna searches the unit cube). Both only set
+    how the optimizer starts: a resumed study or another worker restores it from the storage."""
+
+    def __init__(self, *, centre: str = "middle", trust: float | None = None, **kw) -> None:
+        with warnings.catch_warnings():  # sigma0/x0: deprecated since Optuna 4.9, removed in 6
+            warnings.simplefilter("ignore", FutureWarning)
+            super().__init__(sigma0=trust, **kw)
+        self.centre = centre
+
+    def sample_relative(self, study, trial, search_space):
+        if self.centre == "best" and self._x0 is None and search_space:
+            self._x0 = centre_point(study, search_space)
+        return super().sample_relative(study, trial, search_space)
+
+
+def centre_point(study: optuna.Study, search_space: dict) -> dict[str, Any] | None:
+    """The parameters of the study's best trial scored on the whole split so far (an estimate from
+    a screen is not a point to centre on), or None when none is; a parameter the trial lacks
+    takes its range's middle."""
+    best, point = -math.inf, None
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        r = TrialRecord.of(t)
+        if r.fitness != SCREENED_FITNESS and r.values and r.mean > best:
+            best, point = r.mean, t.params
+    if point is None:
+        return None
+    # CMA-ES searches numbers only (Float/IntDistribution): clamp onto each range
+    return {k: min(max(point.get(k, (d.low + d.high) / 2), d.low), d.high) for k, d in search_space.items()}
 
 
 def worker_id() -> str:

@@ -79,6 +79,12 @@ class SearchSpace:
     patience: int = 0
     # CMA-ES's popsize or NSGA-II's population_size; None: theirs (CMA-ES 4 + 3 ln d) or trials/8
     population: int | None = None
+    # CMA-ES's start (samplers.centred_cmaes): its mean at the middle of the ranges, or at the
+    # best trial scored before it (the known recipes and the gradient's warm start); its initial
+    # step σ0 as a fraction of each range (None: Optuna's 1/6). Sampler settings, like `sampler`:
+    # not part of the fingerprint
+    centre: str = "middle"
+    trust: float | None = None
     screening_asked: bool = False  # written in the space (an error where it cannot work), not defaulted
     baselines: bool = True
     seed: int = 0
@@ -118,6 +124,8 @@ class SearchSpace:
             "placement",
             "screening_asked",
             "patience",
+            "centre",
+            "trust",
         ):
             d.pop(k)
         for k in ("screening", "population"):  # studies made before the keys existed keep their print

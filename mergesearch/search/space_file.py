@@ -10,7 +10,7 @@ from ..candidates.placement import CHOICES as PLACEMENT_CHOICES
 from ..errors import MergeSearchError
 from ..methods.registry import METHODS, UNIT_INTERVAL, get_method
 from ..yaml_files import names, number, read_mapping
-from .samplers import SAMPLERS, cmaes_cannot_search
+from .samplers import CENTRES, SAMPLERS, cmaes_cannot_search
 from .space import COMPONENTS, MODEL_PARAMS, SHARED_PARAMS, Range, SearchSpace
 
 KEYS = {
@@ -35,6 +35,8 @@ KEYS = {
     "screening",
     "population",
     "patience",
+    "centre",
+    "trust",
     "baselines",
     "seed",
     "dtype",
@@ -239,6 +241,19 @@ def space_from_dict(d: dict, p: Path | None = None) -> SearchSpace:
     population = d.get("population")
     if population is not None:
         population = int(number(population, f"{where}: population", whole=True, minimum=2))
+    centre = d.get("centre", "middle")
+    if centre not in CENTRES:
+        raise MergeSearchError(
+            f"{where}: centre {centre!r}: where CMA-ES starts; use middle (the ranges' middle) or best "
+            "(the best trial scored before it: the known recipes and the gradient's warm start)"
+        )
+    trust = d.get("trust")
+    if trust is not None:
+        trust = number(trust, f"{where}: trust", minimum=1e-6)
+        if trust > 1:
+            raise MergeSearchError(
+                f"{where}: trust {trust}: CMA-ES's initial step as a fraction of each range, in (0, 1]"
+            )
     screening = _screening(d, fid, where)
     if screening is None and not fid:
         fid = [50, 200]  # rungs, as before screening was the default
@@ -276,6 +291,8 @@ def space_from_dict(d: dict, p: Path | None = None) -> SearchSpace:
         screening_asked="screening" in d,
         population=population,
         patience=patience,
+        centre=centre,
+        trust=trust,
         baselines=bool(d.get("baselines", True)),
         seed=seed,
         dtype=dtype,
@@ -286,6 +303,13 @@ def space_from_dict(d: dict, p: Path | None = None) -> SearchSpace:
         path=p,
         raw=dict(d),
     )
+    if ("centre" in d or "trust" in d) and (
+        sampler not in ("cmaes", "auto") or objective != "mean" or cmaes_cannot_search(space)
+    ):
+        raise MergeSearchError(
+            f"{where}: centre and trust set where CMA-ES starts; this space's sampler is not CMA-ES "
+            "(it is for one objective, objective: mean, over numbers only, sampler: cmaes or auto)"
+        )
     if sampler == "cmaes" and (why := cmaes_cannot_search(space)):
         raise MergeSearchError(
             f"{where}: {why}; use tpe or auto" + ("" if len(methods) > 1 else ", or search_order: false")

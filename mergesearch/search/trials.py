@@ -22,6 +22,8 @@ State = optuna.trial.TrialState
 SEARCHED = "searched"
 GRADIENT_KIND = "gradient-learned (warm start)"
 GRADIENT = "gradient"  # the warm_start field of a gradient-learned trial
+ELITE_KIND = "previous round's best elite (warm start)"
+ELITE = "elite"  # the warm_start field of a round's first trial (rounds.py)
 REFERENCE_FITNESS, ANCHOR_FITNESS = "reference", "anchors"  # few-example fitness (anchors.py)
 # screen-then-confirm (screening.py): scored on the whole search split, or estimated from a screen
 CONFIRMED_FITNESS, SCREENED_FITNESS = "confirmed", "screened"
