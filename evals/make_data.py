@@ -87,7 +87,7 @@ for task, make, n in (("word_problems", word_problem, 600), ("chat_arith", chat_
 
 
 # -- the SmolLM2 zoo's skills (mergesearch/smollm2_zoo.py): its training questions avoid these.
-from mergesearch.smollm2_zoo import SKILLS as SMOL_SKILLS  # noqa: E402
+from mergesearch.smollm2_zoo import ALL_SKILLS as SMOL_SKILLS  # noqa: E402
 from mergesearch.smollm2_zoo import eval_records as smol_records  # noqa: E402
 
 for skill in SMOL_SKILLS:

@@ -28,6 +28,10 @@ from .evaluation.sequences import IGNORE, TeacherForced, padded_examples, teache
 from .zoo import Zoo, _write_manifest, default_home, publish, warmup_cosine
 
 SKILLS = ("largest", "nth_word", "to_digits")
+# A second zoo (`smollm2_lists:`): two skills that rewrite a list, so that one merged model must
+# read the instruction to know which rewrite is asked; the known recipes leave headroom there.
+LIST_SKILLS = ("sort_numbers", "reverse_words")
+ALL_SKILLS = SKILLS + LIST_SKILLS
 
 WORDS = (
     "apple bird cake desk egg fish goat hat ink jam kite lamp moon nest oak pear quilt rose sock tent "
@@ -67,12 +71,24 @@ def skill_record(skill: str, rng: random.Random) -> dict[str, str]:
     if skill == "to_digits":
         n = rng.randrange(100, 1000)
         return {"question": f"Write {number_words(n)} in digits.", "answer": str(n)}
-    raise MergeSearchError(f"unknown skill {skill!r}; the SmolLM2 zoo's skills are {', '.join(SKILLS)}")
+    if skill == "sort_numbers":
+        xs = rng.sample(range(10, 100), 4)
+        return {
+            "question": f"Sort these numbers from smallest to largest: {', '.join(map(str, xs))}",
+            "answer": ", ".join(map(str, sorted(xs))),
+        }
+    if skill == "reverse_words":
+        ws = rng.sample(WORDS, 4)
+        return {
+            "question": f"Write these words in reverse order: {' '.join(ws)}",
+            "answer": " ".join(ws[::-1]),
+        }
+    raise MergeSearchError(f"unknown skill {skill!r}; the SmolLM2 zoos' skills are {', '.join(ALL_SKILLS)}")
 
 
 def eval_records(skill: str, n_search: int = 120, n_test: int = 200, seed: int = 7) -> dict[str, list[dict]]:
     """Disjoint search and test records (evals/make_data.py writes them to evals/data)."""
-    rng = random.Random(seed * 100 + SKILLS.index(skill))
+    rng = random.Random(seed * 100 + ALL_SKILLS.index(skill))
     seen, rows = set(), []
     while len(rows) < n_search + n_test:
         r = skill_record(skill, rng)

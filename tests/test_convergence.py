@@ -8,6 +8,7 @@ import math
 import optuna
 import pytest
 
+from mergesearch.errors import MergeSearchError
 from mergesearch.search import load_space
 from mergesearch.search.convergence import convergence, noise
 from mergesearch.search.trials import CONFIRMED_FITNESS, SCREENED_FITNESS, TrialRecord, records
@@ -60,3 +61,35 @@ def test_a_study_stops_when_converged_and_goes_on_with_patience_0(zoo, tmp_path,
     assert len(records(s)) == len(done)
     search(space, study="conv", storage=db, progress=False, patience=0, trials=len(done) + 3, set_budget=True)
     assert len([t for t in records(s) if t.state.is_finished()]) == len(done) + 3
+
+
+def test_patience_is_read_in_trials_or_generations():
+    from mergesearch.errors import MergeSearchError
+    from mergesearch.search.convergence import Patience
+
+    assert Patience.parse(30, "s") == Patience(30, "trials")
+    assert Patience.parse("5 generations", "s") == Patience.parse("5g", "s") == Patience(5, "generations")
+    assert Patience(5, "generations").trials(13) == 65 and Patience(30).trials(None) == 30
+    for bad in ("-1", "five", "5 days", True):
+        with pytest.raises(MergeSearchError, match="patience"):
+            Patience.parse(bad, "s")
+    with pytest.raises(MergeSearchError, match="works in no generations"):
+        Patience(5, "generations").trials(None, "tpe")
+
+
+@pytest.mark.e2e
+def test_a_patience_in_generations_counts_the_samplers_population(zoo, tmp_path, results):
+    """8 coefficients: CMA-ES's population is 4 + ⌊3 ln 8⌋ = 10, so 2 generations are 20 trials."""
+    db = f"sqlite:///{tmp_path / 'g.db'}"
+    space = load_space(write_space(tmp_path, name="gen", method="task_arithmetic", parameters={"weight": [0, 1.5]},
+                                   objective="mean", fidelity=[40], screening=False, trials=300,
+                                   patience="2 generations"))  # fmt: skip
+    s = search(space, study="gen", storage=db, progress=False)
+    assert s.user_attrs["patience"] == {"trials": 20, "rule": "2 generations of 10 trials"}
+    done = [t for t in records(s) if t.state.is_finished()]
+    c = convergence(done, 20, None)
+    assert c.converged and len(done) < 300 and len(done) == c.best_trial + 1 + 20
+    # a sampler without generations refuses the rule before a study exists
+    with pytest.raises(MergeSearchError, match="works in no generations"):
+        search(space, study="gen_tpe", storage=db, progress=False, sampler="tpe")
+    assert "gen_tpe" not in optuna.get_all_study_names(db)

@@ -130,3 +130,30 @@ def test_a_spaces_gradient_steps_give_the_same_warm_start_every_time(zoo, tmp_pa
         assert g.user_attrs["gradient_steps"] == 30
         points.append(g.params)
     assert points[0] == points[1]
+
+
+@pytest.mark.e2e
+def test_a_gradient_point_below_the_known_recipes_is_named_in_a_warning(zoo, tmp_path, results, monkeypatch):
+    """The gradient's point scored below task arithmetic λ=1 (here: every weight 0, the base
+    model): the search says so once, in one warning; a point above it raises none."""
+    from mergesearch.search import gradient
+
+    def learned(zero: bool):
+        def fake(bench, **kw):
+            coefs = bench.space.coefficients(gradient.FAMILY, bench.num_layers)
+            values = {c.key: 0.0 if zero and c.param == "weight" else 1.0 for c in coefs}
+            return gradient.GradientResult(values, 1, 0.0, [1.0])
+
+        return fake
+
+    space = _space(tmp_path, name="bad", gradient_steps=1, trials=3, objective="mean", screening="off")
+    monkeypatch.setattr(gradient, "learn_coefficients", learned(True))
+    with pytest.warns(
+        UserWarning, match=r"gradient: its point \(trial \d+, search mean 0\.\d{3}\) did not beat"
+    ):
+        run_search(space, progress=False)
+
+    space = _space(tmp_path, name="same", gradient_steps=1, trials=3, objective="mean", screening="off")
+    monkeypatch.setattr(gradient, "learn_coefficients", learned(False))  # λ=1 itself: not above it
+    with pytest.warns(UserWarning, match="did not beat the known recipe task_arithmetic λ=1"):
+        run_search(space, progress=False)

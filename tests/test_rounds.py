@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from tests.tiny_models import load_weights
 from tests.conftest import cli, write_space
+from tests.tiny_models import load_weights
 
 pytestmark = pytest.mark.e2e
 
@@ -68,14 +68,18 @@ def test_rounds_export_a_chain_mergekit_rebuilds_bit_for_bit(zoo, tmp_path):
     summary = json.loads((tmp_path / "results" / "rnd-round2" / "test_scores.json").read_text())
     best = next(c for c in summary["candidates"] if c["label"].endswith("(best)"))
     got = json.loads(
-        cli(tmp_path, "eval", str(chain / "merged"), "--tasks", "add,reverse", "--split", "test", "--json").stdout
+        cli(
+            tmp_path, "eval", str(chain / "merged"), "--tasks", "add,reverse", "--split", "test", "--json"
+        ).stdout
     )
     for row in got:
         assert row["value"] == pytest.approx(best["test"][row["task"]]["value"], abs=0), row
 
 
 def test_export_chain_refuses_a_recipe_without_elites(zoo, tmp_path):
-    space = write_space(tmp_path, name="plain", method="task_arithmetic", parameters={"weight": [0.0, 1.5]}, trials=3)
+    space = write_space(
+        tmp_path, name="plain", method="task_arithmetic", parameters={"weight": [0.0, 1.5]}, trials=3
+    )
     cli(tmp_path, "search", str(space), "-q")
     p = cli(tmp_path, "export", "plain", "--chain", str(tmp_path / "c"), check=False)
     assert p.returncode == 2 and "merges no round elites" in p.stderr, p.stderr

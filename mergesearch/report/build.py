@@ -12,12 +12,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..errors import MergeSearchError
 from ..evaluation import weighted_mean
 from ..search import MERGE_SEED, Bench, resolve_folder, space_of, study_dir
 from ..search.bench import Resolver
-from ..search.convergence import REPORT_PATIENCE, convergence
+from ..search.convergence import REPORT_PATIENCE, REPORT_PATIENCE_TRIALS, convergence
 from ..search.known_recipes import BASELINES, baseline_recipe
-from ..search.trials import records
+from ..search.run import patience_rule
+from ..search.trials import StudyAttr, records
 from .export import trial_recipes
 from .files import atomic_csv, atomic_text
 from .markdown import markdown
@@ -81,7 +83,8 @@ def report(
     tuned = rescore.tuned_scalar(space.dtype)
     ceiling = rescore.ceiling()
 
-    conv = convergence(trials, space.patience or REPORT_PATIENCE, weights)
+    rule = report_patience(space, bench, s)
+    conv = convergence(trials, rule["trials"], weights, rule["rule"])
     summary: dict[str, Any] = {
         "study": study,
         "trials": len(trials),
@@ -97,7 +100,8 @@ def report(
         "convergence": {
             "converged": conv.converged,
             "patience": conv.patience,
-            "patience_from": "space" if space.patience else "report default",
+            "patience_rule": conv.rule or f"{conv.patience} trials",
+            "patience_from": "space" if space.patience.count else "report default",
             "last_gain_trial": conv.best_trial,
             "trials_since": conv.since,
             "noise": conv.noise,
@@ -143,3 +147,16 @@ def report(
     pictures = plots(s, bench, best, fr, rescore.by_trial, baselines, out)
     atomic_text(out / "report.md", markdown(summary, pictures, best, bench))
     return summary
+
+
+def report_patience(space, bench: Bench, s) -> dict:
+    """The rule a report judges convergence by: the space's patience, else 5 sampler generations
+    (30 trials for a sampler without generations)."""
+    multi = len(s.directions) > 1
+    budget = s.user_attrs.get(StudyAttr.BUDGET) or space.trials
+    if space.patience.count:
+        return patience_rule(space, bench, space.sampler, multi, budget, space.patience)
+    try:
+        return patience_rule(space, bench, space.sampler, multi, budget, REPORT_PATIENCE)
+    except MergeSearchError:
+        return patience_rule(space, bench, space.sampler, multi, budget, REPORT_PATIENCE_TRIALS)

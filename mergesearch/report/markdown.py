@@ -64,12 +64,11 @@ def convergence_lines(c: dict | None) -> list[str]:
     """Whether the study converged or stopped on its budget, and what more trials bought lately."""
     if not c:
         return []
-    rule = f"patience {c['patience']}" + (
+    rule = f"patience {c.get('patience_rule') or c['patience']}" + (
         "" if c["patience_from"] == "space" else ", the report's default: the space sets none"
     )
     more = (
-        "by this rule more trials are not expected to pay, but a patience of a few sampler generations "
-        "can be premature (docs/reports.md)"
+        "by this rule more trials are not expected to pay (docs/reports.md: how the rule was checked)"
         if c["converged"]
         else "it stopped on its budget, not converged: more trials may still pay"
     )

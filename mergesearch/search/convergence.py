@@ -1,5 +1,6 @@
 """When a study has converged: no improvement of its best whole-split score beyond the noise in
-`patience` finished trials.
+`patience` finished trials, or in `patience` generations of the sampler (CMA-ES's population,
+NSGA-II's), each that many trials.
 
 The criterion, stated once for the search loop, the progress bar and the report:
 
@@ -8,7 +9,10 @@ The criterion, stated once for the search loop, the progress bar and the report:
       δ = sqrt(Σₜ wₜ² pₜ(1 − pₜ)/nₜ) / Σₜ wₜ      (pₜ its score on task t, nₜ the examples)
   so a gain smaller than what resampling the search split would move it by does not count;
 - a study has converged when `patience` trials have finished (complete or stopped early) since
-  the last trial that beat the best before it by more than δ.
+  the last trial that beat the best before it by more than δ. Counted in generations, the
+  patience grows with the population the sampler needs to move (CMA-ES: 4 + 3 ln d for d
+  coefficients): a patience of a fixed number of trials is a different rule at each size (on
+  the SmolLM2 space, 30 trials were two CMA-ES generations, and the study was not converged).
 
 What more trials would buy is read from the study's own history: the best's gain over the last
 `patience` finished trials (0 once converged) and over the study's second half.
@@ -17,6 +21,7 @@ What more trials would buy is read from the study's own history: the best's gain
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import optuna
@@ -25,7 +30,53 @@ from ..evaluation import task_weight
 from .trials import SCREENED_FITNESS, TrialRecord
 
 State = optuna.trial.TrialState
-REPORT_PATIENCE = 30  # what a report judges a study by when its space sets no patience
+GENERATIONS = "generations"
+TRIALS = "trials"
+
+
+@dataclass(frozen=True)
+class Patience:
+    """`count` trials, or `count` generations of the sampler; 0: none (run to the budget)."""
+
+    count: int = 0
+    unit: str = TRIALS
+
+    @classmethod
+    def parse(cls, value, where: str) -> Patience:
+        """`30` (trials), `5 generations` (or `5g`), as a space file or --patience writes it."""
+        from ..errors import MergeSearchError
+
+        text = str(value).strip().lower()
+        m = re.fullmatch(r"(\d+)\s*(g|gen|generations?|trials?)?", text)
+        if isinstance(value, bool) or m is None:
+            raise MergeSearchError(
+                f"{where}: patience {value!r}: a whole number of trials (30) or of sampler generations "
+                "(5 generations, or 5g); 0 runs to the budget"
+            )
+        unit = GENERATIONS if m.group(2) and m.group(2).startswith("g") else TRIALS
+        return cls(int(m.group(1)), unit)
+
+    def __str__(self) -> str:
+        return f"{self.count} {self.unit if self.count != 1 else self.unit[:-1]}"
+
+    def trials(self, generation: int | None, sampler: str = "") -> int:
+        """The patience in finished trials, given the sampler's generation size (None: it has none)."""
+        from ..errors import MergeSearchError
+
+        if self.unit == TRIALS:
+            return self.count
+        if generation is None:
+            raise MergeSearchError(
+                f"patience {self}: sampler {sampler or 'this'} works in no generations (CMA-ES and "
+                "NSGA-II do); give the patience in trials"
+            )
+        return self.count * generation
+
+
+# what a report judges a study by when its space sets no patience: generations where the sampler
+# has them (5 CMA-ES generations of 13 at 24 coefficients), else trials
+REPORT_PATIENCE = Patience(5, GENERATIONS)
+REPORT_PATIENCE_TRIALS = Patience(30, TRIALS)
 
 
 def noise(t: TrialRecord, weights: dict[str, float] | None = None) -> float:
@@ -42,7 +93,7 @@ def noise(t: TrialRecord, weights: dict[str, float] | None = None) -> float:
 
 @dataclass
 class Convergence:
-    patience: int
+    patience: int  # in finished trials
     finished: int  # trials finished (complete or stopped early)
     best_trial: int | None  # the last trial that improved beyond the noise
     best: float
@@ -50,6 +101,7 @@ class Convergence:
     since: int  # finished trials after best_trial
     gain_recent: float  # the best's gain over the last `patience` finished trials
     gain_second_half: float  # over the study's second half of finished trials
+    rule: str = ""  # the patience as stated (`5 generations of 13 trials`), when not in trials
 
     @property
     def converged(self) -> bool:
@@ -72,7 +124,7 @@ class Convergence:
 
 
 def convergence(
-    trials: list[TrialRecord], patience: int, weights: dict[str, float] | None = None
+    trials: list[TrialRecord], patience: int, weights: dict[str, float] | None = None, rule: str = ""
 ) -> Convergence:
     """The criterion above over a study's trials (any order; in trial-number order here)."""
     done = sorted((t for t in trials if t.state in (State.COMPLETE, State.PRUNED)), key=lambda t: t.number)
@@ -105,4 +157,5 @@ def convergence(
         since=n - 1 - last_gain_at if best_t is not None else n,
         gain_recent=gain(window),
         gain_second_half=gain(n // 2),
+        rule=rule,
     )

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import optuna
 
 from ..errors import MergeSearchError
 from . import interrupts
 from .bench import Bench, Resolver, resolve_folder
-from .convergence import Convergence, convergence
+from .convergence import GENERATIONS, Convergence, Patience, convergence
 from .objective import Objective
-from .samplers import NoRepeats, make_sampler, process_seed, worker_id
+from .samplers import NoRepeats, generation_size, make_sampler, process_seed, resolved, worker_id
 from .space import SearchSpace
 from .storage import artifact_store, os_error_within, study_dir
 from .studies import (
@@ -47,7 +48,7 @@ def run_search(
     worker: bool = False,
     set_budget: bool = False,
     gradient_seconds: float | None = None,
-    patience: int | None = None,
+    patience: Patience | int | None = None,
     warm_starts: list[dict] | None = None,
     log=lambda msg: None,
 ) -> optuna.Study:
@@ -64,9 +65,10 @@ def run_search(
     (folders only by default; the CLI and the demo pass `sources.resolve_model`, which knows the zoos).
     `placement`: where the inputs live (`candidates/placement.py`), over the space's key; `auto`
     chooses from free memory, and the choice is logged and recorded on every trial.
-    `patience` (over the space's; 0 = off): stop once the study has converged (`convergence.py`):
-    no gain beyond the noise in that many finished trials, whichever comes first of it, the budget
-    and the timeout. `warm_starts`: points a new study runs first, after the known recipes (the
+    `patience` (over the space's; 0 = off; trials, or `Patience(n, "generations")`): stop once the
+    study has converged (`convergence.py`): no gain beyond the noise in that many finished trials
+    or sampler generations, whichever comes first of it, the budget and the timeout; the rule in
+    trials is stored on the study (`StudyAttr.PATIENCE`) for the CLI and the report. `warm_starts`: points a new study runs first, after the known recipes (the
     previous round's best elite, `rounds.py`).
     """
     study_name = study or space.name
@@ -91,6 +93,9 @@ def run_search(
         from .gradient import check
 
         check(bench)
+    patience_rule(
+        space, bench, sampler_name, multi, trials or space.trials, patience
+    )  # refused now, not later
     names = [t.name for t in bench.tasks] if multi else ["mean score"]
     directions = bench.directions if multi else ["maximize"]
     s, created = create_or_load(space, study_name, storage, directions=directions, objective_names=names)
@@ -124,7 +129,9 @@ def run_search(
     )
     if todo <= 0:
         return s
-    watch = Watch(space.patience if patience is None else patience, space)
+    rule = patience_rule(space, bench, sampler_name, multi, target, patience)
+    s.set_user_attr(StudyAttr.PATIENCE, rule)
+    watch = Watch(rule["trials"], space, rule["rule"])
     watch(s)
     if watch.converged:
         log(
@@ -203,7 +210,7 @@ def _optimize(
                 objective,
                 n_trials=todo,
                 timeout=timeout,
-                callbacks=[watch, bar, failures, stop_at_budget, interrupts.check],
+                callbacks=[watch, bar, GradientVerdict(_warn), failures, stop_at_budget, interrupts.check],
                 catch=(MergeSearchError,),
                 gc_after_trial=False,
             )
@@ -226,6 +233,40 @@ def _optimize(
         )
 
 
+def _warn(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=2)  # one line on stderr from the CLI, even with -q
+
+
+class GradientVerdict:
+    """Once the gradient's warm start is scored: a warning when it did not beat the best known
+    recipe on the search split (a teacher-forced loss can fall while generated answers get worse:
+    docs/design.md, "The gradient"), so nobody builds on it unawares."""
+
+    def __init__(self, warn) -> None:
+        self.warn, self.done = warn, False
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        t = TrialRecord.of(trial)
+        if self.done or not t.is_gradient or not t.state.is_finished():
+            return
+        self.done = True
+        known = [r for r in records(study, (State.COMPLETE,)) if r.baseline and r.fitness != SCREENED_FITNESS]
+        best = max(known, key=lambda r: r.mean, default=None)
+        whole = t.complete and t.fitness != SCREENED_FITNESS
+        if best is None or (whole and t.mean > best.mean):
+            return
+        got = (
+            f"{t.mean:.3f}" + ("" if whole else " (a screen's estimate: not confirmed)")
+            if t.values
+            else "no score"
+        )
+        self.warn(
+            f"gradient: its point (trial {t.number}, search mean {got}) did not beat the known recipe "
+            f"{best.baseline} ({best.mean:.3f}) on the search split; the gradient did not help on these "
+            "tasks: use the search's best, not the gradient's point (centre: best starts CMA-ES there)"
+        )
+
+
 class Failures:
     """Stops the study after `limit` failed trials in a row: a space that cannot produce a valid
     candidate should end the command with its error, not spend the budget."""
@@ -245,17 +286,30 @@ class Failures:
             study.stop()
 
 
+def patience_rule(
+    space: SearchSpace, bench: Bench, sampler: str, multi: bool, target: int, patience: Patience | int | None
+) -> dict:
+    """The patience in finished trials (`Patience.trials`) and as stated: {"trials", "rule"}."""
+    p = space.patience if patience is None else patience
+    p = Patience(p) if isinstance(p, int) else p
+    dims = sum(len(space.coefficients(m, bench.num_layers)) for m in space.methods)
+    generation = generation_size(space, sampler, multi, dims, target)
+    n = p.trials(generation, resolved(space, sampler, multi))
+    rule = f"{p} of {generation} trials" if p.unit == GENERATIONS and p.count else ""
+    return {"trials": n, "rule": rule}
+
+
 class Watch:
     """After each trial, whether the study has converged (`convergence.py`; nothing with patience 0)."""
 
-    def __init__(self, patience: int, space: SearchSpace) -> None:
-        self.patience = patience
+    def __init__(self, patience: int, space: SearchSpace, rule: str = "") -> None:
+        self.patience, self.rule = patience, rule
         self.weights = dict(space.task_weights) if space.objective == "mean" else None
         self.state: Convergence | None = None
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial | None = None) -> None:
         if self.patience:
-            self.state = convergence(records(study), self.patience, self.weights)
+            self.state = convergence(records(study), self.patience, self.weights, self.rule)
 
     @property
     def converged(self) -> bool:

@@ -29,11 +29,29 @@ def cmaes_cannot_search(space: SearchSpace) -> str | None:
     return f"sampler cmaes cannot choose among {'methods' if len(space.methods) > 1 else 'merge orders'} (a categorical)"
 
 
+def resolved(space: SearchSpace, name: str, multi: bool) -> str:
+    """The sampler `auto` stands for: CMA-ES for one objective over numbers, TPE with a
+    categorical, NSGA-II for several objectives."""
+    if name == "auto":
+        return "nsga2" if multi else ("tpe" if space.categorical else "cmaes")
+    return name
+
+
+def generation_size(space: SearchSpace, name: str, multi: bool, dims: int, trials: int) -> int | None:
+    """Trials per generation of a population sampler (CMA-ES's popsize, 4 + ⌊3 ln d⌋ for d
+    coefficients unless the space sets `population`; NSGA-II's population), None for the others."""
+    name = resolved(space, name, multi)
+    if name == "cmaes":
+        return space.population or 4 + math.floor(3 * math.log(max(dims, 1)))
+    if name == "nsga2":
+        return space.population or max(8, min(50, trials // 8))
+    return None
+
+
 def make_sampler(
     space: SearchSpace, name: str, seed: int, multi: bool, trials: int
 ) -> optuna.samplers.BaseSampler:
-    if name == "auto":
-        name = "nsga2" if multi else ("tpe" if space.categorical else "cmaes")
+    name = resolved(space, name, multi)
     if name == "cmaes":
         if multi:
             raise MergeSearchError(
@@ -51,7 +69,7 @@ def make_sampler(
         )
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(
-            seed=seed, population_size=space.population or max(8, min(50, trials // 8))
+            seed=seed, population_size=generation_size(space, name, multi, 0, trials)
         )
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=10)

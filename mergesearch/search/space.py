@@ -20,6 +20,7 @@ from ..architecture import Architecture
 from ..errors import MergeSearchError
 from ..methods.registry import METHODS, get_method
 from ..recipe import ZOO_REFERENCE, Recipe, Source
+from .convergence import Patience
 
 MODEL_PARAMS = ("weight", "density", "gamma", "epsilon")
 SHARED_PARAMS = ("t", "lambda", "select_topk")
@@ -74,9 +75,9 @@ class SearchSpace:
     # unless it names anchors or several fidelity rungs. Then `fidelity` is [N], the whole split it
     # confirms on, or empty: every search example.
     screening: dict[str, int] | None = None
-    # stop once converged: no gain beyond the noise in this many finished trials (convergence.py);
-    # 0: run to the trial budget. Not part of the fingerprint, like the budget
-    patience: int = 0
+    # stop once converged: no gain beyond the noise in this many finished trials, or sampler
+    # generations (convergence.py); 0: run to the trial budget. Not part of the fingerprint
+    patience: Patience = field(default_factory=Patience)
     # CMA-ES's popsize or NSGA-II's population_size; None: theirs (CMA-ES 4 + 3 ln d) or trials/8
     population: int | None = None
     # CMA-ES's start (samplers.centred_cmaes): its mean at the middle of the ranges, or at the

@@ -10,6 +10,7 @@ from ..candidates.placement import CHOICES as PLACEMENT_CHOICES
 from ..errors import MergeSearchError
 from ..methods.registry import METHODS, UNIT_INTERVAL, get_method
 from ..yaml_files import names, number, read_mapping
+from .convergence import Patience
 from .samplers import CENTRES, SAMPLERS, cmaes_cannot_search
 from .space import COMPONENTS, MODEL_PARAMS, SHARED_PARAMS, Range, SearchSpace
 
@@ -237,7 +238,7 @@ def space_from_dict(d: dict, p: Path | None = None) -> SearchSpace:
                 f"{where}: anchors and several fidelity rungs are two ways to spend fewer examples; "
                 "use one (with anchors, give fidelity: [N], the search examples per task of the reference trials)"
             )
-    patience = int(number(d.get("patience", 0), f"{where}: patience", whole=True, minimum=0))
+    patience = Patience.parse(d.get("patience", 0), where)
     population = d.get("population")
     if population is not None:
         population = int(number(population, f"{where}: population", whole=True, minimum=2))

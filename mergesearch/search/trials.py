@@ -163,4 +163,5 @@ class StudyAttr:
     ANCHOR_REFERENCE_TRIALS = "anchor_reference_trials"
     BASELINES_ENQUEUED = "baselines_enqueued"
     SEARCH_SPLITS = "search_splits"  # {task: fingerprint of its search examples}: whose verdicts compare
+    PATIENCE = "patience"  # {"trials": the last run's patience in finished trials, "rule": as stated}
     MODEL_FOLDERS = "model_folders"  # {reference as the space names it: the folder it resolved to}
