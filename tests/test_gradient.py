@@ -11,7 +11,7 @@ import torch
 
 from mergesearch.errors import MergeSearchError
 from mergesearch.search import load_space
-from mergesearch.search.gradient import constants, learn_coefficients, linear_map, merged_weights
+from mergesearch.search.gradient import LOSSES, constants, learn_coefficients, linear_map, merged_weights
 from tests.conftest import bench, cli, write_space
 from tests.conftest import search as run_search
 
@@ -47,10 +47,13 @@ def test_the_differentiated_merge_is_the_engines_merge(zoo, tmp_path):
         torch.testing.assert_close(t, exact[n].float(), rtol=1e-5, atol=1e-6, msg=n)
 
 
-def test_learning_lowers_the_loss_and_stays_in_range(zoo, tmp_path):
+@pytest.mark.parametrize("loss", LOSSES)
+def test_learning_lowers_the_loss_and_stays_in_range(zoo, tmp_path, loss):
     searcher = bench(_space(tmp_path))
-    r = learn_coefficients(searcher, seconds=None, steps=60, seed=0)
+    r = learn_coefficients(searcher, seconds=None, steps=60, seed=0, loss=loss)
     assert r.steps == 60 and len(r.losses) == 60
+    if loss == "normalized":  # every task's loss divided by its first value: the mean starts at 1
+        assert r.losses[0] == pytest.approx(1.0, rel=1e-4)
     assert sum(r.losses[-10:]) / 10 < 0.8 * sum(r.losses[:10]) / 10, r.losses
     for c in searcher.space.coefficients("task_arithmetic", searcher.num_layers):
         rng = searcher.space.parameters[c.param]

@@ -74,7 +74,7 @@ class Patience:
 
 
 # what a report judges a study by when its space sets no patience: generations where the sampler
-# has them (5 CMA-ES generations of 13 at 24 coefficients), else trials
+# has them (5 CMA-ES generations of 14 trials at 36 coefficients), else trials
 REPORT_PATIENCE = Patience(5, GENERATIONS)
 REPORT_PATIENCE_TRIALS = Patience(30, TRIALS)
 

@@ -37,6 +37,13 @@ from ..evaluation.tasks import Task
 from ..plan import plan_merge
 
 FAMILY = "task_arithmetic"
+# The per-task loss the gradient lowers:
+#   nll        the gold answer's summed negative log-likelihood per example (teacher-forced)
+#   normalized nll, each task's divided by its value at the start: tasks of long answers (whose
+#              summed NLL is large) no longer outweigh the others
+#   entropy    AdaMerging's: the entropy of the next-token distribution where the answer starts,
+#              from the prompts alone (no gold answer)
+LOSSES = ("nll", "normalized", "entropy")
 
 
 @dataclass
@@ -129,6 +136,7 @@ def learn_coefficients(
     start: dict[str, float] | None = None,
     seed: int = 0,
     streamed: bool = True,
+    loss: str = "nll",
     log=lambda msg: None,
 ) -> GradientResult:
     """Task-arithmetic coefficients of `bench.space` learned by gradient on the search split,
@@ -163,7 +171,7 @@ def learn_coefficients(
     model.float()  # differentiate in fp32 (a bf16 model on a GPU is put back below)
     was_training = model.training
     model.eval()
-    step_fn = StreamedStep(bench, linear, micro) if streamed else ReferenceStep(bench, linear)
+    step_fn = StreamedStep(bench, linear, micro, loss) if streamed else ReferenceStep(bench, linear)
     pad = bench.evaluator.native.pad
     losses: list[float] = []
     step, last_log = 0, t0
@@ -208,6 +216,21 @@ def _nll(model, rows: list[TeacherForced], pad: int, device) -> torch.Tensor:
     """Per example: the summed NLL of its target and EOS tokens."""
     b = padded_examples(rows, pad)
     logits = model(input_ids=b.ids.to(device), attention_mask=b.mask.to(device)).logits
+    return _summed_nll(logits, b, device)
+
+
+def _entropy(model, rows: list[TeacherForced], pad: int, device) -> torch.Tensor:
+    """Per example: the entropy of the next-token distribution where its answer starts (the
+    prompt alone is run: no gold token is read)."""
+    prompts = [TeacherForced(r.prompt, []) for r in rows]
+    b = padded_examples(prompts, pad)
+    logits = model(input_ids=b.ids.to(device), attention_mask=b.mask.to(device)).logits
+    last = torch.tensor([len(r.ids) - 1 for r in prompts], device=logits.device)
+    logp = torch.log_softmax(logits[torch.arange(len(prompts), device=logits.device), last].float(), -1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def _summed_nll(logits: torch.Tensor, b, device) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(
         logits.float().transpose(1, 2),
         b.next_token_labels().to(device),
@@ -271,10 +294,13 @@ class StreamedStep:
     the live model: one parameter's gradient, (K + 2) chunks, one micro-batch's activations.
     A task's batch is scored in micro-batches of `micro` examples when the whole would not fit."""
 
-    def __init__(self, bench, linear: dict, micro: int) -> None:
+    def __init__(self, bench, linear: dict, micro: int, loss: str = "nll") -> None:
         from ..candidates.placement import Inputs
 
         self.model, self.linear, self.micro = bench.model, linear, micro
+        self.per_example = _entropy if loss == "entropy" else _nll
+        self.normalized = loss == "normalized"
+        self.scale: dict[str, float] = {}  # normalized: 1 / each task's loss at the first step
         self.device = next(bench.model.parameters()).device
         refs = [bench.base_path, *bench.model_paths]
         models = {r: bench.engine.models[r] for r in dict.fromkeys(refs)}
@@ -342,8 +368,17 @@ class StreamedStep:
         loss = 0.0
         for name, rows in batches.items():
             scale = task_weight(weights, name) / total / len(rows)  # weighted mean of batch means
+            if self.normalized:
+                if name not in self.scale:  # this task's loss at the start, once
+                    with torch.no_grad():
+                        first = sum(
+                            float(_nll(self.model, rows[i : i + self.micro], pad, self.device).sum())
+                            for i in range(0, len(rows), self.micro)
+                        )
+                    self.scale[name] = len(rows) / max(first, 1e-6)
+                scale *= self.scale[name]
             for i in range(0, len(rows), self.micro):
-                part = _nll(self.model, rows[i : i + self.micro], pad, self.device).sum() * scale
+                part = self.per_example(self.model, rows[i : i + self.micro], pad, self.device).sum() * scale
                 part.backward()
                 loss += float(part.detach())
         grad = torch.zeros(v.numel(), dtype=torch.float64)
