@@ -15,7 +15,8 @@ folder, each given `--seconds` of wall time in all:
   (`centre: best`, `trust`) for the rest;
 - rounds: `mergesearch rounds --rounds 2 --elites 2`, the time shared by the rounds.
 
-Each arm's recipe (its study's best by the report's rule, the gradient's for the gradient arm) is
+An arm finished in an earlier run into the same `--out` is kept (`<arm>/arm.json`); an arm cut
+short runs again. Each arm's recipe (its study's best by the report's rule, the gradient's for the gradient arm) is
 exported, merged by `mergesearch merge` (mergekit's merge; a rounds recipe by its chain's elite
 folders) and scored on the test split example by example; the table gives every arm's test mean,
 its paired 95 % interval against task arithmetic λ = 1 (the known recipe every study runs) and
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -97,6 +99,13 @@ def main() -> None:
     rows, timing = {}, {}
     for arm in args.arms:
         env = dict(os.environ, MERGESEARCH_RESULTS=str(out / arm))
+        done = out / arm / "arm.json"  # an arm that finished in an earlier run is kept
+        if done.is_file():
+            kept = json.loads(done.read_text())
+            timing[arm], rows[arm] = kept["seconds"], kept["row"]
+            print(f"{arm}: kept from an earlier run ({timing[arm]:.0f}s)", flush=True)
+            continue
+        shutil.rmtree(out / arm, ignore_errors=True)  # an arm cut short starts again
         d = dict(space)
         if arm == "centred":
             d.update(centre="best", trust=args.trust)
@@ -139,6 +148,7 @@ def main() -> None:
             study = f"{name}-round2"
         timing[arm] = time.perf_counter() - t0
         rows[arm] = chosen(env, out / arm, study, arm == "gradient")
+        done.write_text(json.dumps({"seconds": timing[arm], "row": rows[arm]}))
         print(
             f"{arm}: {timing[arm]:.0f}s, trial {rows[arm]['trial']}, {rows[arm]['trials']} trials", flush=True
         )

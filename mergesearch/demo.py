@@ -51,6 +51,12 @@ def run_demo(*, trials: int | None = None, study: str = "demo", progress: bool =
             f"    gradient warm start (trial {gr['trial']}, {gr['steps']} steps): test mean {gr['test_mean']:.3f}"
             + (" — the learned recipe" if gr["trial"] == summary["best_trial"] else "")
         )
+        lo, hi = gr["ci95"]
+        print(
+            f"    the search beyond the gradient: {gr['best_minus_gradient']:+.3f} (paired 95% CI [{lo:+.3f}, {hi:+.3f}])"
+            + (": nothing beyond it" if gr["trial"] == summary["best_trial"] else "")
+        )
+    print(f"    {summary['convergence']['line']}")
     print(f"    report:    {out / 'report.md'}")
     print(f"    plots:     {out / 'pareto.png'}, {out / 'history.png'}, {out / 'coefficients.png'}")
     print(

@@ -160,3 +160,15 @@ def test_a_gradient_point_below_the_known_recipes_is_named_in_a_warning(zoo, tmp
     monkeypatch.setattr(gradient, "learn_coefficients", learned(False))  # λ=1 itself: not above it
     with pytest.warns(UserWarning, match="did not beat the known recipe task_arithmetic λ=1"):
         run_search(space, progress=False)
+
+
+@pytest.mark.e2e
+def test_a_screened_study_scores_the_gradients_point_on_the_whole_split(zoo, tmp_path, results):
+    """A warm start is judged by its score (the report, `centre: best`): never a screen's estimate,
+    which ties the incumbent on a few examples and is told the incumbent's value."""
+    space = _space(
+        tmp_path, name="scr", gradient_steps=5, trials=4, objective="mean", screening={"examples": 3}
+    )
+    s = run_search(space, progress=False)
+    (g,) = [t for t in s.trials if t.user_attrs.get("warm_start") == "gradient"]
+    assert g.user_attrs["fitness"] == "confirmed" and g.user_attrs["examples"] == {"add": 100, "reverse": 100}

@@ -46,9 +46,10 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     print(f"zoo at {zoo.root} (built in {zoo.seconds:.0f}s)")
     skills = list(next(iter(zoo.scores.values())))
     print("exact match on test splits:")
-    print(f"  {'model':10s}" + "".join(f"{s:>10s}" for s in skills))
+    w = max(10, *(len(x) + 2 for x in [*skills, *zoo.scores]))  # a column per skill, names in full
+    print(f"  {'model':{w}s}" + "".join(f"{s:>{w}s}" for s in skills))
     for name, scores in zoo.scores.items():
-        print(f"  {name:10s}" + "".join(f"{scores[s]:10.3f}" for s in skills))
+        print(f"  {name:{w}s}" + "".join(f"{scores[s]:{w}.3f}" for s in skills))
     for name, check in zoo.checks.items():
         print(f"  [{'ok' if check['ok'] else 'FAIL'}] {name}: {check['detail']}")
     for name, path in zoo.models.items():

@@ -151,7 +151,8 @@ class Objective:
     def _screen_then_confirm(self, trial: optuna.Trial):
         """Screen the candidate on a few examples per task, paired with the incumbent; confirm it
         on the whole search split, chunk by chunk, while its estimate beats the incumbent
-        (screening.py). Told to the sampler: the confirmed scores, or the estimate."""
+        (screening.py). Told to the sampler: the confirmed scores, or the estimate. The first
+        trial and warm starts are scored on the whole split."""
         b, m = self.b, int(self.b.screening["examples"])
         sizes = b.search_sizes()
         done = records(self.study, (State.COMPLETE, State.PRUNED))
@@ -179,7 +180,10 @@ class Objective:
                     lls[t].update(zip(indices[t], r.extra["loglikelihood"]))
 
         screen_info = None
-        if not refs:  # nothing to pair with yet: the whole split
+        # nothing to pair with yet, or a warm start (the gradient's point, a round's best elite):
+        # the whole split. A warm start is one trial the report and `centre: best` judge by its
+        # score; screened, it would tie the incumbent and be told the incumbent's value
+        if not refs or stored(trial, "warm_start") in (GRADIENT, ELITE):
             score({t: list(range(n)) for t, n in sizes.items()})
         else:
             per_task = self._reference_per_task(refs)
