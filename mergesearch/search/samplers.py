@@ -64,7 +64,9 @@ def make_sampler(
             centre=space.centre,
             trust=space.trust,
             seed=seed,
-            n_startup_trials=len(BASELINES) + 1,
+            # centred: no random start-up trials, the enqueued ones (known recipes, warm starts) run
+            # first and the centre is the best of them
+            n_startup_trials=1 if space.centre == "best" else len(BASELINES) + 1,
             popsize=space.population,
         )
     if name == "nsga2":
