@@ -67,8 +67,12 @@ def main() -> None:
     def run(seed: int) -> dict:
         zoo = zoo_of(seed)
         space = dict(
-            demo, base=str(zoo.models["base"]), models=[str(zoo.models["add"]), str(zoo.models["reverse"])]
+            demo,
+            base=str(zoo.models["base"]),
+            models=[str(zoo.models["add"]), str(zoo.models["reverse"])],
+            tasks=["add", "reverse"],  # the demo of sessions 9–13: two specialists, run to its budget
         )
+        space.pop("patience", None)
         if args.gradient_steps is not None:
             space["gradient_steps"] = args.gradient_steps
         name = space["name"] = f"demo_seed{seed}_g{space.get('gradient_steps', 0)}"

@@ -88,7 +88,7 @@ def main() -> None:
         "best_after": {"trial": second["trial"], "search": second["search_mean"], "test": test_b},
         "gain_after": [gain, lo, hi],
         "test_ci_half_width": half,
-        "holds": gain < half,
+        "holds": bool(gain < half),
         "seconds": seconds,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

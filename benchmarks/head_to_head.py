@@ -21,7 +21,8 @@ exported, merged by `mergesearch merge` (mergekit's merge; a rounds recipe by it
 folders) and scored on the test split example by example; the table gives every arm's test mean,
 its paired 95 % interval against task arithmetic λ = 1 (the known recipe every study runs) and
 against the search arm. `--demo-seed S`: the demo zoo of seed S (trained and cached on first use)
-with the demo's space made single-objective (objective: mean, CMA-ES).
+with the demo's space over the add and reverse specialists, single-objective (objective: mean,
+CMA-ES).
 """
 
 from __future__ import annotations
@@ -60,10 +61,12 @@ def demo_space(seed: int) -> dict:
         name=f"demo_seed{seed}",
         base=str(zoo.models["base"]),
         models=[str(zoo.models["add"]), str(zoo.models["reverse"])],
+        tasks=["add", "reverse"],
         objective="mean",
         fidelity=[200],
     )
-    d.pop("gradient_steps", None)
+    for k in ("gradient_steps", "patience"):  # every arm runs its whole time
+        d.pop(k, None)
     return d
 
 
