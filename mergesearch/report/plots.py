@@ -52,8 +52,15 @@ def plots(
             [t.values[0] for t in done], [t.values[1] for t in done], s=10, c="#bbb", label="trials (search)"
         )
         fx = sorted((t.values[0], t.values[1]) for t in fr)
+        # two objectives: the front is a line; more: its projection on the first two is a cloud
         ax.plot(
-            [p[0] for p in fx], [p[1] for p in fx], "o-", c="C0", ms=5, label="Pareto front (search split)"
+            [p[0] for p in fx],
+            [p[1] for p in fx],
+            "o-" if len(names) == 2 else "o",
+            c="C0",
+            ms=5,
+            label="Pareto front (search split)"
+            + ("" if len(names) == 2 else f", on {len(names)} objectives"),
         )
         # The same recipes on the test split: how far each front point moves on unseen examples.
         for i, t in enumerate(fr):
@@ -95,7 +102,10 @@ def plots(
             )
         ax.set_xlabel(f"{names[0]} (exact match)")
         ax.set_ylabel(f"{names[1]} (exact match)")
-        ax.set_title(f"{s.study_name}: Pareto front, search → test, and known recipes")
+        ax.set_title(
+            f"{s.study_name}: Pareto front, search → test, and known recipes"
+            + ("" if len(names) == 2 else f"\n(the first two of {len(names)} objectives: {', '.join(names)})")
+        )
         ax.legend(fontsize=7, loc="best")
         save(fig, "pareto.png")
 
