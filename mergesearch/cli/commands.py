@@ -245,6 +245,7 @@ def cmd_rounds(args: argparse.Namespace) -> int:
         study=args.study,
         device=args.device,
         placement=args.placement,
+        cache_ranks=args.cache_ranks,
         progress=not args.quiet,
         resolve=resolve_model,
         log=_log(args),

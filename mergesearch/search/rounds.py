@@ -117,6 +117,7 @@ def run_rounds(
     study: str | None = None,
     device: str = "cpu",
     placement: str | None = None,
+    cache_ranks: bool = False,
     resolve: Resolver = resolve_folder,
     progress: bool = True,
     timeout: float | None = None,
@@ -143,7 +144,9 @@ def run_rounds(
             None if timeout is None else max(1.0, (timeout - (time.perf_counter() - t0)) / (rounds - r + 1))
         )
         log(f"round {r} of {rounds}: study {sp.name}, {len(sp.models)} models ({len(made)} elites)")
-        bench = Bench(sp, device=device, resolve=resolve, placement=placement, log=log)
+        bench = Bench(
+            sp, device=device, cache_ranks=cache_ranks, resolve=resolve, placement=placement, log=log
+        )
         starts = []
         if made:
             start = elite_start(sp, bench.num_layers, made[0])
