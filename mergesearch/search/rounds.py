@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,10 @@ def materialize(study: str, t: TrialRecord, out: Path, *, device: str = "cpu") -
         if is_elite(out) and elite_info(out)["trial"] == t.number and elite_info(out)["study"] == study:
             return out
         raise MergeSearchError(f"{out}: exists and is not the elite of {study} trial {t.number}; remove it")
-    merge(recipes, out, seed=MERGE_SEED, device=device)
+    # merged beside `out` and renamed with its marker inside: a killed run leaves no half-elite
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merge(recipes, tmp, seed=MERGE_SEED, device=device)
     info = {
         "study": study,
         "trial": t.number,
@@ -76,7 +80,8 @@ def materialize(study: str, t: TrialRecord, out: Path, *, device: str = "cpu") -
         "mean": t.mean,
         "recipe": dump_recipes(recipes),
     }
-    (out / ELITE_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    (tmp / ELITE_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    tmp.rename(out)
     return out
 
 
