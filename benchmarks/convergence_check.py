@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def main() -> None:
-    from head_to_head import chosen, cli, demo_space, paired, score
+    from head_to_head import chosen, cli, paired, score, space_of
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     g = ap.add_mutually_exclusive_group(required=True)
@@ -46,14 +46,7 @@ def main() -> None:
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    if args.space:
-        space = yaml.safe_load(Path(args.space).read_text())
-        here = Path(args.space).resolve().parent
-        for k in ("base", "models"):
-            fix = lambda m: m if ":" in m or Path(m).is_absolute() else str(here / m)  # noqa: E731
-            space[k] = fix(space[k]) if k == "base" else [fix(m) for m in space[k]]
-    else:
-        space = demo_space(args.demo_seed)
+    space = space_of(args)
     space["trials"] = args.max_trials
     path = out / "space.yaml"
     path.write_text(yaml.safe_dump(space, sort_keys=False))

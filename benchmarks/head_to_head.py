@@ -70,6 +70,17 @@ def demo_space(seed: int) -> dict:
     return d
 
 
+def space_of(args) -> dict:
+    """The space a benchmark runs (`--space FILE` or `--demo-seed S`), as a mapping whose model
+    folders stay valid from any folder."""
+    if args.demo_seed is not None:
+        return demo_space(args.demo_seed)
+    space = yaml.safe_load(Path(args.space).read_text())
+    here = Path(args.space).resolve().parent
+    fix = lambda m: m if ":" in m or Path(m).is_absolute() else str(here / m)  # noqa: E731
+    return space | {"base": fix(space["base"]), "models": [fix(m) for m in space["models"]]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     g = ap.add_mutually_exclusive_group(required=True)
@@ -88,14 +99,7 @@ def main() -> None:
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    if args.space:
-        space = yaml.safe_load(Path(args.space).read_text())
-        space_dir = Path(args.space).resolve().parent
-        for k in ("base", "models"):  # relative folders stay valid from out/
-            fix = lambda m: m if ":" in m or Path(m).is_absolute() else str(space_dir / m)  # noqa: E731
-            space[k] = fix(space[k]) if k == "base" else [fix(m) for m in space[k]]
-    else:
-        space = demo_space(args.demo_seed)
+    space = space_of(args)
     space.pop("gradient_steps", None)
     space["trials"] = 100000  # the clock stops every arm
     name = space["name"]
