@@ -45,6 +45,11 @@ def test_rounds_export_a_chain_mergekit_rebuilds_bit_for_bit(zoo, tmp_path):
     start = next(t for t in r2.trials if t.user_attrs.get("warm_start") == "elite")
     assert start.value == pytest.approx(info["mean"], abs=0.01)
     assert r2.best_value >= r1.best_value - 0.01
+    # the same command again resumes: nothing to run, no elite made twice, no warm start again
+    n1, n2 = len(r1.trials), len(r2.trials)
+    cli(tmp_path, "rounds", str(space), "--rounds", "2", "--elites", "2", "-q")
+    assert (len(r1.trials), len(r2.trials)) == (n1, n2)
+    assert sorted(p.name for p in elites.iterdir()) == ["r1e0", "r1e1"]
 
     cli(tmp_path, "report", "rnd-round2")
     chain = tmp_path / "chain"

@@ -68,8 +68,9 @@ def run_search(
     `patience` (over the space's; 0 = off; trials, or `Patience(n, "generations")`): stop once the
     study has converged (`convergence.py`): no gain beyond the noise in that many finished trials
     or sampler generations, whichever comes first of it, the budget and the timeout; the rule in
-    trials is stored on the study (`StudyAttr.PATIENCE`) for the CLI and the report. `warm_starts`: points a new study runs first, after the known recipes (the
-    previous round's best elite, `rounds.py`).
+    trials is stored on the study (`StudyAttr.PATIENCE`) for the CLI and the report.
+    `warm_starts`: points a new study runs first, after the known recipes (the previous round's
+    best elite, `rounds.py`).
     """
     study_name = study or space.name
     study_dir(study_name)  # a bad name fails before anything is loaded
@@ -116,7 +117,7 @@ def run_search(
     fail_dead_trials(s)
     if created and space.baselines:
         enqueue_known_recipes(s, bench)
-    for values in warm_starts or [] if created else []:
+    for values in (warm_starts or []) if created else []:  # a resumed study has them already
         s.enqueue_trial(values, user_attrs=enqueued(warm_start=ELITE))
     if created and (gradient_seconds or space.gradient_steps):
         enqueue_gradient(s, bench, gradient_seconds, space.gradient_steps or None, log)
@@ -240,7 +241,7 @@ def _warn(message: str) -> None:
 class GradientVerdict:
     """Once the gradient's warm start is scored: a warning when it did not beat the best known
     recipe on the search split (a teacher-forced loss can fall while generated answers get worse:
-    docs/design.md, "The gradient"), so nobody builds on it unawares."""
+    docs/design.md, "When the search earns its place"), so nobody builds on it unawares."""
 
     def __init__(self, warn) -> None:
         self.warn, self.done = warn, False
