@@ -46,3 +46,11 @@ def test_a_centred_search_samples_around_the_best_known_point(zoo, tmp_path, res
 def test_centre_and_trust_are_refused_where_they_cannot_work(tmp_path, over, match):
     with pytest.raises(MergeSearchError, match=match):
         load_space(write_space(tmp_path, name="bad", **(TA | over)))
+
+
+@pytest.mark.e2e
+def test_a_sampler_that_would_ignore_centre_is_refused_before_a_study_exists(zoo, tmp_path, results):
+    space = load_space(write_space(tmp_path, name="cen", trials=3, centre="best", **TA))
+    with pytest.raises(MergeSearchError, match="sampler tpe would ignore them"):
+        search(space, progress=False, sampler="tpe")
+    assert not (results / "cen").exists()

@@ -52,6 +52,11 @@ def make_sampler(
     space: SearchSpace, name: str, seed: int, multi: bool, trials: int
 ) -> optuna.samplers.BaseSampler:
     name = resolved(space, name, multi)
+    if name != "cmaes" and (space.centre != "middle" or space.trust is not None):
+        raise MergeSearchError(
+            f"the space's centre/trust set where CMA-ES starts, and sampler {name} would ignore them; "
+            "use --sampler cmaes, or drop centre and trust from the space"
+        )
     if name == "cmaes":
         if multi:
             raise MergeSearchError(
