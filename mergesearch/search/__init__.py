@@ -3,8 +3,9 @@
 space (what is searched: `space.py`, read by `space_file.py`; the known recipes it can express:
 `known_recipes.py`) → bench (the loaded models, engine and scorer: `bench.py`) → study (created,
 resumed, joined: `studies.py`, stored by `storage.py`) → run (the loop: `run.py`, proposing with
-`samplers.py`, each trial an `objective.py` writing one `trials.TrialRecord`). `gradient.py` learns
-a warm start; `interrupts.py` keeps Ctrl-C out of storage writes.
+`samplers.py`, each trial an `objective.py` writing one `trials.TrialRecord`; `convergence.py`
+says when to stop). `gradient.py` learns a warm start; `rounds.py` runs a search in rounds whose
+elites join the next round's inputs; `interrupts.py` keeps Ctrl-C out of storage writes.
 """
 
 from .bench import MERGE_SEED, Bench, resolve_folder
